@@ -1,0 +1,246 @@
+"""Build (or find in the cache) the guest initramfs for a kernel.
+
+The base archive (busybox, /init, modules, vmlab-guest) is keyed by a hash of
+every input and rebuilt only when one changes. User files go into a second
+archive appended after the base; the kernel unpacks concatenated archives.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import io
+import json
+import os
+import shutil
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from .busybox import applets, find_busybox
+from .cache import atomic_write, cache_root, file_sha256, locked
+from .cpio import Entry, with_parents, write_cpio
+from .helper import build_guest_helper, helper_key, images_dir
+from .kernel import ImageError, KernelSource, resolve_kernel
+from .modules import (ModuleError, ModuleIndex, ModulePlan, dep_text, plain_name,
+                      plan_modules, read_module)
+from .progress import Reporter
+
+# Bump when the archive layout changes so old cache entries are not reused.
+BUILDER_VERSION = "1"
+HELPER_GUEST_PATH = "/bin/vmlab-guest"
+
+
+@dataclass(frozen=True)
+class GuestImage:
+    """What QEMU needs: -kernel KERNEL -initrd INITRD."""
+
+    kernel: Path
+    initrd: Path
+    kernel_version: str
+    helper: str = HELPER_GUEST_PATH
+
+
+@dataclass(frozen=True)
+class _Inputs:
+    """Everything the base archive is made of, resolved but not yet read in full."""
+
+    ksrc: KernelSource
+    index: ModuleIndex | None
+    plan: ModulePlan
+    init: Path
+    busybox: Path
+    key: str
+
+
+def _init_script() -> Path:
+    p = images_dir() / "init"
+    if not p.is_file():
+        raise ImageError(f"guest init script {p} is missing (broken checkout?)")
+    return p
+
+
+def _collect(ksrc: KernelSource) -> _Inputs:
+    index = None
+    plan = ModulePlan({"core": [], "share": []}, [])
+    if ksrc.modules_dir is not None:
+        try:
+            index = ModuleIndex.load(ksrc.modules_dir)
+            plan = plan_modules(index)
+        except ModuleError as e:
+            raise ImageError(f"kernel {ksrc.vmlinuz} ({ksrc.version}): {e}") from e
+    init = _init_script()
+    busybox = find_busybox()
+    h = hashlib.sha256()
+    for part in (f"builder={BUILDER_VERSION}", f"version={ksrc.version}",
+                 f"kernel={file_sha256(ksrc.vmlinuz)}", f"init={file_sha256(init)}",
+                 f"busybox={file_sha256(busybox)}", f"helper={helper_key()}",
+                 f"groups={json.dumps(plan.groups, sort_keys=True)}"):
+        h.update(part.encode() + b"\n")
+    for mod in plan.files:
+        assert ksrc.modules_dir is not None
+        h.update(f"mod={mod}={file_sha256(ksrc.modules_dir / mod)}\n".encode())
+    return _Inputs(ksrc, index, plan, init, busybox, h.hexdigest())
+
+
+def _base_entries(inp: _Inputs, helper: Path) -> list[Entry]:
+    ver = inp.ksrc.version
+    mroot = f"lib/modules/{ver}"
+    entries = [Entry.dir(d) for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys",
+                                      "dev", "tmp", "run", "root", "mnt/host", mroot)]
+    entries[entries.index(Entry.dir("tmp"))] = Entry.dir("tmp", 0o1777)
+    entries += [Entry.chardev("dev/console", 5, 1), Entry.chardev("dev/null", 1, 3, 0o666),
+                Entry.chardev("dev/ttyS0", 4, 64)]
+    entries.append(Entry.file("init", inp.init.read_bytes(), 0o755))
+    entries.append(Entry.file("bin/busybox", inp.busybox.read_bytes(), 0o755))
+    for applet in applets(inp.busybox):
+        if applet not in ("bin/busybox", "init", "linuxrc"):
+            entries.append(Entry.symlink(applet, "/bin/busybox"))
+    entries.append(Entry.file(HELPER_GUEST_PATH.lstrip("/"), helper.read_bytes(), 0o755))
+    entries.append(Entry.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n"))
+    entries.append(Entry.file("etc/group", b"root:x:0:\n"))
+    if inp.index is not None and inp.ksrc.modules_dir is not None:
+        for mod in inp.plan.files:
+            data = read_module(inp.ksrc.modules_dir / mod)
+            entries.append(Entry.file(f"{mroot}/{plain_name(mod)}", data))
+        entries.append(Entry.file(f"{mroot}/modules.dep",
+                                  dep_text(inp.index, inp.plan.files).encode()))
+    for group, mods in inp.plan.groups.items():
+        text = "".join(plain_name(m) + "\n" for m in mods)
+        entries.append(Entry.file(f"{mroot}/vmlab.{group}", text.encode()))
+    manifest = {"builder": BUILDER_VERSION, "key": inp.key, "kernel_version": ver,
+                "kernel_origin": inp.ksrc.origin, "modules": inp.plan.groups}
+    entries.append(Entry.file("etc/vmlab/image.json",
+                              json.dumps(manifest, indent=1, sort_keys=True).encode() + b"\n"))
+    return with_parents(entries)
+
+
+def gzip_bytes(data: bytes) -> bytes:
+    """gzip with mtime 0 and no file name, so the output is reproducible."""
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=6, mtime=0, filename="") as f:
+        f.write(data)
+    out = buf.getvalue()
+    return out + b"\0" * (-len(out) % 4)  # the next appended archive must start 4-aligned
+
+
+def _base_path(root: Path, key: str) -> Path:
+    return root / "images" / key[:24] / "initrd.img"
+
+
+def _build_base(inp: _Inputs, root: Path, rep: Reporter) -> Path:
+    out = _base_path(root, inp.key)
+    with locked(root, f"image-{inp.key[:24]}"):
+        if out.is_file():
+            return out
+        with rep.step("compiling vmlab-guest"):
+            helper = build_guest_helper(root)
+        with rep.step(f"building initramfs for {inp.ksrc.version}"):
+            blob = gzip_bytes(write_cpio(_base_entries(inp, helper)))
+            atomic_write(out.with_name("manifest.json"), json.dumps({
+                "key": inp.key, "kernel": str(inp.ksrc.vmlinuz), "kernel_version": inp.ksrc.version,
+                "origin": inp.ksrc.origin, "modules": inp.plan.groups,
+                "busybox": str(inp.busybox)}, indent=1).encode() + b"\n")
+            atomic_write(out, blob)
+    return out
+
+
+# ------------------------------------------------------------------ user files
+
+def _walk(guest: str, host: Path) -> list[Entry]:
+    host = Path(host)
+    if not host.exists():
+        raise ImageError(f"extra file {host} (for {guest}) does not exist")
+    st = host.stat()
+    if stat.S_ISDIR(st.st_mode):
+        out = [Entry.dir(guest, stat.S_IMODE(st.st_mode))]
+        for child in sorted(host.iterdir()):
+            out += _walk(f"{guest.rstrip('/')}/{child.name}", child)
+        return out
+    return [Entry.file(guest, host.read_bytes(), stat.S_IMODE(st.st_mode))]
+
+
+def extra_archive(extra_files: Mapping[str, Path | str]) -> tuple[str, bytes]:
+    """(content key, uncompressed cpio) for guest path -> host path; modes are kept."""
+    entries: list[Entry] = []
+    for guest, host in sorted(extra_files.items()):
+        if not str(guest).startswith("/"):
+            raise ImageError(f"extra file guest path must be absolute: {guest!r}")
+        entries += _walk(str(guest), Path(host))
+    # Parent dirs the user did not list get 0755 (existing base dirs keep working).
+    blob = write_cpio(with_parents(entries))
+    return hashlib.sha256(blob).hexdigest(), blob
+
+
+def _with_extras(base: Path, key: str, extra_files: Mapping[str, Path | str], root: Path) -> Path:
+    ekey, blob = extra_archive(extra_files)
+    out = base.with_name(f"initrd-{ekey[:16]}.img")
+    if out.is_file():
+        return out
+    with locked(root, f"extra-{key[:16]}-{ekey[:16]}"):
+        if not out.is_file():
+            atomic_write(out, base.read_bytes() + blob)
+    return out
+
+
+# ------------------------------------------------------------------ public API
+
+def ensure_image(kernel: str | Path | None = None,
+                 extra_files: Mapping[str, Path] | None = None,
+                 progress: bool = False, force: bool = False) -> GuestImage:
+    """Kernel + initramfs satisfying the guest contract, built once and cached.
+
+    ``kernel``: a vmlinuz path (or unpacked package root); default is resolved as in
+    docs/image.md. ``extra_files``: guest path -> host file/dir, appended as a second
+    archive. ``force`` rebuilds the base image even if cached. Raises ImageError.
+    """
+    rep = Reporter(progress)
+    root = cache_root()
+    root.mkdir(parents=True, exist_ok=True)
+    with rep.step("resolving kernel"):
+        ksrc = resolve_kernel(kernel, root, download=True, step=rep.note)
+    rep.note(f"kernel {ksrc.version} from {ksrc.origin}: {ksrc.vmlinuz}")
+    inp = _collect(ksrc)
+    base = _base_path(root, inp.key)
+    if force and base.is_file():
+        with locked(root, f"image-{inp.key[:24]}"):
+            for old in base.parent.glob("*"):
+                old.unlink()
+    base = _build_base(inp, root, rep)
+    initrd = _with_extras(base, inp.key, extra_files, root) if extra_files else base
+    return GuestImage(kernel=ksrc.vmlinuz, initrd=initrd, kernel_version=ksrc.version)
+
+
+def image_status(kernel: str | Path | None = None) -> dict:
+    """What ensure_image would use, without downloading or building (for `vmlab check`)."""
+    root = cache_root()
+    st: dict = {"cache_dir": str(root), "kernel": None, "kernel_version": None,
+                "kernel_origin": None, "modules_dir": None, "initrd": None,
+                "up_to_date": False, "busybox": None, "compiler": None, "modules": None,
+                "problems": []}
+    st["compiler"] = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not st["compiler"]:
+        st["problems"].append("no C compiler for the guest helper (apt-get install gcc libc6-dev)")
+    try:
+        st["busybox"] = str(find_busybox())
+    except ImageError as e:
+        st["problems"].append(str(e))
+    try:
+        ksrc = resolve_kernel(kernel, root, download=False)
+    except ImageError as e:
+        st["problems"].append(str(e))
+        return st
+    st.update(kernel=str(ksrc.vmlinuz), kernel_version=ksrc.version, kernel_origin=ksrc.origin,
+              modules_dir=str(ksrc.modules_dir) if ksrc.modules_dir else None)
+    if ksrc.modules_dir is None:
+        st["problems"].append(f"no modules directory for {ksrc.version}: virtio/vsock must be built in")
+    if st["busybox"] is None:
+        return st
+    try:
+        inp = _collect(ksrc)
+    except ImageError as e:
+        st["problems"].append(str(e))
+        return st
+    base = _base_path(root, inp.key)
+    st.update(initrd=str(base), up_to_date=base.is_file(), modules=inp.plan.groups, key=inp.key)
+    return st
