@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from .cache import locked
 from .modules import ModuleError, run_depmod
 
 
@@ -174,6 +175,13 @@ def fetch_package(cache: Path, plan: PackagePlan,
     dest = package_dir(cache, plan)
     if (dest / ".complete").exists():
         return dest
+    with locked(cache, f"kernel-{plan.image_pkg}"):
+        if (dest / ".complete").exists():
+            return dest
+        return _fetch_unlocked(dest, plan, step)
+
+
+def _fetch_unlocked(dest: Path, plan: PackagePlan, step: Callable[[str], None]) -> Path:
     for tool, pkg in (("apt-get", "apt"), ("dpkg-deb", "dpkg")):
         if not shutil.which(tool):
             raise ImageError(f"{tool} not found (apt-get install {pkg})")
@@ -209,8 +217,8 @@ def fetch_package(cache: Path, plan: PackagePlan,
             except ModuleError as e:
                 raise ImageError(str(e)) from e
         (root / ".complete").write_text(" ".join(plan.packages) + "\n")
-        if dest.exists():  # another process won the race
-            return dest
+        if dest.exists():  # a stale, incomplete unpack from a killed run
+            shutil.rmtree(dest)
         os.rename(root, dest)
     return dest
 
