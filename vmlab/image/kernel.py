@@ -6,6 +6,7 @@ running kernel from /boot.
 """
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .cache import locked
+from .cache import atomic_write, locked
 from .modules import ModuleError, run_depmod
 
 
@@ -138,10 +139,47 @@ class PackagePlan:
     packages: tuple[str, ...]
 
 
-def package_plan() -> PackagePlan | None:
-    """Ask apt (locally, no download) which versioned kernel package the distro ships."""
+_APT_STAMP_PATHS = ("/var/lib/apt/lists", "/var/cache/apt/pkgcache.bin", "/etc/apt/sources.list.d")
+
+
+def _apt_stamp() -> str:
+    parts = []
+    for p in _APT_STAMP_PATHS:
+        try:
+            parts.append(str(os.stat(p).st_mtime_ns))
+        except OSError:
+            parts.append("-")
+    return ":".join(parts)
+
+
+def package_plan(cache: Path | None = None) -> PackagePlan | None:
+    """Which versioned kernel package the distro ships (asks apt-cache; no download).
+
+    apt-cache takes ~0.5 s per call, so the answer is remembered in the cache until
+    the apt lists change.
+    """
     if not shutil.which("apt-cache") or not shutil.which("apt-get"):
         return None
+    memo = cache / "kernels" / "apt-plan.json" if cache is not None else None
+    stamp = _apt_stamp()
+    if memo is not None and memo.is_file():
+        try:
+            d = json.loads(memo.read_text())
+            if d.get("stamp") == stamp:
+                p = d.get("plan")
+                return PackagePlan(p["meta"], p["image_pkg"], tuple(p["packages"])) if p else None
+        except (ValueError, KeyError, TypeError):
+            pass
+    plan = _ask_apt()
+    if memo is not None:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(memo, json.dumps({"stamp": stamp, "plan": plan and {
+            "meta": plan.meta, "image_pkg": plan.image_pkg,
+            "packages": list(plan.packages)}}).encode())
+    return plan
+
+
+def _ask_apt() -> PackagePlan | None:
     arch = _dpkg_arch()
     for meta in (f"linux-image-{arch}", "linux-image-virtual", "linux-image-generic"):
         queue, seen = [meta], set()
@@ -246,7 +284,7 @@ def resolve_kernel(kernel: str | Path | None, cache: Path, download: bool = True
     if env:
         return from_path(Path(env), "env VMLAB_KERNEL")
     problems: list[str] = []
-    plan = package_plan()
+    plan = package_plan(cache)
     if plan is not None:
         dest = package_dir(cache, plan)
         if (dest / ".complete").exists():
