@@ -1,0 +1,51 @@
+"""Scenarios: the YAML format (or Python dataclasses) describing a lab's VMs and test steps.
+
+This is the public face; the work is split into small modules:
+`scenario_yaml` (safe YAML with line numbers), `scenario_model` (dataclasses, constants),
+`scenario_parse` (YAML -> dataclasses) and `scenario_validate` (every semantic rule).
+The format is documented in docs/scenarios.md.
+"""
+
+from __future__ import annotations
+
+from vmlab.scenario_model import (
+    ACTION_TYPES,
+    ACTIONS,
+    DGRAM_ERROR,
+    SOCKET_TYPES,
+    TRANSPORTS,
+    VMADDR_CID_ANY,
+    VMADDR_CID_HOST,
+    VMADDR_CID_HYPERVISOR,
+    VMADDR_CID_RESERVED,
+    VMADDR_PORT_ANY,
+    ExpectStep,
+    FaultStep,
+    GuestConnectStep,
+    GuestListenStep,
+    HostConnectStep,
+    HostListenStep,
+    Location,
+    Problem,
+    QmpStep,
+    RunStep,
+    Scenario,
+    ScenarioError,
+    SleepStep,
+    Step,
+    StepParams,
+    VmSpec,
+    WaitForStep,
+)
+from vmlab.scenario_parse import load_scenario, parse_memory, parse_scenario
+from vmlab.scenario_validate import validate
+
+__all__ = [
+    "ACTION_TYPES", "ACTIONS", "DGRAM_ERROR", "SOCKET_TYPES", "TRANSPORTS",
+    "VMADDR_CID_ANY", "VMADDR_CID_HOST", "VMADDR_CID_HYPERVISOR", "VMADDR_CID_RESERVED",
+    "VMADDR_PORT_ANY",
+    "ExpectStep", "FaultStep", "GuestConnectStep", "GuestListenStep", "HostConnectStep",
+    "HostListenStep", "Location", "Problem", "QmpStep", "RunStep", "Scenario", "ScenarioError",
+    "SleepStep", "Step", "StepParams", "VmSpec", "WaitForStep",
+    "load_scenario", "parse_memory", "parse_scenario", "validate",
+]
