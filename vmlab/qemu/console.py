@@ -99,6 +99,10 @@ class Console:
                 pass
             self._child = None
         if self._sock is not None:
+            try:
+                self._sock.shutdown(socket.SHUT_RDWR)  # wakes a thread blocked in expect() with EOF
+            except OSError:
+                pass
             self._sock.close()
             self._sock = None
         self._shell_ready = False

@@ -93,8 +93,12 @@ class Qmp:
             except Exception:  # noqa: BLE001 - QEMU gone already (EOFError etc.) is the usual case
                 pass
         if self._event_task is not None:
-            self._event_task.cancel()
-            self._event_task = None
+            task, self._event_task = self._event_task, None
+            task.cancel()
+            try:
+                self._call(asyncio.sleep(0), 1.0, "drain")  # lets the cancelled pump finish in its loop
+            except QmpFailure:
+                pass
         if self._thread.is_alive():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(3.0)

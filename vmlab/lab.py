@@ -1,0 +1,392 @@
+"""A lab: the VMs of one scenario, their vsock backend, and their teardown.
+
+`Lab` is the single owner of everything a scenario starts. Boot is parallel (each guest waits for
+its own ready marker in a thread), forks all happen on the calling thread (see vmlab.proc), and
+`close()` always runs — on success, on exceptions, on Ctrl-C, and on SIGTERM via the CLI — so no
+qemu process, backend process, socket or runtime dir outlives the lab.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+from vmlab.qemu.argv import VSOCK_DEVICE_ID, VmConfig
+from vmlab.qemu.machine import Machine
+from vmlab.runtime import RuntimeDir
+from vmlab.scenario import Scenario, VmSpec
+
+log = logging.getLogger("vmlab.lab")
+
+FIRST_AUTO_CID = 3
+
+
+class LabError(RuntimeError):
+    """The lab could not be brought up; the message says which VM and why."""
+
+
+@dataclass
+class LabOptions:
+    """Run-time choices that are not part of the scenario (CLI flags, pytest options)."""
+
+    transport: str | None = None        # overrides every VM's transport
+    kernel: str | None = None           # overrides the kernel of VMs that do not pin one
+    accel: str = "auto"                 # auto | kvm | tcg
+    boot_timeout: float = 240.0
+    artifacts_dir: Path | None = None   # logs are copied here on close (see keep_artifacts)
+    keep_artifacts: str = "on-failure"  # always | on-failure | never
+    pcap: Path | None = None            # vhost-user: capture every packet (LINKTYPE_VSOCK)
+    qemu: str = "qemu-system-x86_64"
+    progress: bool = False              # show image build progress
+    notices: list[str] = field(default_factory=list)
+
+
+@dataclass
+class VmHandle:
+    """What tests see of one running VM."""
+
+    spec: VmSpec
+    cid: int | None
+    transport: str | None
+    machine: Machine
+    uds_path: Path | None = None
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def qmp(self):
+        return self.machine.qmp
+
+    @property
+    def console(self):
+        return self.machine.console
+
+    @property
+    def vsock_device_id(self) -> str:
+        return VSOCK_DEVICE_ID
+
+    def run(self, command: str, timeout: float = 30.0) -> tuple[int, str]:
+        """Run a shell command in the guest: (exit code, output)."""
+        return self.machine.run(command, timeout)
+
+    def check(self, command: str, timeout: float = 30.0) -> str:
+        """Run a command that must succeed; return its output."""
+        rc, out = self.run(command, timeout)
+        if rc != 0:
+            raise AssertionError(f"{self.name}: `{command}` exited {rc}:\n{out}")
+        return out
+
+    def wait_ready(self, timeout: float = 240.0) -> None:
+        """Wait for the guest to (re)boot to its shell, e.g. after system_reset."""
+        self.machine.wait_ready(timeout)
+
+    def endpoint(self):
+        """The host-side address of this VM's vsock device (for vmlab.vsock.host)."""
+        from vmlab.vsock.host import HostEndpoint
+        return HostEndpoint(transport=self.transport, vm_name=self.name, cid=self.cid,
+                            uds_path=str(self.uds_path) if self.uds_path else None)
+
+
+class Lab:
+    """Boot a scenario's VMs, give access to them, and tear everything down on close()."""
+
+    def __init__(self, scenario: Scenario, options: LabOptions | None = None, **overrides: Any) -> None:
+        self.scenario = scenario
+        self.options = options or LabOptions()
+        for key, value in overrides.items():
+            setattr(self.options, key, value)
+        self.runtime: RuntimeDir | None = None
+        self.backend = None
+        self.accel = "tcg"
+        self.failed = False
+        self._vms: dict[str, VmHandle] = {}
+        self._leases: list[Any] = []
+        self._closed = False
+        self._endpoints: list[Any] = []  # host listeners/connections opened by steps, closed with the lab
+        self._lock = threading.Lock()
+
+    # -- context manager ----------------------------------------------------------------
+    def __enter__(self) -> "Lab":
+        try:
+            self.start()
+        except BaseException:
+            self.failed = True
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            self.failed = True
+        self.close()
+
+    # -- accessors ------------------------------------------------------------------------
+    @property
+    def run_dir(self) -> Path:
+        assert self.runtime is not None, "lab not started"
+        return self.runtime.path
+
+    @property
+    def lab_id(self) -> str:
+        return self.runtime.lab_id if self.runtime else ""
+
+    @property
+    def vms(self) -> list[VmHandle]:
+        return list(self._vms.values())
+
+    def vm(self, name: str) -> VmHandle:
+        try:
+            return self._vms[name]
+        except KeyError:
+            raise KeyError(f"no VM {name!r} in this lab (VMs: {', '.join(self._vms) or 'none'})") from None
+
+    @property
+    def transport(self) -> str | None:
+        """The lab's transport when all VMs share one (the usual case)."""
+        kinds = {vm.transport for vm in self._vms.values() if vm.transport}
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def track(self, endpoint: Any) -> Any:
+        """Close `endpoint` (anything with .close()) when the lab closes."""
+        with self._lock:
+            self._endpoints.append(endpoint)
+        return endpoint
+
+    # -- bring-up -------------------------------------------------------------------------
+    def start(self) -> None:
+        from vmlab import hostcheck
+
+        opts = self.options
+        self.accel, notice = hostcheck.choose_accel(opts.accel)
+        if notice:
+            opts.notices.append(notice)
+            log.info(notice)
+        self.runtime = RuntimeDir.create()
+        transports = self._resolve_transports()
+        cids = self._assign_cids(transports)
+        configs = self._vm_configs(transports, cids)
+        if any(t == "vhost-user" for t in transports.values()):
+            self._start_backend(transports, cids)
+        self._write_state()
+        machines = []
+        for spec in self.scenario.vms:
+            cfg = configs[spec.name]
+            machine = Machine(cfg, self.run_dir, qemu=opts.qemu)
+            uds = self.run_dir / f"{spec.name}.vsock" if transports[spec.name] == "vhost-user" else None
+            self._vms[spec.name] = VmHandle(spec, cids.get(spec.name), transports[spec.name], machine, uds)
+            machine.launch()  # forks here, on this thread
+            machines.append(machine)
+        self._write_state()
+        self._boot_all(machines)
+
+    def _resolve_transports(self) -> dict[str, str | None]:
+        from vmlab import hostcheck
+
+        resolved: dict[str, str | None] = {}
+        cache: dict[str, str] = {}
+        for spec in self.scenario.vms:
+            if not spec.vsock:
+                resolved[spec.name] = None
+                continue
+            wanted = self.options.transport or spec.transport or self.scenario.transport or "auto"
+            if wanted not in cache:
+                cache[wanted], notice = hostcheck.resolve_transport(wanted)
+                if notice and notice not in self.options.notices:
+                    self.options.notices.append(notice)
+            resolved[spec.name] = cache[wanted]
+        return resolved
+
+    def _assign_cids(self, transports: dict[str, str | None]) -> dict[str, int]:
+        """Pinned CIDs are kept; the rest are allocated. Only vhost CIDs are host-global and leased."""
+        from vmlab.cids import CidAllocator
+
+        cids: dict[str, int] = {}
+        allocator = None
+        owner = f"vmlab lab {self.lab_id} ({self.scenario.name}, pid {os.getpid()})"
+        pinned = {spec.cid for spec in self.scenario.vms if spec.cid is not None}
+        next_local = FIRST_AUTO_CID
+        for spec in self.scenario.vms:
+            if transports[spec.name] is None:
+                continue
+            if transports[spec.name] == "vhost":
+                allocator = allocator or CidAllocator()
+                if spec.cid is not None:
+                    lease = allocator.lease(spec.cid, owner)
+                else:
+                    lease = allocator.allocate(1, owner)[0]
+                self._leases.append(lease)
+                cids[spec.name] = lease.cid
+            elif spec.cid is not None:
+                cids[spec.name] = spec.cid
+            else:
+                # vhost-user CIDs live only inside this lab's backend: no host-wide lease needed.
+                while next_local in pinned or next_local in cids.values():
+                    next_local += 1
+                cids[spec.name] = next_local
+                next_local += 1
+        return cids
+
+    def _image_for(self, spec: VmSpec) -> tuple[Path, Path]:
+        from vmlab.image import ensure_image
+
+        kernel = spec.kernel or self.options.kernel
+        if spec.initrd is not None:
+            if kernel is None:
+                image = ensure_image(progress=self.options.progress)
+                return image.kernel, spec.initrd
+            return Path(kernel), spec.initrd
+        image = ensure_image(kernel=kernel, extra_files=spec.files or None, progress=self.options.progress)
+        return image.kernel, image.initrd
+
+    def _vm_configs(self, transports: dict[str, str | None], cids: dict[str, int]) -> dict[str, VmConfig]:
+        configs = {}
+        for spec in self.scenario.vms:
+            kernel, initrd = self._image_for(spec)
+            name = spec.name
+            configs[name] = VmConfig(
+                name=name, kernel=kernel, initrd=initrd,
+                qmp_socket=self.run_dir / f"{name}.qmp", serial_socket=self.run_dir / f"{name}.serial",
+                console_log=self.run_dir / f"{name}.console.log",
+                cid=cids.get(name), transport=transports[name],
+                vhost_user_socket=self.run_dir / f"{name}.vu" if transports[name] == "vhost-user" else None,
+                memory_mib=spec.memory_mib, cpus=spec.cpus, accel=self.accel, cmdline=spec.cmdline,
+                share_dir=spec.share, extra_args=list(spec.qemu_args), lab_id=self.lab_id,
+            )
+        return configs
+
+    def _start_backend(self, transports: dict[str, str | None], cids: dict[str, int]) -> None:
+        from vmlab.vsock.process import BackendProcess
+
+        config = {
+            "vms": [
+                {"name": spec.name, "cid": cids[spec.name], "socket": str(self.run_dir / f"{spec.name}.vu"),
+                 "uds_path": str(self.run_dir / f"{spec.name}.vsock"), "group": spec.group}
+                for spec in self.scenario.vms if transports[spec.name] == "vhost-user"
+            ],
+            "pcap": str(self.options.pcap) if self.options.pcap else None,
+            "log": str(self.run_dir / "backend.log"),
+        }
+        self.backend = BackendProcess(config, self.run_dir)
+        self.backend.start()
+
+    def _boot_all(self, machines: list[Machine]) -> None:
+        """Wait for every guest in parallel; the first failure is raised after all have settled.
+
+        On Ctrl-C/SIGTERM the machines are shut down first, which ends the waiting threads (their
+        consoles see EOF) instead of letting them sit out the boot timeout.
+        """
+        timeout = self.options.boot_timeout
+        pool = ThreadPoolExecutor(max_workers=max(1, len(machines)), thread_name_prefix="boot")
+        futures = [pool.submit(m.wait_ready, timeout) for m in machines]
+        try:
+            wait(futures)
+        except BaseException:
+            for machine in machines:
+                machine.shutdown()
+            raise
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+        failures = [f.exception() for f in futures if f.exception() is not None]
+        if failures:
+            raise LabError(f"{len(failures)} of {len(machines)} VM(s) failed to boot:\n" + "\n\n".join(map(str, failures)))
+
+    def _write_state(self) -> None:
+        assert self.runtime is not None
+        self.runtime.write_state({
+            "pid": os.getpid(),
+            "scenario": self.scenario.name,
+            "source": str(self.scenario.source) if self.scenario.source else None,
+            "started": time.time(),
+            "vms": {
+                name: {"cid": vm.cid, "transport": vm.transport,
+                       "serial": str(vm.machine.config.serial_socket),
+                       "qmp": str(vm.machine.config.qmp_socket),
+                       "uds_path": str(vm.uds_path) if vm.uds_path else None,
+                       "pid": vm.machine.pid}
+                for name, vm in self._vms.items()
+            },
+        })
+
+    # -- running ---------------------------------------------------------------------------
+    def run_steps(self, steps=None, reporter=None):
+        """Run the scenario's steps (or the given ones); returns a list of vmlab.steps.StepResult."""
+        from vmlab.steps import StepRunner
+
+        results = StepRunner(self, reporter=reporter).run(self.scenario.steps if steps is None else steps)
+        if any(not r.ok for r in results):
+            self.failed = True
+        return results
+
+    def kernel_errors(self) -> dict[str, list[str]]:
+        """Kernel oops/panic/BUG lines seen on each VM's console so far."""
+        return {name: vm.console.kernel_errors for name, vm in self._vms.items() if vm.console.kernel_errors}
+
+    def release_consoles(self) -> None:
+        """Let `vmlab console` attach: QEMU's serial socket takes one client at a time."""
+        for vm in self._vms.values():
+            vm.console.close()
+
+    def artifacts(self) -> Iterator[Path]:
+        """The log files worth keeping: consoles, QMP event logs, qemu stderr, backend log, pcap."""
+        if self.runtime is None or not self.run_dir.exists():
+            return iter(())
+        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log")
+        return (p for pattern in patterns for p in sorted(self.run_dir.glob(pattern)))
+
+    # -- teardown --------------------------------------------------------------------------
+    def close(self) -> None:
+        """Tear everything down. Idempotent; never raises; safe to call from any state."""
+        if self._closed:
+            return
+        self._closed = True
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            try:
+                endpoint.close()
+            except Exception:  # noqa: BLE001 - teardown goes on
+                log.exception("closing %r", endpoint)
+        machines = [vm.machine for vm in self._vms.values()]
+        if machines:
+            with ThreadPoolExecutor(max_workers=len(machines), thread_name_prefix="halt") as pool:
+                list(pool.map(lambda m: m.shutdown(), machines))
+        if self.backend is not None:
+            try:
+                self.backend.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the vsock backend")
+        for lease in self._leases:
+            try:
+                lease.release()
+            except Exception:  # noqa: BLE001
+                log.exception("releasing %r", lease)
+        self._leases.clear()
+        if any(self.kernel_errors().values()):
+            self.failed = True
+        self._save_artifacts()
+        if self.runtime is not None:
+            self.runtime.remove()
+
+    def _save_artifacts(self) -> None:
+        opts = self.options
+        if opts.artifacts_dir is None or opts.keep_artifacts == "never":
+            return
+        if opts.keep_artifacts == "on-failure" and not self.failed:
+            return
+        dest = Path(opts.artifacts_dir)
+        dest.mkdir(parents=True, exist_ok=True)
+        for path in self.artifacts():
+            try:
+                shutil.copy2(path, dest / path.name)
+            except OSError:
+                log.exception("copying artifact %s", path)
+        self.artifacts_saved = dest

@@ -1,0 +1,537 @@
+"""Execute scenario steps against a running lab.
+
+Every vsock endpoint a step opens (host or guest, listener or connector) becomes an `Endpoint` that
+records what happened as events in one vocabulary, the JSON lines the guest helper prints
+(listening, accepted, connected, message, sent, received, closed, error). `expect` and `wait_for`
+steps then check those events, whichever side and transport produced them.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import re
+import shlex
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from vmlab.scenario import (
+    VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_PORT_ANY, ExpectStep, GuestConnectStep, GuestListenStep,
+    HostConnectStep, HostListenStep, QmpStep, RunStep, SleepStep, Step, WaitForStep, FaultStep,
+)
+
+GUEST_HELPER = "/bin/vmlab-guest"
+POLL_INTERVAL = 0.25
+TERMINAL_EVENTS = ("received", "closed", "error", "exited")
+
+
+class StepFailed(AssertionError):
+    """A step's expectation did not hold; the message says what was expected and what happened."""
+
+
+@dataclass
+class StepResult:
+    name: str
+    action: str
+    ok: bool
+    seconds: float
+    detail: str = ""
+    location: str = ""
+    skipped: bool = False
+
+    @property
+    def status(self) -> str:
+        return "SKIP" if self.skipped else ("PASS" if self.ok else "FAIL")
+
+
+# -- endpoints ------------------------------------------------------------------------------
+
+@dataclass
+class Endpoint:
+    """One vsock endpoint opened by a step and everything it saw."""
+
+    id: str
+    kind: str                       # host_listen | host_connect | guest_listen | guest_connect
+    vm: str | None
+    sent_pattern_bytes: int | None = None
+    events: list[dict] = field(default_factory=list)
+    finished: bool = False
+    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
+
+    def record(self, event: dict) -> None:
+        with self._cond:
+            self.events.append(event)
+            if event.get("event") in ("error", "exited"):
+                self.finished = True
+            self._cond.notify_all()
+
+    def finish(self) -> None:
+        with self._cond:
+            self.finished = True
+            self._cond.notify_all()
+
+    def refresh(self) -> None:
+        """Pull new events (guest endpoints read them over the console; host ones are live)."""
+
+    def received_data(self) -> str:
+        return "".join(e.get("data", "") for e in self.events if e.get("event") == "message")
+
+    def messages(self) -> list[str]:
+        return [e.get("data", "") for e in self.events if e.get("event") == "message"]
+
+    def received_bytes(self) -> int | None:
+        done = [e for e in self.events if e.get("event") == "received"]
+        return int(done[-1]["bytes"]) if done else None
+
+    def sha256(self) -> str | None:
+        done = [e for e in self.events if e.get("event") == "received"]
+        return done[-1].get("sha256") if done else None
+
+    def errors(self) -> list[str]:
+        return [e.get("errno_name") or _errno_name(e.get("errno")) for e in self.events if e.get("event") == "error"]
+
+    def has(self, name: str) -> bool:
+        return any(e.get("event") == name for e in self.events)
+
+    def summary(self) -> str:
+        parts = []
+        for e in self.events[-6:]:
+            kind = e.get("event")
+            if kind == "message":
+                parts.append(f"message {e.get('data', '')!r}")
+            elif kind == "received":
+                parts.append(f"received {e.get('bytes')} bytes sha256={str(e.get('sha256'))[:16]}")
+            elif kind == "error":
+                parts.append(f"error {e.get('op')}: {e.get('errno_name') or _errno_name(e.get('errno'))} {e.get('error', '')}")
+            else:
+                parts.append(str(kind))
+        return "; ".join(parts) or "no events yet"
+
+
+def _errno_name(num: Any) -> str:
+    try:
+        return errno.errorcode.get(int(num), str(num))
+    except (TypeError, ValueError):
+        return str(num)
+
+
+class GuestEndpoint(Endpoint):
+    """The guest helper running in the background inside a VM, logging JSON lines to a file."""
+
+    def __init__(self, id: str, kind: str, vm, log_path: str) -> None:
+        super().__init__(id=id, kind=kind, vm=vm.name)
+        self.handle = vm
+        self.log_path = log_path
+        self.pid: int | None = None
+
+    def start(self, argv: list[str]) -> None:
+        cmd = " ".join(shlex.quote(a) for a in argv)
+        rc, out = self.handle.run(f"{cmd} >{self.log_path} 2>&1 & echo PID=$!")
+        match = re.search(r"PID=(\d+)", out)
+        if rc != 0 or not match:
+            raise StepFailed(f"{self.vm}: could not start `{cmd}`: exit {rc}: {out.strip()}")
+        self.pid = int(match.group(1))
+
+    def refresh(self) -> None:
+        if self.finished:
+            return
+        rc, out = self.handle.run(f"cat {self.log_path}; kill -0 {self.pid} 2>/dev/null || echo '<<EXITED>>'")
+        events = []
+        for line in out.splitlines():
+            line = line.strip()
+            if line.startswith("{"):
+                try:
+                    events.append(json.loads(line))
+                except ValueError:
+                    events.append({"event": "garbled", "line": line})
+            elif line and line != "<<EXITED>>":
+                events.append({"event": "output", "line": line})
+        with self._cond:
+            self.events = events
+            if "<<EXITED>>" in out:
+                self.events.append({"event": "exited"})
+                self.finished = True
+            self._cond.notify_all()
+
+
+# -- the runner -------------------------------------------------------------------------------
+
+class StepRunner:
+    """Runs steps in order; stops at the first failure and marks the rest skipped."""
+
+    def __init__(self, lab, reporter: Callable[[StepResult], None] | None = None) -> None:
+        self.lab = lab
+        self.reporter = reporter
+        self.endpoints: dict[str, Endpoint] = {}
+        self._seen_kernel_errors: dict[str, int] = {}
+        self._wants_messages: set[str] = set()
+
+    def run(self, steps: list[Step]) -> list[StepResult]:
+        results: list[StepResult] = []
+        # Guest endpoints only log each recv (costly for bulk transfers) when an expect needs the text.
+        self._wants_messages = {s.params.id for s in steps if s.action == "expect"
+                                and (s.params.message is not None or s.params.messages is not None)}
+        deadline = time.monotonic() + float(getattr(self.lab.scenario, "timeout", 300) or 300)
+        failed = False
+        for step in steps:
+            where = str(step.location) if step.location else ""
+            if failed:
+                result = StepResult(step.name, step.action, False, 0.0, "skipped after an earlier failure", where, skipped=True)
+            elif time.monotonic() > deadline:
+                failed = True
+                result = StepResult(step.name, step.action, False, 0.0, "scenario timeout reached", where)
+            else:
+                result = self.run_one(step)
+                failed = not result.ok
+            results.append(result)
+            if self.reporter:
+                self.reporter(result)
+        return results
+
+    def run_one(self, step: Step) -> StepResult:
+        where = str(step.location) if step.location else ""
+        started = time.monotonic()
+        try:
+            detail = getattr(self, f"_do_{step.action}")(step, step.params) or ""
+            self._check_kernels()
+            ok = True
+        except (StepFailed, AssertionError) as exc:
+            ok, detail = False, str(exc)
+        except Exception as exc:  # noqa: BLE001 - a broken step is a failed step, with its reason
+            ok, detail = False, f"{type(exc).__name__}: {exc}"
+        return StepResult(step.name, step.action, ok, time.monotonic() - started, detail, where)
+
+    def _check_kernels(self) -> None:
+        for name, lines in self.lab.kernel_errors().items():
+            if len(lines) > self._seen_kernel_errors.get(name, 0):
+                new = lines[self._seen_kernel_errors.get(name, 0)]
+                self._seen_kernel_errors[name] = len(lines)
+                raise StepFailed(f"guest kernel error on {name}: {new}")
+
+    def endpoint(self, id: str) -> Endpoint:
+        try:
+            return self.endpoints[id]
+        except KeyError:
+            raise StepFailed(f"no endpoint with id {id!r} (known: {', '.join(self.endpoints) or 'none'})") from None
+
+    def _add(self, ep: Endpoint) -> Endpoint:
+        if ep.id in self.endpoints:
+            raise StepFailed(f"endpoint id {ep.id!r} is already in use")
+        self.endpoints[ep.id] = ep
+        return ep
+
+    def _wait(self, what: str, cond: Callable[[], bool], timeout: float, ep: Endpoint | None = None) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if ep is not None:
+                ep.refresh()
+            if cond():
+                return
+            if time.monotonic() > deadline:
+                seen = f" (seen: {ep.summary()})" if ep is not None else ""
+                raise StepFailed(f"timed out after {timeout:g}s waiting for {what}{seen}")
+            if ep is not None and not isinstance(ep, GuestEndpoint):
+                with ep._cond:
+                    ep._cond.wait(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            else:
+                time.sleep(POLL_INTERVAL)
+
+    # -- plain steps ---------------------------------------------------------------------
+    def _do_sleep(self, step: Step, p: SleepStep) -> str:
+        time.sleep(p.seconds)
+        return ""
+
+    def _do_run(self, step: Step, p: RunStep) -> str:
+        vm = self.lab.vm(p.vm)
+        if step.background:
+            vm.run(f"( {p.command} ) >/tmp/vmlab-bg.log 2>&1 &", step.timeout)
+            return "started in the background"
+        rc, out = vm.run(p.command, step.timeout)
+        shown = out.strip()
+        if p.expect_exit is not None and rc != p.expect_exit:
+            raise StepFailed(f"`{p.command}` on {p.vm} exited {rc}, expected {p.expect_exit}; output:\n{shown}")
+        if p.expect_output is not None and p.expect_output not in out:
+            raise StepFailed(f"`{p.command}` on {p.vm}: output does not contain {p.expect_output!r}; output:\n{shown}")
+        if p.expect_regex is not None and not re.search(p.expect_regex, out, re.M):
+            raise StepFailed(f"`{p.command}` on {p.vm}: output does not match /{p.expect_regex}/; output:\n{shown}")
+        return f"exit {rc}: {shown[:200]}"
+
+    def _do_qmp(self, step: Step, p: QmpStep) -> str:
+        vm = self.lab.vm(p.vm)
+        cmd = p.command.replace("_", "-") if p.command == "query_status" else p.command
+        if cmd == "device_del":
+            device = vm.vsock_device_id if p.device in (None, "vsock") else p.device
+            vm.qmp.device_del(device, timeout=step.timeout)
+            detail = f"{device} deleted"
+        elif cmd == "quit":
+            vm.qmp.quit()
+            detail = "quit"
+        elif cmd == "query-status":
+            detail = vm.qmp.status()
+        else:
+            getattr(vm.qmp, cmd)()
+            detail = cmd
+            if cmd == "system_reset":
+                vm.wait_ready(max(step.timeout, self.lab.options.boot_timeout))
+                detail = "reset and booted again"
+        if p.expect_status is not None:
+            status = vm.qmp.status()
+            if status != p.expect_status:
+                raise StepFailed(f"{p.vm}: status is {status!r}, expected {p.expect_status!r}")
+            detail += f"; status {status}"
+        return detail
+
+    def _do_fault(self, step: Step, p: FaultStep) -> str:
+        if self.lab.backend is None:
+            raise StepFailed("fault injection needs the vhost-user transport (our backend); this lab has none")
+        reply = self.lab.backend.control({
+            "cmd": "fault", "vm": p.vm, "kind": p.kind, "probability": p.probability,
+            "delay_ms": p.delay_ms, "direction": p.direction, "duration": p.duration,
+        })
+        if not reply.get("ok", False):
+            raise StepFailed(f"backend refused the fault: {reply.get('error', reply)}")
+        return f"{p.kind} on {p.vm}"
+
+    def _do_wait_for(self, step: Step, p: WaitForStep) -> str:
+        if p.console is not None:
+            vm = self.lab.vm(p.vm)
+            log_path = Path(vm.machine.config.console_log)
+            rx = re.compile(p.console, re.M)
+            self._wait(f"/{p.console}/ on {p.vm}'s console",
+                       lambda: bool(rx.search(log_path.read_text(errors="replace"))) if log_path.exists() else False,
+                       step.timeout)
+            return "seen"
+        ep = self.endpoint(p.id)
+        self._wait(f"{p.event} on {p.id}", lambda: ep.has(p.event), step.timeout, ep)
+        return f"{p.id}: {p.event}"
+
+    # -- vsock endpoints -----------------------------------------------------------------
+    def _do_guest_listen(self, step: Step, p: GuestListenStep) -> str:
+        vm = self.lab.vm(p.vm)
+        argv = [GUEST_HELPER, "listen", _port_arg(p.port)]
+        argv += ["--cid", "any" if p.cid == VMADDR_CID_ANY else str(p.cid)]
+        argv += _type_args(p.type)
+        if p.once:
+            argv.append("--once")
+        if p.echo:
+            argv.append("--echo")
+        if p.chunk or p.id in self._wants_messages:
+            argv += ["--chunk", str(p.chunk or 65536)]
+        if p.expect_bytes is not None:
+            argv += ["--expect-bytes", str(p.expect_bytes)]
+        ep = self._add(GuestEndpoint(p.id, "guest_listen", vm, f"/tmp/vmlab-ep-{p.id}.jsonl"))
+        ep.start(argv)
+        self._wait(f"{p.id} to listen", lambda: ep.has("listening") or ep.finished, step.timeout, ep)
+        if not ep.has("listening"):
+            raise StepFailed(f"{p.id}: guest listener failed: {ep.summary()}")
+        return f"listening on {p.vm} port {p.port if p.port != VMADDR_PORT_ANY else 'any'}"
+
+    def _do_guest_connect(self, step: Step, p: GuestConnectStep) -> str:
+        vm = self.lab.vm(p.vm)
+        cid = self._resolve_cid(p.cid)
+        argv = [GUEST_HELPER, "connect", str(cid), _port_arg(p.port), *_type_args(p.type)]
+        argv += _send_args(p.send, p.send_bytes, p.send_file)
+        if p.recv:
+            argv.append("--recv")
+        if p.recv_bytes is not None:
+            argv += ["--recv-bytes", str(p.recv_bytes)]
+        argv += ["--timeout", str(int(max(1, step.timeout)))]
+        ep = self._add(GuestEndpoint(p.id, "guest_connect", vm, f"/tmp/vmlab-ep-{p.id}.jsonl"))
+        ep.sent_pattern_bytes = p.send_bytes
+        ep.start(argv)
+        if step.background:
+            return "started in the background"
+        self._wait(f"{p.id} to finish", lambda: ep.finished, step.timeout, ep)
+        return self._check_outcome(ep, p.expect_error)
+
+    def _do_host_listen(self, step: Step, p: HostListenStep) -> str:
+        from vmlab.vsock.host import host_listen
+
+        vms = [self.lab.vm(p.vm)] if p.vm else [vm for vm in self.lab.vms if vm.transport]
+        listener = self.lab.track(host_listen(p.port, vms=[vm.endpoint() for vm in vms], type=p.type, cid=p.cid))
+        ep = self._add(Endpoint(p.id, "host_listen", p.vm))
+        ep.record({"event": "listening", "cid": p.cid, "port": listener.port})
+        thread = threading.Thread(target=_serve, args=(listener, ep, p), name=f"host-listen-{p.id}", daemon=True)
+        thread.start()
+        return f"listening on host port {listener.port}"
+
+    def _do_host_connect(self, step: Step, p: HostConnectStep) -> str:
+        vm = self.lab.vm(p.vm)
+        ep = self._add(Endpoint(p.id, "host_connect", p.vm, sent_pattern_bytes=p.send_bytes))
+        thread = threading.Thread(target=_connect, args=(self.lab, vm, ep, p, step.timeout),
+                                  name=f"host-connect-{p.id}", daemon=True)
+        thread.start()
+        if step.background:
+            return "started in the background"
+        self._wait(f"{p.id} to finish", lambda: ep.finished, step.timeout, ep)
+        return self._check_outcome(ep, p.expect_error)
+
+    def _check_outcome(self, ep: Endpoint, expect_error: str | None) -> str:
+        errors = ep.errors()
+        if expect_error is not None:
+            if expect_error not in errors:
+                raise StepFailed(f"{ep.id}: expected error {expect_error}, got: {ep.summary()}")
+            return f"failed as expected with {expect_error}"
+        if errors:
+            raise StepFailed(f"{ep.id}: {ep.summary()}")
+        return ep.summary()
+
+    def _resolve_cid(self, cid: int | str) -> int:
+        if isinstance(cid, str):
+            target = self.lab.vm(cid)
+            if target.cid is None:
+                raise StepFailed(f"VM {cid!r} has no vsock device")
+            return target.cid
+        return cid
+
+    # -- expectations --------------------------------------------------------------------
+    def _do_expect(self, step: Step, p: ExpectStep) -> str:
+        ep = self.endpoint(p.id)
+        timeout = p.timeout if p.timeout is not None else step.timeout
+        checks: list[tuple[str, Callable[[], bool]]] = []
+        if p.message is not None:
+            checks.append((f"message {p.message!r}", lambda: ep.received_data() == p.message
+                           or p.message in ep.messages()))
+        if p.messages is not None:
+            checks.append((f"messages {p.messages!r}", lambda: ep.messages() == list(p.messages)))
+        if p.bytes is not None:
+            checks.append((f"{p.bytes} bytes", lambda: ep.received_bytes() == p.bytes))
+        if p.sha256 is not None:
+            checks.append((f"sha256 {p.sha256}", lambda: self._sha_matches(ep, p)))
+        if p.error is not None:
+            checks.append((f"error {p.error}", lambda: p.error in ep.errors()))
+        for what, cond in checks:
+            try:
+                self._wait(f"{p.id} to see {what}", cond, timeout, ep)
+            except StepFailed:
+                if ep.finished or ep.has("received"):
+                    raise StepFailed(f"{p.id}: expected {what}, got: {ep.summary()}") from None
+                raise
+        got = ep.received_data()
+        return f"{p.id} received {ep.received_bytes() if ep.received_bytes() is not None else len(got)} bytes" + (
+            f": {got[:80]!r}" if got else "")
+
+    def _sha_matches(self, ep: Endpoint, p: ExpectStep) -> bool:
+        got = ep.sha256()
+        if got is None:
+            return False
+        if p.sha256 == "pattern":
+            from vmlab.image.pattern import pattern_sha256
+            n = p.bytes if p.bytes is not None else ep.received_bytes()
+            return n is not None and got == pattern_sha256(n)
+        return got.lower() == p.sha256.lower()
+
+
+def _port_arg(port: int) -> str:
+    return "any" if port == VMADDR_PORT_ANY else str(port)
+
+
+def _type_args(sock_type: str) -> list[str]:
+    return ["--seqpacket"] if sock_type == "seqpacket" else []
+
+
+def _send_args(send: str | None, send_bytes: int | None, send_file: Any) -> list[str]:
+    if send is not None:
+        return ["--send", send]
+    if send_bytes is not None:
+        return ["--send-bytes", str(send_bytes)]
+    if send_file is not None:
+        return ["--send-file", str(send_file)]
+    return []
+
+
+# -- host endpoint workers (threads) -------------------------------------------------------
+
+def _oserror_event(op: str, exc: OSError) -> dict:
+    num = exc.errno if exc.errno is not None else (errno.ECONNRESET if isinstance(exc, ConnectionResetError) else 0)
+    return {"event": "error", "op": op, "errno": num, "errno_name": _errno_name(num), "error": str(exc)}
+
+
+def _pump(conn, ep: Endpoint, chunk: int, echo: bool, limit: int | None = None) -> None:
+    """Read until EOF (or `limit` bytes), recording each recv as a message; echo if asked."""
+    digest = hashlib.sha256()
+    total = 0
+    started = time.monotonic()
+    buf = bytearray(max(1, chunk))
+    view = memoryview(buf)
+    while limit is None or total < limit:
+        want = len(buf) if limit is None else min(len(buf), limit - total)
+        n = conn.recv_into(view[:want])
+        if n == 0:
+            break
+        data = view[:n]
+        digest.update(data)
+        total += n
+        if total <= 1 << 20:  # keep message events for small exchanges, not for bulk transfers
+            ep.record({"event": "message", "len": n, "data": bytes(data).decode("utf-8", "replace")})
+        if echo:
+            conn.sendall(data)
+    seconds = max(time.monotonic() - started, 1e-9)
+    ep.record({"event": "received", "bytes": total, "sha256": digest.hexdigest(),
+               "seconds": round(seconds, 6), "mbps": round(total * 8 / seconds / 1e6, 3)})
+
+
+def _serve(listener, ep: Endpoint, p: HostListenStep) -> None:
+    chunk = p.chunk if p.type == "stream" else 65536
+    try:
+        for _ in range(max(1, p.accept)):
+            conn = listener.accept(timeout=None)
+            with conn:
+                ep.record({"event": "accepted", "peer_cid": getattr(conn, "peer_cid", None)})
+                try:
+                    _pump(conn, ep, chunk, p.echo)
+                except OSError as exc:
+                    ep.record(_oserror_event("recv", exc))
+            ep.record({"event": "closed"})
+    except OSError as exc:
+        if not ep.finished:
+            ep.record(_oserror_event("accept", exc))
+    finally:
+        ep.finish()
+
+
+def _connect(lab, vm, ep: Endpoint, p: HostConnectStep, timeout: float) -> None:
+    from vmlab.image.pattern import pattern_bytes
+    from vmlab.vsock.host import host_connect
+
+    try:
+        conn = lab.track(host_connect(vm.cid, p.port, endpoint=vm.endpoint(), type=p.type, timeout=timeout))
+    except OSError as exc:
+        ep.record(_oserror_event("connect", exc))
+        ep.finish()
+        return
+    try:
+        ep.record({"event": "connected", "cid": vm.cid, "port": p.port})
+        payload: bytes | None = None
+        if p.send is not None:
+            payload = p.send.encode()
+        elif p.send_file is not None:
+            payload = Path(p.send_file).read_bytes()
+        if payload is not None:
+            conn.sendall(payload)
+            ep.record({"event": "sent", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+        elif p.send_bytes is not None:
+            digest, sent, block = hashlib.sha256(), 0, 1 << 16
+            while sent < p.send_bytes:
+                data = pattern_bytes(sent, min(block, p.send_bytes - sent))
+                conn.sendall(data)
+                digest.update(data)
+                sent += len(data)
+            ep.record({"event": "sent", "bytes": sent, "sha256": digest.hexdigest()})
+        if p.recv or p.recv_bytes is not None:
+            if p.recv_bytes is None:
+                conn.shutdown_write() if hasattr(conn, "shutdown_write") else None
+            _pump(conn, ep, 65536, False, p.recv_bytes)
+        ep.record({"event": "closed"})
+    except OSError as exc:
+        ep.record(_oserror_event("io", exc))
+    finally:
+        try:
+            conn.close()
+        except OSError:
+            pass
+        ep.finish()
