@@ -328,7 +328,7 @@ def parse_scenario(text: str, filename: str = "<string>", base_dir: Path | None 
         root, issues = compose(text)
     except YamlSyntaxError as exc:
         raise ScenarioError([Problem(filename, exc.line, exc.column, exc.message)]) from None
-    if root is None:
+    if root is None or (root.kind == SCALAR and root.value is None):
         raise ScenarioError([Problem(filename, 1, 1, "empty scenario: expected a mapping with at "
                                      "least a 'vms' list")])
     if root.kind != MAP:

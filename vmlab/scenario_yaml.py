@@ -126,11 +126,13 @@ class _Builder:
     def _mapping(self, ynode: yaml.MappingNode, line: int, col: int) -> Node:
         if ynode.tag != _MAP_TAG:
             self.issue(ynode, f"unsupported YAML tag {ynode.tag!r} on a mapping")
+        own = {id(k) for k, _ in ynode.value}
         try:
             self.loader.flatten_mapping(ynode)  # resolves `<<: *anchor` merge keys
         except yaml.YAMLError as exc:
             self.issue(ynode, f"bad merge key: {getattr(exc, 'problem', exc)}")
         node = Node(MAP, {}, line, col)
+        merged: set[str] = set()  # keys that came from `<<:`; the mapping's own keys override them
         for knode, vnode in ynode.value:
             if not isinstance(knode, yaml.ScalarNode):
                 got = "a mapping" if isinstance(knode, yaml.MappingNode) else "a list"
@@ -141,10 +143,16 @@ class _Builder:
                 self.issue(knode, f"mapping keys must be strings, got {key!r}")
                 continue
             kline, kcol = _mark(knode.start_mark)
-            if key in node.value:
-                first = node.keys[key]
-                self.issue(knode, f"duplicate key '{key}' (first defined at line {first.line})")
-                continue
+            is_own = id(knode) in own
+            if key in node.value and key not in merged:
+                if is_own:
+                    first = node.keys[key]
+                    self.issue(knode, f"duplicate key '{key}' (first defined at line {first.line})")
+                continue  # a merged key never overrides the mapping's own key
+            if is_own:
+                merged.discard(key)
+            else:
+                merged.add(key)
             node.keys[key] = Node(SCALAR, key, kline, kcol)
             node.value[key] = self.build(vnode)
         return node
