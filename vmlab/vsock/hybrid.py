@@ -1,0 +1,298 @@
+"""The host side as Unix sockets ("hybrid vsock", as in Firecracker and vhost-device-vsock).
+
+* host -> guest: a program connects to the VM's ``uds_path`` (SOCK_STREAM) or
+  ``<uds_path>_seqpacket`` (SOCK_SEQPACKET), writes ``CONNECT <port>\\n`` and gets
+  ``OK <hostport>\\n`` once the guest accepted; the socket then *is* the connection.
+  If the guest refuses, the Unix socket is closed without a reply.
+* guest -> host (dst CID 2, port P): we connect to ``<uds_path>_<P>`` (a SOCK_SEQPACKET socket
+  for SEQPACKET connections); nobody there -> RST, i.e. ECONNRESET/ECONNREFUSED in the guest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import socket
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+from vmlab.vsock.connection import (
+    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DEFAULT_BUF_ALLOC, ConnKey, Connection, State,
+)
+from vmlab.vsock.packet import VMADDR_CID_HOST, Header, Op, Type, rst_for
+
+if TYPE_CHECKING:
+    from vmlab.vsock.router import Router
+
+log = logging.getLogger(__name__)
+
+MAX_LINE = 64                       # "CONNECT 4294967295\n" is 19 bytes
+HANDSHAKE_TIMEOUT = 10.0
+GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
+_CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\r?\n?")
+_FIRST_HOST_PORT = 1 << 30          # ephemeral host ports for host-initiated connections
+
+
+def seqpacket_path(uds_path: str) -> str:
+    return uds_path + "_seqpacket"
+
+
+@dataclass(eq=False)
+class HybridVm:
+    name: str
+    cid: int
+    uds_path: str
+    listeners: list[socket.socket] = field(default_factory=list)
+
+
+@dataclass(eq=False)
+class _Handshake:
+    vm: HybridVm
+    sock: socket.socket
+    type: int
+    timer: asyncio.TimerHandle | None = None
+
+
+class Hybrid:
+    """All host-terminated connections of all VMs; the router hands it every dst_cid 2 packet."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, router: "Router", *,
+                 buf_alloc: int = DEFAULT_BUF_ALLOC, close_timeout: float = CLOSE_TIMEOUT,
+                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+        self.loop = loop
+        self.router = router
+        self.buf_alloc = buf_alloc
+        self.close_timeout = close_timeout
+        self.connect_timeout = connect_timeout
+        self.vms: dict[str, HybridVm] = {}
+        self.conns: dict[ConnKey, Connection] = {}
+        self.lingering: set[Connection] = set()
+        self.handshakes: set[_Handshake] = set()
+        self.pending_guest: dict[ConnKey, asyncio.TimerHandle] = {}
+        self._next_port = _FIRST_HOST_PORT
+        self.stats = router.stats
+
+    # --- listeners ------------------------------------------------------------------------
+    def add_vm(self, name: str, cid: int, uds_path: str) -> None:
+        vm = HybridVm(name, cid, uds_path)
+        for path, typ in ((uds_path, Type.STREAM), (seqpacket_path(uds_path), Type.SEQPACKET)):
+            kind = socket.SOCK_STREAM if typ == Type.STREAM else socket.SOCK_SEQPACKET
+            s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                if os.path.exists(path):
+                    os.unlink(path)   # a stale socket from a crashed run
+                s.bind(path)
+                s.listen(128)
+            except OSError:
+                s.close()
+                raise
+            vm.listeners.append(s)
+            self.loop.add_reader(s.fileno(), self._on_accept, vm, s, typ)
+        self.vms[name] = vm
+
+    def close(self) -> None:
+        """Reset every connection and unlink every socket we created."""
+        for conn in list(self.conns.values()):
+            conn.reset("backend exit")
+        for conn in list(self.lingering):
+            conn._destroy("backend exit")
+        for hs in list(self.handshakes):
+            self._drop_handshake(hs, "backend exit")
+        for t in self.pending_guest.values():
+            t.cancel()
+        self.pending_guest.clear()
+        for vm in self.vms.values():
+            for s in vm.listeners:
+                try:
+                    self.loop.remove_reader(s.fileno())
+                except (ValueError, OSError):
+                    pass
+                s.close()
+            for path in (vm.uds_path, seqpacket_path(vm.uds_path)):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    pass
+        self.vms.clear()
+
+    # --- host -> guest --------------------------------------------------------------------
+    def _on_accept(self, vm: HybridVm, lsock: socket.socket, typ: int) -> None:
+        for _ in range(64):
+            try:
+                s, _ = lsock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                log.warning("%s: accept failed: %s", vm.name, e)
+                return
+            s.setblocking(False)
+            hs = _Handshake(vm, s, typ)
+            hs.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._drop_handshake, hs,
+                                            "handshake timeout")
+            self.handshakes.add(hs)
+            self.loop.add_reader(s.fileno(), self._on_handshake, hs)
+
+    def _drop_handshake(self, hs: _Handshake, why: str, close: bool = True) -> None:
+        if hs not in self.handshakes:
+            return
+        self.handshakes.discard(hs)
+        if hs.timer is not None:
+            hs.timer.cancel()
+        try:
+            self.loop.remove_reader(hs.sock.fileno())
+        except (ValueError, OSError):
+            pass
+        if close:
+            log.info("%s: host connection dropped: %s", hs.vm.name, why)
+            self.stats["handshake_rejected"] += 1
+            hs.sock.close()
+
+    def _on_handshake(self, hs: _Handshake) -> None:
+        try:
+            if hs.type == Type.SEQPACKET:
+                line = hs.sock.recv(MAX_LINE)     # one message, nothing beyond it is consumed
+                if not line:
+                    return self._drop_handshake(hs, "EOF before CONNECT")
+            else:
+                peek = hs.sock.recv(MAX_LINE, socket.MSG_PEEK)
+                if not peek:
+                    return self._drop_handshake(hs, "EOF before CONNECT")
+                nl = peek.find(b"\n")
+                if nl < 0:
+                    if len(peek) >= MAX_LINE:
+                        return self._drop_handshake(hs, "CONNECT line too long")
+                    return                        # wait for the rest of the line
+                line = hs.sock.recv(nl + 1)       # consume exactly the line
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as e:
+            return self._drop_handshake(hs, f"read failed: {e}")
+        m = _CONNECT_RE.fullmatch(line)
+        if m is None or int(m.group(1)) > 0xFFFFFFFF:
+            return self._drop_handshake(hs, f"malformed handshake {line[:MAX_LINE]!r}")
+        self._drop_handshake(hs, "", close=False)
+        port = int(m.group(1))
+        vm = hs.vm
+        hport = self._alloc_port(vm.cid, port)
+        key = (VMADDR_CID_HOST, hport, vm.cid, port)
+        conn = self._new_conn(vm, key, hs.type, hs.sock)
+        conn.ok_line = f"OK {hport}\n".encode()
+        self.stats["host_connects"] += 1
+        conn.start_connect(self.connect_timeout)
+
+    def _alloc_port(self, cid: int, port: int) -> int:
+        while True:
+            p = self._next_port
+            self._next_port = p + 1 if p < 0x7FFFFFFF else _FIRST_HOST_PORT
+            if (VMADDR_CID_HOST, p, cid, port) not in self.conns:
+                return p
+
+    def _new_conn(self, vm: HybridVm, key: ConnKey, typ: int, sock: socket.socket) -> Connection:
+        conn = Connection(env=self, key=key, vm=vm.name, type=typ, sock=sock,
+                          close_timeout=self.close_timeout)
+        conn.credit.buf_alloc = self.buf_alloc
+        conn.on_close = self._on_conn_destroyed
+        self.conns[key] = conn
+        return conn
+
+    # --- guest -> host --------------------------------------------------------------------
+    def on_guest_packet(self, vm_name: str, hdr: Header, payload: list[memoryview]) -> None:
+        key = (VMADDR_CID_HOST, hdr.dst_port, hdr.src_cid, hdr.src_port)
+        conn = self.conns.get(key)
+        if conn is not None:
+            if conn.type != hdr.type:
+                conn.reset("type mismatch")
+                return
+            conn.on_packet(hdr, payload)
+            return
+        if key in self.pending_guest:
+            if hdr.op == Op.RST:
+                self.pending_guest.pop(key).cancel()
+            return
+        if hdr.op == Op.REQUEST:
+            self._guest_connect(vm_name, key, hdr, 0.0)
+        elif hdr.op != Op.RST:
+            self.router.send_to_vm(vm_name, rst_for(hdr))
+
+    def _guest_connect(self, vm_name: str, key: ConnKey, hdr: Header, waited: float) -> None:
+        self.pending_guest.pop(key, None)
+        vm = self.vms.get(vm_name)
+        if vm is None:
+            return
+        path = f"{vm.uds_path}_{hdr.dst_port}"
+        kind = socket.SOCK_SEQPACKET if hdr.type == Type.SEQPACKET else socket.SOCK_STREAM
+        s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            s.connect(path)
+        except (BlockingIOError, InterruptedError):
+            s.close()
+            if waited < self.connect_timeout:   # listener backlog full: try again shortly
+                self.pending_guest[key] = self.loop.call_later(
+                    GUEST_CONNECT_RETRY, self._guest_connect, vm_name, key, hdr,
+                    waited + GUEST_CONNECT_RETRY)
+                return
+            log.info("%s: %s: backlog full for %.1fs", vm_name, path, waited)
+            self._refuse(vm_name, hdr)
+            return
+        except OSError as e:
+            s.close()
+            log.debug("%s: guest connect to %s: %s", vm_name, path, e)
+            self._refuse(vm_name, hdr)
+            return
+        conn = self._new_conn(vm, key, hdr.type, s)
+        conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
+        self.stats["guest_connects"] += 1
+        conn.accept()
+
+    def _refuse(self, vm_name: str, hdr: Header) -> None:
+        self.stats["refused"] += 1
+        self.router.send_to_vm(vm_name, rst_for(hdr))
+
+    # --- ConnEnv for Connection -----------------------------------------------------------
+    def send_packet(self, conn: Connection, hdr: Header) -> None:
+        self.router.send_to_vm(conn.vm, hdr)
+
+    def want_rx(self, conn: Connection) -> None:
+        self.router.want_rx(conn.vm, conn)
+
+    def release(self, conn: Connection) -> None:
+        if self.conns.get(conn.key) is conn:
+            del self.conns[conn.key]
+        self.router.forget(conn.vm, conn)
+        if conn.lingering or conn.out_bytes:
+            self.lingering.add(conn)
+
+    def _on_conn_destroyed(self, conn: Connection, reason: str) -> None:
+        self.lingering.discard(conn)
+
+    # --- resets ---------------------------------------------------------------------------
+    def reset_vm(self, vm_name: str, notify_guest: bool) -> int:
+        """Reset every host connection of one VM (device reset or a transport_reset fault)."""
+        n = 0
+        for conn in [c for c in self.conns.values() if c.vm == vm_name]:
+            conn.reset("vm reset", send_rst=notify_guest)
+            n += 1
+        for key in [k for k, t in self.pending_guest.items()
+                    if (vm := self.vms.get(vm_name)) is not None and k[2] == vm.cid]:
+            self.pending_guest.pop(key).cancel()
+        return n
+
+    def reset_key(self, key: ConnKey) -> bool:
+        conn = self.conns.get(key)
+        if conn is None:
+            return False
+        conn.reset("fault")
+        return True
+
+    def snapshot(self) -> dict:
+        states: dict[str, int] = {}
+        for c in self.conns.values():
+            states[c.state.value] = states.get(c.state.value, 0) + 1
+        return {"connections": len(self.conns), "states": states,
+                "lingering": len(self.lingering), "handshakes": len(self.handshakes),
+                "buffered_out": sum(c.out_bytes for c in self.conns.values())}
+
+
+__all__ = ["Hybrid", "HybridVm", "seqpacket_path", "State"]

@@ -1,0 +1,423 @@
+"""The one place every packet passes: spoof check, routing by CID, capture, faults, rx queueing.
+
+Implements ``DeviceHandler`` (docs/architecture.md). Guest -> anything packets come in through
+``on_tx_packet``; anything -> guest packets go out through ``send_to_vm`` (control packets and
+VM<->VM relay data, queued in order per device) or are pulled straight from a host socket into
+a guest rx buffer by ``pump`` (zero copy). Nothing reads a host socket for a VM that has no rx
+buffer: the pump stops and resumes on ``on_rx_ready``.
+
+VM <-> VM traffic is relayed as-is: both ends are Linux vsock stacks doing their own credit
+accounting, so the relay buffer per flow is bounded by the receiver's advertised buf_alloc.
+Packets larger than the receiver's rx buffers are split (EOM/EOR stay on the last piece).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, Protocol
+
+from vmlab.vsock.connection import Connection, copy_into, trim_views
+from vmlab.vsock.packet import (
+    HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
+)
+
+if TYPE_CHECKING:
+    from vmlab.vsock.hybrid import Hybrid
+
+log = logging.getLogger(__name__)
+
+MAX_CONTROL_QUEUE = 8192              # control packets waiting for rx buffers, per VM
+MAX_RELAY_BYTES = 64 * 1024 * 1024    # relay data waiting for rx buffers, per VM
+FLOW_SLACK = 64 * 1024
+
+
+class DeviceLike(Protocol):
+    name: str
+    cid: int
+    broken: str | None
+
+    def rx_pop(self) -> Any: ...
+    def rx_push(self, buf: Any, header: bytes, payload_len: int) -> None: ...
+    def rx_cancel(self, buf: Any) -> None: ...
+    def flush(self) -> None: ...
+
+
+# --- faults ---------------------------------------------------------------------------------
+@dataclass
+class FaultRule:
+    """Matches packets; ``direction``: "tx" (from a guest), "rx" (to a guest) or "both"."""
+
+    action: str                       # drop | delay | rst
+    vm: str | None = None
+    direction: str = "both"
+    op: int | None = None
+    port: int | None = None           # src_port or dst_port
+    count: int | None = None          # matches left; None = forever
+    delay: float = 0.0
+    hits: int = 0
+
+    def matches(self, direction: str, vm: str, hdr: Header) -> bool:
+        if self.count is not None and self.count <= 0:
+            return False
+        if self.direction != "both" and self.direction != direction:
+            return False
+        if self.vm is not None and self.vm != vm:
+            return False
+        if self.op is not None and self.op != hdr.op:
+            return False
+        if self.port is not None and self.port not in (hdr.src_port, hdr.dst_port):
+            return False
+        return True
+
+
+@dataclass
+class FaultInjector:
+    rules: list[FaultRule] = field(default_factory=list)
+
+    def check(self, direction: str, vm: str, hdr: Header) -> FaultRule | None:
+        for r in self.rules:
+            if r.matches(direction, vm, hdr):
+                r.hits += 1
+                if r.count is not None:
+                    r.count -= 1
+                return r
+        return None
+
+    @staticmethod
+    def parse(req: dict) -> FaultRule:
+        action = req.get("action")
+        if action not in ("drop", "delay", "rst"):
+            raise ValueError(f"unknown fault action {action!r}")
+        op = req.get("op")
+        if isinstance(op, str):
+            op = Op[op.upper()]
+        direction = req.get("direction", req.get("dir", "both"))
+        if direction not in ("tx", "rx", "both"):
+            raise ValueError(f"bad direction {direction!r}")
+        return FaultRule(action=action, vm=req.get("vm"), direction=direction, op=op,
+                         port=req.get("port"), count=req.get("count"),
+                         delay=float(req.get("delay", 0.0)))
+
+
+# --- per-device state -----------------------------------------------------------------------
+@dataclass(eq=False)
+class DevState:
+    dev: DeviceLike
+    name: str
+    cid: int
+    group: str
+    queue: deque = field(default_factory=deque)     # (Header, bytes | None) for this guest
+    queued_bytes: int = 0
+    queued_ctrl: int = 0
+    ready: dict = field(default_factory=dict)       # Connections with data for this guest
+    pumping: bool = False
+
+
+FlowKey = tuple[int, int, int, int]   # normalized (cid_a, port_a, cid_b, port_b), a < b
+
+
+def _flow_key(hdr: Header) -> FlowKey:
+    a = (hdr.src_cid, hdr.src_port)
+    b = (hdr.dst_cid, hdr.dst_port)
+    return (*a, *b) if a <= b else (*b, *a)  # type: ignore[return-value]
+
+
+class Router:
+    """Routes packets between VM devices, the hybrid host side and the hooks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.devs: dict[str, DevState] = {}
+        self.by_cid: dict[int, DevState] = {}
+        self.hybrid: "Hybrid | None" = None
+        self.stats: Counter[str] = Counter()
+        self.faults = FaultInjector()
+        self.capture: Callable[[Header, list[memoryview]], None] | None = None
+        self.flows: dict[FlowKey, int] = {}         # VM<->VM flow -> its vsock type
+
+    def add_device(self, dev: DeviceLike, group: str = "default") -> None:
+        st = DevState(dev, dev.name, dev.cid, group)
+        if dev.cid in self.by_cid:
+            raise ValueError(f"CID {dev.cid} used twice ({self.by_cid[dev.cid].name}, {dev.name})")
+        self.devs[dev.name] = st
+        self.by_cid[dev.cid] = st
+
+    # --- DeviceHandler --------------------------------------------------------------------
+    def on_tx_packet(self, dev: DeviceLike, header: bytes, payload: list[memoryview]) -> None:
+        st = self.devs.get(dev.name)
+        if st is None:
+            self.stats["unknown_device"] += 1
+            return
+        try:
+            self._on_tx(st, header, payload)
+        except Exception:                       # one VM's mess must not stop the others
+            log.exception("%s: error handling a tx packet", dev.name)
+            self.stats["errors"] += 1
+
+    def _on_tx(self, st: DevState, header: bytes, payload: list[memoryview]) -> None:
+        if len(header) < HEADER_SIZE:
+            self.stats["malformed"] += 1
+            return
+        hdr = Header.unpack_from(header)
+        if hdr.src_cid != st.cid:
+            self.stats["spoofed"] += 1
+            log.debug("%s: spoofed packet dropped: %s", st.name, hdr.describe())
+            return
+        avail = sum(len(v) for v in payload)
+        if hdr.len > avail or hdr.len > MAX_PKT_PAYLOAD or (hdr.len and hdr.op != Op.RW):
+            self.stats["malformed"] += 1
+            log.debug("%s: malformed packet dropped (%d payload bytes): %s", st.name, avail,
+                      hdr.describe())
+            return
+        if hdr.len != avail:
+            payload = trim_views(payload, hdr.len)
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += hdr.len
+        if hdr.type not in (Type.STREAM, Type.SEQPACKET) or (
+                hdr.type == Type.SEQPACKET and not getattr(st.dev, "seqpacket", True)):
+            self.stats["bad_type"] += 1
+            if hdr.op != Op.RST:
+                self.send_to_vm(st.name, rst_for(hdr))
+            return
+        rule = self.faults.check("tx", st.name, hdr) if self.faults.rules else None
+        if rule is not None:
+            if self._apply_tx_fault(st, rule, hdr, payload):
+                return
+        if self.capture is not None:
+            self.capture(hdr, payload)
+        self._route(st, hdr, payload)
+
+    def _apply_tx_fault(self, st: DevState, rule: FaultRule, hdr: Header,
+                        payload: list[memoryview]) -> bool:
+        self.stats[f"fault_{rule.action}"] += 1
+        if rule.action == "drop":
+            return True
+        if rule.action == "rst":
+            self.reset_flow(hdr)
+            return True
+        if rule.action == "delay":
+            data = [memoryview(b"".join(payload))] if hdr.len else []
+
+            def later() -> None:
+                if self.capture is not None:
+                    self.capture(hdr, data)
+                self._route(st, hdr, data)
+            self.loop.call_later(rule.delay, later)
+            return True
+        return False
+
+    def _route(self, st: DevState, hdr: Header, payload: list[memoryview]) -> None:
+        dst = hdr.dst_cid
+        if dst == VMADDR_CID_HOST and self.hybrid is not None:
+            self.hybrid.on_guest_packet(st.name, hdr, payload)
+            return
+        peer = self.by_cid.get(dst)
+        if peer is not None and peer is not st and peer.group == st.group:
+            self._relay(st, peer, hdr, payload)
+            return
+        self.stats["unroutable"] += 1
+        if hdr.op != Op.RST:
+            self.send_to_vm(st.name, rst_for(hdr))
+
+    def _relay(self, src: DevState, dst: DevState, hdr: Header,
+               payload: list[memoryview]) -> None:
+        fk = _flow_key(hdr)
+        if hdr.op == Op.RST:
+            self.flows.pop(fk, None)
+        else:
+            self.flows[fk] = hdr.type
+        self.stats["relayed"] += 1
+        data = b"".join(payload) if hdr.len else None
+        if data is not None and dst.queued_bytes + len(data) > MAX_RELAY_BYTES:
+            self.stats["relay_overflow"] += 1
+            log.warning("%s -> %s: relay queue full, resetting %s", src.name, dst.name,
+                        hdr.describe())
+            self.reset_flow(hdr)
+            return
+        self.send_to_vm(dst.name, hdr, data)
+
+    def on_rx_ready(self, dev: DeviceLike) -> None:
+        st = self.devs.get(dev.name)
+        if st is not None:
+            self.pump(st)
+
+    def on_device_reset(self, dev: DeviceLike, reason: str) -> None:
+        log.info("%s: device reset (%s): resetting its connections", dev.name, reason)
+        self.reset_vm(dev.name, notify_guest=False)
+
+    # --- towards a guest ------------------------------------------------------------------
+    def send_to_vm(self, name: str, hdr: Header, data: bytes | None = None) -> None:
+        """Queue a packet for a guest (control, or relay data) and deliver what fits now."""
+        st = self.devs.get(name)
+        if st is None:
+            return
+        if self.faults.rules:
+            rule = self.faults.check("rx", name, hdr)
+            if rule is not None:
+                self.stats[f"fault_{rule.action}"] += 1
+                if rule.action == "drop":
+                    return
+                if rule.action == "rst":
+                    self.reset_flow(hdr)
+                    return
+                if rule.action == "delay":
+                    self.loop.call_later(rule.delay, self._enqueue, st, hdr, data)
+                    return
+        self._enqueue(st, hdr, data)
+
+    def _enqueue(self, st: DevState, hdr: Header, data: bytes | None) -> None:
+        if data is None:
+            if st.queued_ctrl >= MAX_CONTROL_QUEUE:
+                self.stats["control_dropped"] += 1
+                return
+            st.queued_ctrl += 1
+        else:
+            st.queued_bytes += len(data)
+        st.queue.append((hdr, data))
+        self.pump(st)
+
+    def want_rx(self, name: str, conn: Connection) -> None:
+        st = self.devs.get(name)
+        if st is None:
+            return
+        st.ready[conn] = None
+        self.pump(st)
+
+    def forget(self, name: str, conn: Connection) -> None:
+        st = self.devs.get(name)
+        if st is not None:
+            st.ready.pop(conn, None)
+
+    def pump(self, st: DevState) -> None:
+        """Fill the guest's rx buffers: queued packets first (order!), then host sockets."""
+        if st.pumping:
+            return                               # the outer pump picks new work up
+        st.pumping = True
+        pushed = 0
+        dev = st.dev
+        try:
+            while True:
+                if st.queue:
+                    buf = dev.rx_pop()
+                    if buf is None:
+                        break
+                    pushed += self._deliver_queued(st, buf)
+                    continue
+                if not st.ready:
+                    break
+                conn = next(iter(st.ready))
+                del st.ready[conn]
+                buf = dev.rx_pop()
+                if buf is None:
+                    st.ready[conn] = None
+                    break
+                try:
+                    hdr = conn.fill(buf)
+                except Exception:
+                    log.exception("%r: fill failed", conn)
+                    hdr = None
+                    conn.reset("internal error")
+                if hdr is None:
+                    dev.rx_cancel(buf)
+                    continue
+                pushed += self._deliver(st, buf, hdr, hdr.len)
+        except Exception:
+            log.exception("%s: rx pump failed", st.name)
+            self.stats["errors"] += 1
+        finally:
+            st.pumping = False
+            if pushed:
+                try:
+                    dev.flush()
+                except Exception:
+                    log.exception("%s: flush failed", st.name)
+
+    def _deliver_queued(self, st: DevState, buf: Any) -> int:
+        hdr, data = st.queue[0]
+        if data is None:
+            st.queue.popleft()
+            st.queued_ctrl -= 1
+            return self._deliver(st, buf, hdr, 0)
+        n = min(len(data), buf.capacity)
+        if n <= 0:
+            st.dev.rx_cancel(buf)
+            self.stats["rx_buffer_too_small"] += 1
+            st.queue.popleft()
+            st.queued_bytes -= len(data)
+            return 0
+        copy_into(buf.payload, memoryview(data)[:n])
+        if n < len(data):                       # split: EOM/EOR belong to the last piece
+            piece = hdr.copy(len=n, flags=hdr.flags & ~(SEQ_EOM | SEQ_EOR)
+                             if hdr.type == Type.SEQPACKET else hdr.flags)
+            st.queue[0] = (hdr.copy(len=len(data) - n), data[n:])
+            self.stats["split"] += 1
+        else:
+            piece = hdr
+            st.queue.popleft()
+        st.queued_bytes -= n
+        return self._deliver(st, buf, piece, n)
+
+    def _deliver(self, st: DevState, buf: Any, hdr: Header, n: int) -> int:
+        if self.capture is not None:
+            self.capture(hdr, trim_views(buf.payload, n) if n else [])
+        st.dev.rx_push(buf, hdr.pack(), n)
+        self.stats["rx_packets"] += 1
+        self.stats["rx_bytes"] += n
+        return 1
+
+    # --- resets ---------------------------------------------------------------------------
+    def reset_flow(self, hdr: Header) -> None:
+        """Reset the connection a packet belongs to, on both ends."""
+        if VMADDR_CID_HOST in (hdr.src_cid, hdr.dst_cid) and self.hybrid is not None:
+            host_port, guest = ((hdr.src_port, (hdr.dst_cid, hdr.dst_port))
+                                if hdr.src_cid == VMADDR_CID_HOST
+                                else (hdr.dst_port, (hdr.src_cid, hdr.src_port)))
+            if self.hybrid.reset_key((VMADDR_CID_HOST, host_port, *guest)):
+                return
+        self.flows.pop(_flow_key(hdr), None)
+        for cid, rst in ((hdr.src_cid, rst_for(hdr)), (hdr.dst_cid, hdr.copy(op=Op.RST, len=0))):
+            st = self.by_cid.get(cid)
+            if st is not None:
+                rst.buf_alloc = rst.fwd_cnt = rst.flags = 0
+                self._enqueue(st, rst, None)
+
+    def reset_vm(self, name: str, notify_guest: bool) -> int:
+        """RST every connection of one VM: its host connections and its VM<->VM flows."""
+        st = self.devs.get(name)
+        if st is None:
+            raise KeyError(name)
+        n = self.hybrid.reset_vm(name, notify_guest) if self.hybrid is not None else 0
+        if not notify_guest:
+            st.queue.clear()
+            st.queued_bytes = st.queued_ctrl = 0
+            st.ready.clear()
+        for fk in [k for k in self.flows if st.cid in (k[0], k[2])]:
+            typ = self.flows.pop(fk)
+            a, b = (fk[0], fk[1]), (fk[2], fk[3])
+            mine, peer = (a, b) if a[0] == st.cid else (b, a)
+            n += 1
+            pst = self.by_cid.get(peer[0])
+            if pst is not None:
+                self._enqueue(pst, Header(mine[0], peer[0], mine[1], peer[1], 0, typ,
+                                          Op.RST), None)
+            if notify_guest:
+                self._enqueue(st, Header(peer[0], mine[0], peer[1], mine[1], 0, typ,
+                                         Op.RST), None)
+        self.stats["vm_resets"] += 1
+        return n
+
+    def snapshot(self) -> dict:
+        vms = {}
+        for st in self.devs.values():
+            vms[st.name] = {"cid": st.cid, "group": st.group,
+                            "broken": getattr(st.dev, "broken", None),
+                            "queued_packets": len(st.queue), "queued_bytes": st.queued_bytes,
+                            "waiting_conns": len(st.ready)}
+        out: dict[str, Any] = {"stats": dict(self.stats), "vms": vms, "flows": len(self.flows),
+                               "faults": [vars(r) for r in self.faults.rules]}
+        if self.hybrid is not None:
+            out["hybrid"] = self.hybrid.snapshot()
+        return out
