@@ -10,23 +10,19 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import re
-import shlex
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
+from vmlab.endpoints import Endpoint, errno_name
+from vmlab.guest import GuestHelperError, GuestProcess, connect_argv, listen_argv
 from vmlab.scenario import (
-    VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_PORT_ANY, ExpectStep, GuestConnectStep, GuestListenStep,
-    HostConnectStep, HostListenStep, QmpStep, RunStep, SleepStep, Step, WaitForStep, FaultStep,
+    VMADDR_PORT_ANY, ExpectStep, FaultStep, GuestConnectStep, GuestListenStep, HostConnectStep,
+    HostListenStep, QmpStep, RunStep, SleepStep, Step, WaitForStep,
 )
-
-GUEST_HELPER = "/bin/vmlab-guest"
-POLL_INTERVAL = 0.25
-TERMINAL_EVENTS = ("received", "closed", "error", "exited")
 
 
 class StepFailed(AssertionError):
@@ -46,116 +42,6 @@ class StepResult:
     @property
     def status(self) -> str:
         return "SKIP" if self.skipped else ("PASS" if self.ok else "FAIL")
-
-
-# -- endpoints ------------------------------------------------------------------------------
-
-@dataclass
-class Endpoint:
-    """One vsock endpoint opened by a step and everything it saw."""
-
-    id: str
-    kind: str                       # host_listen | host_connect | guest_listen | guest_connect
-    vm: str | None
-    sent_pattern_bytes: int | None = None
-    events: list[dict] = field(default_factory=list)
-    finished: bool = False
-    _cond: threading.Condition = field(default_factory=threading.Condition, repr=False)
-
-    def record(self, event: dict) -> None:
-        with self._cond:
-            self.events.append(event)
-            if event.get("event") in ("error", "exited"):
-                self.finished = True
-            self._cond.notify_all()
-
-    def finish(self) -> None:
-        with self._cond:
-            self.finished = True
-            self._cond.notify_all()
-
-    def refresh(self) -> None:
-        """Pull new events (guest endpoints read them over the console; host ones are live)."""
-
-    def received_data(self) -> str:
-        return "".join(e.get("data", "") for e in self.events if e.get("event") == "message")
-
-    def messages(self) -> list[str]:
-        return [e.get("data", "") for e in self.events if e.get("event") == "message"]
-
-    def received_bytes(self) -> int | None:
-        done = [e for e in self.events if e.get("event") == "received"]
-        return int(done[-1]["bytes"]) if done else None
-
-    def sha256(self) -> str | None:
-        done = [e for e in self.events if e.get("event") == "received"]
-        return done[-1].get("sha256") if done else None
-
-    def errors(self) -> list[str]:
-        return [e.get("errno_name") or _errno_name(e.get("errno")) for e in self.events if e.get("event") == "error"]
-
-    def has(self, name: str) -> bool:
-        return any(e.get("event") == name for e in self.events)
-
-    def summary(self) -> str:
-        parts = []
-        for e in self.events[-6:]:
-            kind = e.get("event")
-            if kind == "message":
-                parts.append(f"message {e.get('data', '')!r}")
-            elif kind == "received":
-                parts.append(f"received {e.get('bytes')} bytes sha256={str(e.get('sha256'))[:16]}")
-            elif kind == "error":
-                parts.append(f"error {e.get('op')}: {e.get('errno_name') or _errno_name(e.get('errno'))} {e.get('error', '')}")
-            else:
-                parts.append(str(kind))
-        return "; ".join(parts) or "no events yet"
-
-
-def _errno_name(num: Any) -> str:
-    try:
-        return errno.errorcode.get(int(num), str(num))
-    except (TypeError, ValueError):
-        return str(num)
-
-
-class GuestEndpoint(Endpoint):
-    """The guest helper running in the background inside a VM, logging JSON lines to a file."""
-
-    def __init__(self, id: str, kind: str, vm, log_path: str) -> None:
-        super().__init__(id=id, kind=kind, vm=vm.name)
-        self.handle = vm
-        self.log_path = log_path
-        self.pid: int | None = None
-
-    def start(self, argv: list[str]) -> None:
-        cmd = " ".join(shlex.quote(a) for a in argv)
-        rc, out = self.handle.run(f"{cmd} >{self.log_path} 2>&1 & echo PID=$!")
-        match = re.search(r"PID=(\d+)", out)
-        if rc != 0 or not match:
-            raise StepFailed(f"{self.vm}: could not start `{cmd}`: exit {rc}: {out.strip()}")
-        self.pid = int(match.group(1))
-
-    def refresh(self) -> None:
-        if self.finished:
-            return
-        rc, out = self.handle.run(f"cat {self.log_path}; kill -0 {self.pid} 2>/dev/null || echo '<<EXITED>>'")
-        events = []
-        for line in out.splitlines():
-            line = line.strip()
-            if line.startswith("{"):
-                try:
-                    events.append(json.loads(line))
-                except ValueError:
-                    events.append({"event": "garbled", "line": line})
-            elif line and line != "<<EXITED>>":
-                events.append({"event": "output", "line": line})
-        with self._cond:
-            self.events = events
-            if "<<EXITED>>" in out:
-                self.events.append({"event": "exited"})
-                self.finished = True
-            self._cond.notify_all()
 
 
 # -- the runner -------------------------------------------------------------------------------
@@ -199,7 +85,7 @@ class StepRunner:
             detail = getattr(self, f"_do_{step.action}")(step, step.params) or ""
             self._check_kernels()
             ok = True
-        except (StepFailed, AssertionError) as exc:
+        except (StepFailed, AssertionError, GuestHelperError) as exc:
             ok, detail = False, str(exc)
         except Exception as exc:  # noqa: BLE001 - a broken step is a failed step, with its reason
             ok, detail = False, f"{type(exc).__name__}: {exc}"
@@ -234,11 +120,11 @@ class StepRunner:
             if time.monotonic() > deadline:
                 seen = f" (seen: {ep.summary()})" if ep is not None else ""
                 raise StepFailed(f"timed out after {timeout:g}s waiting for {what}{seen}")
-            if ep is not None and not isinstance(ep, GuestEndpoint):
-                with ep._cond:
-                    ep._cond.wait(min(POLL_INTERVAL, max(0.0, deadline - time.monotonic())))
+            remaining = max(0.0, deadline - time.monotonic())
+            if ep is not None:
+                ep.wait_change(min(0.25, remaining))
             else:
-                time.sleep(POLL_INTERVAL)
+                time.sleep(min(0.25, remaining))
 
     # -- plain steps ---------------------------------------------------------------------
     def _do_sleep(self, step: Step, p: SleepStep) -> str:
@@ -312,37 +198,19 @@ class StepRunner:
     # -- vsock endpoints -----------------------------------------------------------------
     def _do_guest_listen(self, step: Step, p: GuestListenStep) -> str:
         vm = self.lab.vm(p.vm)
-        argv = [GUEST_HELPER, "listen", _port_arg(p.port)]
-        argv += ["--cid", "any" if p.cid == VMADDR_CID_ANY else str(p.cid)]
-        argv += _type_args(p.type)
-        if p.once:
-            argv.append("--once")
-        if p.echo:
-            argv.append("--echo")
-        if p.chunk or p.id in self._wants_messages:
-            argv += ["--chunk", str(p.chunk or 65536)]
-        if p.expect_bytes is not None:
-            argv += ["--expect-bytes", str(p.expect_bytes)]
-        ep = self._add(GuestEndpoint(p.id, "guest_listen", vm, f"/tmp/vmlab-ep-{p.id}.jsonl"))
-        ep.start(argv)
-        self._wait(f"{p.id} to listen", lambda: ep.has("listening") or ep.finished, step.timeout, ep)
-        if not ep.has("listening"):
-            raise StepFailed(f"{p.id}: guest listener failed: {ep.summary()}")
+        chunk = p.chunk or (65536 if p.id in self._wants_messages else None)
+        ep = self._add(GuestProcess(p.id, "guest_listen", vm))
+        ep.start(listen_argv(p.port, cid=p.cid, type=p.type, once=p.once, echo=p.echo, chunk=chunk,
+                             expect_bytes=p.expect_bytes))
+        ep.wait_for("listening", step.timeout)
         return f"listening on {p.vm} port {p.port if p.port != VMADDR_PORT_ANY else 'any'}"
 
     def _do_guest_connect(self, step: Step, p: GuestConnectStep) -> str:
         vm = self.lab.vm(p.vm)
-        cid = self._resolve_cid(p.cid)
-        argv = [GUEST_HELPER, "connect", str(cid), _port_arg(p.port), *_type_args(p.type)]
-        argv += _send_args(p.send, p.send_bytes, p.send_file)
-        if p.recv:
-            argv.append("--recv")
-        if p.recv_bytes is not None:
-            argv += ["--recv-bytes", str(p.recv_bytes)]
-        argv += ["--timeout", str(int(max(1, step.timeout)))]
-        ep = self._add(GuestEndpoint(p.id, "guest_connect", vm, f"/tmp/vmlab-ep-{p.id}.jsonl"))
-        ep.sent_pattern_bytes = p.send_bytes
-        ep.start(argv)
+        ep = self._add(GuestProcess(p.id, "guest_connect", vm))
+        ep.start(connect_argv(self._resolve_cid(p.cid), p.port, type=p.type, send=p.send,
+                              send_bytes=p.send_bytes, send_file=p.send_file, recv=p.recv,
+                              recv_bytes=p.recv_bytes, timeout=step.timeout))
         if step.background:
             return "started in the background"
         self._wait(f"{p.id} to finish", lambda: ep.finished, step.timeout, ep)
@@ -361,7 +229,7 @@ class StepRunner:
 
     def _do_host_connect(self, step: Step, p: HostConnectStep) -> str:
         vm = self.lab.vm(p.vm)
-        ep = self._add(Endpoint(p.id, "host_connect", p.vm, sent_pattern_bytes=p.send_bytes))
+        ep = self._add(Endpoint(p.id, "host_connect", p.vm))
         thread = threading.Thread(target=_connect, args=(self.lab, vm, ep, p, step.timeout),
                                   name=f"host-connect-{p.id}", daemon=True)
         thread.start()
@@ -426,29 +294,11 @@ class StepRunner:
         return got.lower() == p.sha256.lower()
 
 
-def _port_arg(port: int) -> str:
-    return "any" if port == VMADDR_PORT_ANY else str(port)
-
-
-def _type_args(sock_type: str) -> list[str]:
-    return ["--seqpacket"] if sock_type == "seqpacket" else []
-
-
-def _send_args(send: str | None, send_bytes: int | None, send_file: Any) -> list[str]:
-    if send is not None:
-        return ["--send", send]
-    if send_bytes is not None:
-        return ["--send-bytes", str(send_bytes)]
-    if send_file is not None:
-        return ["--send-file", str(send_file)]
-    return []
-
-
 # -- host endpoint workers (threads) -------------------------------------------------------
 
 def _oserror_event(op: str, exc: OSError) -> dict:
     num = exc.errno if exc.errno is not None else (errno.ECONNRESET if isinstance(exc, ConnectionResetError) else 0)
-    return {"event": "error", "op": op, "errno": num, "errno_name": _errno_name(num), "error": str(exc)}
+    return {"event": "error", "op": op, "errno": num, "errno_name": errno_name(num), "error": str(exc)}
 
 
 def _pump(conn, ep: Endpoint, chunk: int, echo: bool, limit: int | None = None) -> None:

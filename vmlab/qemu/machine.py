@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import subprocess
-import time
 from pathlib import Path
 
 from vmlab import proc

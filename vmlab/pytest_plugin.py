@@ -1,0 +1,276 @@
+"""pytest plugin (entry point `pytest11`): labs of real QEMU guests as fixtures.
+
+Fixtures
+  lab            a started Lab for the test (function scope); scenario from @pytest.mark.vmlab
+  module_lab     one Lab shared by a module (scenario: module attribute VMLAB_SCENARIO or default)
+  session_lab    one Lab shared by the whole session (fixture `vmlab_session_scenario`)
+  vm             the first VM of `lab`
+  vmlab_lab_factory  make_lab(scenario_or_path_or_vms, **options) -> started Lab, closed after the test
+  vsock_listen   listen(port, vm=None, type="stream") -> host listener, either transport
+  vsock_connect  connect(vm, port, type="stream") -> host connection, either transport
+  guest          guest(vm) -> GuestHelper (the in-guest vmlab-guest helper)
+
+Marker
+  @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., memory_mib=...)
+
+Options
+  --vmlab-transport, --vmlab-kernel, --vmlab-accel, --vmlab-keep-on-failure, --vmlab-artifacts DIR
+On failure the console tails, QMP events and backend log are attached to the report, and the full
+logs are copied to the artifacts directory.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import pytest
+
+from vmlab.lab import Lab, LabOptions
+from vmlab.proc import log_tail
+from vmlab.scenario import Scenario, VmSpec, load_scenario
+
+_LABS_KEY = pytest.StashKey[list]()
+_REPORTS_KEY = pytest.StashKey[dict]()
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("vmlab", "vmlab: VM labs for AF_VSOCK tests")
+    group.addoption("--vmlab-transport", choices=("auto", "vhost", "vhost-user"), default=None,
+                    help="vsock transport for every lab (default: each scenario's, usually auto)")
+    group.addoption("--vmlab-kernel", default=None, help="guest kernel (vmlinuz) for labs that do not pin one")
+    group.addoption("--vmlab-accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
+    group.addoption("--vmlab-keep-on-failure", action="store_true",
+                    help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")
+    group.addoption("--vmlab-artifacts", default=None, metavar="DIR",
+                    help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "vmlab(scenario=None, vms=None, **options): lab for the `lab` fixture")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    item.stash.setdefault(_REPORTS_KEY, {})[report.when] = report
+    if report.failed and report.when in ("setup", "call"):
+        for lab in item.stash.get(_LABS_KEY, []):
+            for title, text in lab_log_sections(lab):
+                report.sections.append((title, text))
+
+
+def lab_log_sections(lab: Lab) -> list[tuple[str, str]]:
+    """Tails of each VM's console and QMP log and of the backend log, for a failure report."""
+    sections = []
+    if lab.runtime is None:
+        return sections
+    for vm in lab.vms:
+        cfg = vm.machine.config
+        sections.append((f"vmlab {vm.name} console", log_tail(Path(cfg.console_log), 60)))
+        sections.append((f"vmlab {vm.name} qmp", log_tail(vm.machine.qmp_log, 20)))
+        qemu = log_tail(vm.machine.qemu_log, 20)
+        if qemu.strip():
+            sections.append((f"vmlab {vm.name} qemu", qemu))
+    backend = lab.run_dir / "backend.log"
+    if backend.exists():
+        sections.append(("vmlab backend", log_tail(backend, 40)))
+    return [(t, s) for t, s in sections if s.strip()]
+
+
+def _test_failed(item: pytest.Item) -> bool:
+    reports = item.stash.get(_REPORTS_KEY, {})
+    return any(r.failed for r in reports.values())
+
+
+def _safe_name(nodeid: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
+
+
+def _options(config: pytest.Config, artifacts_sub: str, **overrides: Any) -> LabOptions:
+    artifacts = config.getoption("vmlab_artifacts")
+    opts = LabOptions(transport=config.getoption("vmlab_transport"), kernel=config.getoption("vmlab_kernel"),
+                      accel=config.getoption("vmlab_accel"),
+                      artifacts_dir=Path(artifacts) / artifacts_sub if artifacts else None,
+                      keep_artifacts="on-failure")
+    for key, value in overrides.items():
+        if not hasattr(opts, key):
+            raise pytest.UsageError(f"vmlab: unknown lab option {key!r}")
+        setattr(opts, key, value)
+    return opts
+
+
+def to_scenario(spec: Any = None, *, vms: Any = None, transport: str = "auto", name: str = "pytest",
+                base: Path | None = None) -> Scenario:
+    """A Scenario from a path, a Scenario, a VM count, or a list of VmSpec / dicts."""
+    if isinstance(spec, Scenario):
+        return spec
+    if isinstance(spec, (str, Path)):
+        path = Path(spec)
+        if not path.is_absolute() and base is not None and (base / path).exists():
+            path = base / path
+        return load_scenario(path)
+    vms = spec if vms is None else vms
+    if vms is None:
+        vms = 1
+    if isinstance(vms, int):
+        vms = [VmSpec(name=f"vm{i}") for i in range(vms)]
+    specs = [vm if isinstance(vm, VmSpec) else VmSpec(**vm) for vm in vms]
+    return Scenario.inline(vms=specs, transport=transport, name=name)
+
+
+def _wait_for_user(config: pytest.Config, lab: Lab, test: str) -> None:
+    """--vmlab-keep-on-failure: leave the failed lab up until the user presses Enter."""
+    capture = config.pluginmanager.getplugin("capturemanager")
+    if not sys.stdin or not sys.stdin.isatty():
+        sys.stderr.write(f"\nvmlab: {test} failed; --vmlab-keep-on-failure needs a terminal, tearing down\n")
+        return
+    lab.release_consoles()
+    with capture.global_and_fixture_disabled() if capture else _null():
+        print(f"\n\nvmlab: {test} failed; lab {lab.lab_id} is kept up:")
+        for vm in lab.vms:
+            print(f"  {vm.name}: cid {vm.cid}; vmlab console {vm.name} --lab {lab.lab_id}; qmp {vm.machine.config.qmp_socket}")
+        input("press Enter to tear it down ")
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _LabFactory:
+    """Starts labs for one fixture scope and owns their teardown."""
+
+    def __init__(self, config: pytest.Config, artifacts_sub: str, base: Path | None) -> None:
+        self.config = config
+        self.artifacts_sub = artifacts_sub
+        self.base = base
+        self.labs: list[Lab] = []
+
+    def __call__(self, spec: Any = None, *, vms: Any = None, transport: str | None = None, **options: Any) -> Lab:
+        scenario = to_scenario(spec, vms=vms, transport=transport or "auto", base=self.base)
+        if transport and not options.get("transport"):
+            options["transport"] = transport if transport != "auto" else None
+        suffix = f"-{len(self.labs)}" if self.labs else ""
+        lab = Lab(scenario, _options(self.config, self.artifacts_sub + suffix, **options))
+        self.labs.append(lab)
+        lab.start()  # a lab that fails to start is still in self.labs, so close() tears it down
+        return lab
+
+    def close(self, failed: bool, test: str = "") -> None:
+        for lab in self.labs:
+            if failed:
+                lab.failed = True
+                if self.config.getoption("vmlab_keep_on_failure"):
+                    _wait_for_user(self.config, lab, test)
+            lab.close()
+        self.labs.clear()
+
+
+def _node_base(node: Any) -> Path | None:
+    path = getattr(node, "path", None)
+    return Path(path).parent if path else None
+
+
+@pytest.fixture
+def vmlab_lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
+    """make_lab(scenario path | Scenario | n_vms | [VmSpec/dict], **LabOptions) -> a started Lab."""
+    factory = _LabFactory(request.config, _safe_name(request.node.nodeid), _node_base(request.node))
+    request.node.stash[_LABS_KEY] = factory.labs  # so failure reports can attach these labs' logs
+    yield factory
+    factory.close(_test_failed(request.node), request.node.nodeid)
+
+
+@pytest.fixture
+def lab(vmlab_lab_factory: Callable[..., Lab], request: pytest.FixtureRequest) -> Lab:
+    """A lab for this test, from @pytest.mark.vmlab(...) or a single default VM."""
+    marker = request.node.get_closest_marker("vmlab")
+    kwargs = dict(marker.kwargs) if marker else {}
+    args = marker.args if marker else ()
+    scenario = kwargs.pop("scenario", args[0] if args else None)
+    vms = kwargs.pop("vms", None)
+    return vmlab_lab_factory(scenario, vms=vms, **kwargs)
+
+
+@pytest.fixture
+def vm(lab: Lab):
+    """The first VM of `lab`."""
+    return lab.vms[0]
+
+
+@pytest.fixture(scope="module")
+def module_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """One lab for the whole module: scenario from the module's VMLAB_SCENARIO (path, count or VMs)."""
+    spec = getattr(request.module, "VMLAB_SCENARIO", None)
+    options = getattr(request.module, "VMLAB_OPTIONS", {})
+    factory = _LabFactory(request.config, _safe_name(request.module.__name__), _node_base(request.node))
+    lab = factory(spec, **options)
+    yield lab
+    factory.close(request.session.testsfailed > 0, request.module.__name__)
+
+
+@pytest.fixture(scope="session")
+def vmlab_session_scenario() -> Any:
+    """Override in a conftest to choose the session lab's scenario (path, count, or VMs)."""
+    return 1
+
+
+@pytest.fixture(scope="session")
+def session_lab(request: pytest.FixtureRequest, vmlab_session_scenario: Any) -> Iterator[Lab]:
+    """One lab for the whole session (boot once, test many times)."""
+    factory = _LabFactory(request.config, "session", Path(str(request.config.rootpath)))
+    lab = factory(vmlab_session_scenario)
+    yield lab
+    factory.close(request.session.testsfailed > 0, "session")
+
+
+@pytest.fixture
+def vsock_listen(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """listen(lab_or_vm, port, type="stream") -> a host listener reachable from the VM(s)."""
+    from vmlab.vsock.host import host_listen
+
+    opened: list[Any] = []
+
+    def listen(target: Any, port: int, type: str = "stream", **kwargs: Any):
+        vms = target.vms if isinstance(target, Lab) else [target]
+        listener = host_listen(port, vms=[v.endpoint() for v in vms if v.transport], type=type, **kwargs)
+        opened.append(listener)
+        return listener
+
+    yield listen
+    for listener in opened:
+        listener.close()
+
+
+@pytest.fixture
+def vsock_connect(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]:
+    """connect(vm, port, type="stream", timeout=10) -> a host connection to a guest listener."""
+    from vmlab.vsock.host import host_connect
+
+    opened: list[Any] = []
+
+    def connect(target_vm: Any, port: int, type: str = "stream", timeout: float = 10.0):
+        conn = host_connect(target_vm.cid, port, endpoint=target_vm.endpoint(), type=type, timeout=timeout)
+        opened.append(conn)
+        return conn
+
+    yield connect
+    for conn in opened:
+        try:
+            conn.close()
+        except OSError:
+            pass
+
+
+@pytest.fixture
+def guest() -> Callable[[Any], Any]:
+    """guest(vm) -> GuestHelper: run the in-guest vmlab-guest helper (listen/connect/info)."""
+    from vmlab.guest import GuestHelper
+
+    return GuestHelper
