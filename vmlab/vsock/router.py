@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
@@ -57,10 +59,14 @@ class FaultRule:
     port: int | None = None           # src_port or dst_port
     count: int | None = None          # matches left; None = forever
     delay: float = 0.0
+    probability: float = 1.0
+    until: float | None = None        # time.monotonic() deadline; None = forever
     hits: int = 0
 
     def matches(self, direction: str, vm: str, hdr: Header) -> bool:
         if self.count is not None and self.count <= 0:
+            return False
+        if self.until is not None and time.monotonic() > self.until:
             return False
         if self.direction != "both" and self.direction != direction:
             return False
@@ -70,7 +76,7 @@ class FaultRule:
             return False
         if self.port is not None and self.port not in (hdr.src_port, hdr.dst_port):
             return False
-        return True
+        return self.probability >= 1.0 or random.random() < self.probability
 
 
 @dataclass
@@ -88,7 +94,9 @@ class FaultInjector:
 
     @staticmethod
     def parse(req: dict) -> FaultRule:
-        action = req.get("action")
+        """A rule from a control request: {"action"|"kind": drop|delay|rst, "vm", "direction",
+        "op", "port", "count", "delay" (s) | "delay_ms", "probability", "duration" (s)}."""
+        action = req.get("action", req.get("kind"))
         if action not in ("drop", "delay", "rst"):
             raise ValueError(f"unknown fault action {action!r}")
         op = req.get("op")
@@ -97,9 +105,15 @@ class FaultInjector:
         direction = req.get("direction", req.get("dir", "both"))
         if direction not in ("tx", "rx", "both"):
             raise ValueError(f"bad direction {direction!r}")
+        delay = req.get("delay")
+        if delay is None:
+            delay = (req.get("delay_ms") or 0) / 1000.0
+        duration = req.get("duration")
+        prob = req.get("probability")
         return FaultRule(action=action, vm=req.get("vm"), direction=direction, op=op,
-                         port=req.get("port"), count=req.get("count"),
-                         delay=float(req.get("delay", 0.0)))
+                         port=req.get("port"), count=req.get("count"), delay=float(delay),
+                         probability=1.0 if prob is None else float(prob),
+                         until=None if duration is None else time.monotonic() + float(duration))
 
 
 # --- per-device state -----------------------------------------------------------------------

@@ -1,0 +1,271 @@
+"""Routing logic with in-process fake devices (in-memory rx buffers) and real Unix sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from pathlib import Path
+
+import pytest
+
+from vmlab.vsock.hybrid import Hybrid
+from vmlab.vsock.packet import (
+    SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, Header, Op, Type,
+)
+from vmlab.vsock.router import FaultInjector, Router
+
+
+class FakeBuf:
+    def __init__(self, cap: int) -> None:
+        self.mem = bytearray(cap)
+        self.capacity = cap
+        self.payload = [memoryview(self.mem)[:cap // 2], memoryview(self.mem)[cap // 2:]]
+
+
+class FakeDevice:
+    """The VsockDevice surface the router uses, with a list of guest rx buffers."""
+
+    seqpacket = True
+    broken = None
+
+    def __init__(self, name: str, cid: int, nbufs: int = 64, cap: int = 4096) -> None:
+        self.name, self.cid, self.cap = name, cid, cap
+        self.free = [FakeBuf(cap) for _ in range(nbufs)]
+        self.got: list[tuple[Header, bytes]] = []
+        self.flushes = 0
+
+    def rx_pop(self):
+        return self.free.pop(0) if self.free else None
+
+    def rx_push(self, buf, header: bytes, n: int) -> None:
+        assert n <= buf.capacity
+        self.got.append((Header.unpack_from(header), bytes(buf.mem[:n])))
+
+    def rx_cancel(self, buf) -> None:
+        self.free.insert(0, buf)
+
+    def flush(self) -> None:
+        self.flushes += 1
+
+    def give(self, n: int, router: Router) -> None:
+        self.free += [FakeBuf(self.cap) for _ in range(n)]
+        router.on_rx_ready(self)
+
+    def take(self) -> list[tuple[Header, bytes]]:
+        got, self.got = self.got, []
+        return got
+
+
+@pytest.fixture
+def lab(tmp_path: Path):
+    loop = asyncio.new_event_loop()
+    router = Router(loop)
+    hybrid = Hybrid(loop, router, close_timeout=0.2, connect_timeout=2)
+    router.hybrid = hybrid
+    a, b, c = FakeDevice("a", 3), FakeDevice("b", 4), FakeDevice("c", 5)
+    for dev, group in ((a, "g"), (b, "g"), (c, "other")):
+        router.add_device(dev, group)
+        hybrid.add_vm(dev.name, dev.cid, str(tmp_path / f"{dev.name}.vsock"))
+    yield loop, router, a, b, c, tmp_path
+    hybrid.close()
+    loop.close()
+    left = [p.name for p in tmp_path.iterdir() if not p.name[-1].isdigit()]
+    assert left == []                   # every listener the backend made is unlinked
+
+
+def spin(loop, cond=lambda: False, timeout: float = 3.0) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        loop.run_until_complete(asyncio.sleep(0.005))
+        if cond():
+            return
+
+
+def tx(router, dev, op, src_port, dst_cid, dst_port, data=b"", typ=Type.STREAM, flags=0,
+       buf_alloc=65536, fwd_cnt=0, src_cid=None):
+    h = Header(dev.cid if src_cid is None else src_cid, dst_cid, src_port, dst_port, len(data),
+               typ, op, flags, buf_alloc, fwd_cnt)
+    router.on_tx_packet(dev, h.pack(), [memoryview(bytearray(data))] if data else [])
+
+
+def test_spoofed_packet_is_dropped_and_counted(lab) -> None:
+    loop, router, a, b, c, _ = lab
+    tx(router, a, Op.REQUEST, 1000, 4, 80, src_cid=4)      # a pretends to be b
+    tx(router, a, Op.REQUEST, 1000, 2, 80, src_cid=99)
+    assert router.stats["spoofed"] == 2
+    assert a.got == [] and b.got == []
+    assert router.stats["tx_packets"] == 0
+
+
+def test_request_to_host_port_nobody_listens_on_gets_rst(lab) -> None:
+    loop, router, a, *_ = lab
+    tx(router, a, Op.REQUEST, 1000, 2, 7777)
+    (h, _), = a.take()
+    assert (h.op, h.src_cid, h.src_port, h.dst_cid, h.dst_port) == (Op.RST, 2, 7777, 3, 1000)
+
+
+def test_unknown_cid_and_other_group_get_rst_but_rst_gets_nothing(lab) -> None:
+    loop, router, a, b, c, _ = lab
+    tx(router, a, Op.REQUEST, 1000, 42, 80)
+    tx(router, a, Op.REQUEST, 1001, 5, 80)                 # c is in another group
+    tx(router, a, Op.RST, 1002, 42, 80)
+    got = a.take()
+    assert [(h.op, h.src_cid, h.dst_port) for h, _ in got] == [(Op.RST, 42, 1000), (Op.RST, 5, 1001)]
+    assert c.got == [] and router.stats["unroutable"] == 3
+
+
+def test_liar_length_is_dropped(lab) -> None:
+    loop, router, a, b, *_ = lab
+    h = Header(3, 4, 1, 2, 100, Type.STREAM, Op.RW)
+    router.on_tx_packet(a, h.pack(), [memoryview(b"short")])
+    assert router.stats["malformed"] == 1 and b.got == []
+
+
+def test_vm_to_vm_relay_splits_to_rx_buffers_and_keeps_eom(lab) -> None:
+    loop, router, a, b, *_ = lab
+    tx(router, a, Op.REQUEST, 1000, 4, 80, typ=Type.SEQPACKET)
+    data = bytes(i % 251 for i in range(10000))
+    tx(router, a, Op.RW, 1000, 4, 80, data, typ=Type.SEQPACKET, flags=SEQ_EOM | SEQ_EOR)
+    got = b.take()
+    assert got[0][0].op == Op.REQUEST and got[0][0].src_cid == 3
+    pieces = got[1:]
+    assert [h.len for h, _ in pieces] == [4096, 4096, 1808]
+    assert [h.flags for h, _ in pieces] == [0, 0, SEQ_EOM | SEQ_EOR]
+    assert b"".join(d for _, d in pieces) == data
+    assert router.stats["relayed"] == 2
+
+
+def test_relay_waits_for_rx_buffers_then_delivers_in_order(lab) -> None:
+    loop, router, a, b, *_ = lab
+    b.free.clear()
+    tx(router, a, Op.REQUEST, 1000, 4, 80)
+    tx(router, a, Op.RW, 1000, 4, 80, b"one")
+    tx(router, a, Op.RW, 1000, 4, 80, b"two")
+    assert b.got == []
+    b.give(2, router)
+    assert [h.op for h, _ in b.take()] == [Op.REQUEST, Op.RW]
+    b.give(5, router)
+    assert [d for _, d in b.take()] == [b"two"]
+
+
+def test_reset_vm_rsts_its_vm_peers(lab) -> None:
+    loop, router, a, b, *_ = lab
+    tx(router, a, Op.REQUEST, 1000, 4, 80)
+    tx(router, b, Op.RESPONSE, 80, 3, 1000)
+    b.take(); a.take()
+    router.on_device_reset(a, "test")
+    (h, _), = b.take()
+    assert (h.op, h.src_cid, h.src_port, h.dst_port) == (Op.RST, 3, 1000, 80)
+    assert router.flows == {}
+
+
+def test_guest_to_host_stream_with_credit(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_9999"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1025, 2, 9999, buf_alloc=10000)
+    (h, _), = a.take()
+    assert h.op == Op.RESPONSE and h.buf_alloc > 0
+    host, _ = srv.accept()
+    tx(router, a, Op.RW, 1025, 2, 9999, b"Hello, world!", buf_alloc=10000)
+    assert host.recv(100) == b"Hello, world!"
+    host.sendall(b"x" * 30000)
+    spin(loop, lambda: sum(h.len for h, _ in a.got) >= 10000)
+    got = a.take()
+    rw = [h for h, _ in got if h.op == Op.RW]
+    assert sum(h.len for h in rw) == 10000                # exactly the guest's credit
+    assert all(h.len <= a.cap for h in rw)
+    assert got[-1][0].op == Op.CREDIT_REQUEST
+    tx(router, a, Op.CREDIT_UPDATE, 1025, 2, 9999, buf_alloc=10000, fwd_cnt=10000)
+    spin(loop, lambda: sum(h.len for h, _ in a.got) >= 10000)
+    assert sum(h.len for h, _ in a.take() if h.op == Op.RW) == 10000
+    host.close()
+    tx(router, a, Op.CREDIT_UPDATE, 1025, 2, 9999, buf_alloc=1 << 20, fwd_cnt=20000)
+    spin(loop, lambda: any(h.op == Op.SHUTDOWN for h, _ in a.got))
+    got = a.take()
+    assert sum(h.len for h, _ in got if h.op == Op.RW) == 10000
+    assert got[-1][0].op == Op.SHUTDOWN and got[-1][0].flags == SHUTDOWN_BOTH
+    tx(router, a, Op.RST, 1025, 2, 9999)
+    assert router.hybrid.conns == {}
+    srv.close()
+
+
+def test_guest_stalls_without_rx_buffers_and_host_data_waits(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_5"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1025, 2, 5)
+    host, _ = srv.accept()
+    a.take()
+    a.free.clear()
+    host.sendall(bytes(range(256)) * 100)
+    spin(loop, timeout=0.2)
+    assert a.got == []
+    for _ in range(20):
+        a.give(2, router)
+        spin(loop, timeout=0.02)
+    assert b"".join(d for _, d in a.take()) == bytes(range(256)) * 100
+    host.close(); srv.close()
+
+
+def test_host_connect_handshake_and_refusal(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    h = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    h.connect(str(tmp / "a.vsock"))
+    h.sendall(b"CONNECT 5000\nearly data")
+    spin(loop, lambda: bool(a.got))
+    (req, _), = a.take()
+    assert (req.op, req.src_cid, req.dst_cid, req.dst_port) == (Op.REQUEST, 2, 3, 5000)
+    tx(router, a, Op.RESPONSE, 5000, 2, req.src_port)
+    h.settimeout(3)
+    assert h.recv(100) == f"OK {req.src_port}\n".encode()
+    spin(loop, lambda: any(x.op == Op.RW for x, _ in a.got))
+    assert [d for x, d in a.take() if x.op == Op.RW] == [b"early data"]
+    h.close()
+
+    r = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    r.connect(str(tmp / "a.vsock"))
+    r.sendall(b"CONNECT 6000\n")
+    spin(loop, lambda: bool(a.got))
+    (req, _), = [x for x in a.take() if x[0].op == Op.REQUEST]
+    tx(router, a, Op.RST, 6000, 2, req.src_port)
+    r.settimeout(3)
+    assert r.recv(100) == b""                            # closed without OK
+    r.close()
+
+    for bad in (b"HELLO\n", b"CONNECT x\n", b"C" * 100):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(tmp / "a.vsock"))
+        s.sendall(bad)
+        s.settimeout(3)
+        spin(loop, timeout=0.05)
+        try:
+            assert s.recv(10) == b""
+        except ConnectionResetError:       # closed with our bytes unread: also a refusal
+            pass
+        s.close()
+    assert router.stats["handshake_rejected"] == 3
+
+
+def test_fault_drop_and_transport_reset(lab) -> None:
+    loop, router, a, b, *_ = lab
+    router.faults.rules.append(FaultInjector.parse({"kind": "drop", "vm": "a", "direction": "tx",
+                                                    "count": 1}))
+    tx(router, a, Op.REQUEST, 1000, 4, 80)
+    assert b.got == [] and router.stats["fault_drop"] == 1
+    tx(router, a, Op.REQUEST, 1000, 4, 80)
+    assert [h.op for h, _ in b.take()] == [Op.REQUEST]
+    router.reset_vm("a", notify_guest=True)
+    assert [h.op for h, _ in b.take()] == [Op.RST]
+    assert [h.op for h, _ in a.take()] == [Op.RST]
+
+
+def test_capture_hook_sees_both_directions(lab) -> None:
+    loop, router, a, *_ = lab
+    seen = []
+    router.capture = lambda h, p: seen.append((h.op, h.src_cid))
+    tx(router, a, Op.REQUEST, 1000, 2, 7777)
+    assert seen == [(Op.REQUEST, 3), (Op.RST, 2)]
