@@ -191,7 +191,7 @@ class CidAllocator:
             pass
         return fd
 
-    def _try_lease(self, cid: int, owner: str) -> tuple:
+    def _try_lease(self, cid: int, owner: str) -> tuple[Optional[CidLease], Optional[str]]:
         """(lease, None) or (None, holder description)."""
         path = self.lock_dir / f"{cid}.lock"
         fd = self._open_lock(cid)
@@ -227,9 +227,9 @@ class CidAllocator:
         starting low keeps CIDs readable and the number of lock files small."""
         return iter(range(self.first, min(self.last, self.first + MAX_SCAN - 1) + 1))
 
-    def allocate(self, count: int = 1, owner: str = "") -> list:
+    def allocate(self, count: int = 1, owner: str = "") -> list[CidLease]:
         """`count` free CIDs; all or nothing."""
-        leases: list = []
+        leases: list[CidLease] = []
         try:
             for cid in self._candidates():
                 if len(leases) == count:

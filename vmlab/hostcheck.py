@@ -94,9 +94,9 @@ class HostReport:
     kvm: Check
     vhost_vsock: Check
     vhost_user_vsock_device: Check
-    transports: list
+    transports: list[str]
     accel: str
-    checks: list
+    checks: list[Check]
     accel_notice: Optional[str] = None
     transport: Optional[str] = None  # what "auto" resolves to, None if nothing works
     transport_notice: Optional[str] = None
@@ -141,7 +141,7 @@ def qemu_version(path: str) -> Optional[str]:
 
 
 @functools.lru_cache(maxsize=8)
-def _qemu_devices(path: str) -> frozenset:
+def _qemu_devices(path: str) -> frozenset[str]:
     try:
         out = subprocess.run([path, "-device", "help"], capture_output=True, text=True,
                              timeout=20, stdin=subprocess.DEVNULL).stdout
@@ -158,7 +158,7 @@ def qemu_has_device(path: str, device: str) -> bool:
 # --- KVM ----------------------------------------------------------------------
 
 
-def cpu_virt_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
+def cpu_virt_flags(cpuinfo: str = "/proc/cpuinfo") -> set[str]:
     """The hardware virtualisation flags ({'vmx'} / {'svm'}) the CPU advertises."""
     try:
         text = Path(cpuinfo).read_text()
@@ -168,11 +168,11 @@ def cpu_virt_flags(cpuinfo: str = "/proc/cpuinfo") -> set:
     return set(m.group(1).split()) & {"vmx", "svm"} if m else set()
 
 
-def _loaded_modules(names: tuple) -> list:
+def _loaded_modules(names: tuple[str, ...]) -> list[str]:
     return [n for n in names if Path("/sys/module", n).exists()]
 
 
-def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe") -> tuple:
+def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe") -> tuple[bool, str]:
     """(ok, reason): start qemu with `-accel kvm -M none` and ask QMP `query-kvm`.
 
     Catches qemu builds without KVM and hosts where qemu's KVM init fails or
@@ -237,7 +237,7 @@ def kvm_usable(qemu_path: Optional[str] = None, probe_qemu: bool = True,
     return Check(name, True, f"{KVM_DEV} usable (API {api}, {'/'.join(sorted(flags)) or '+'.join(vendor)})")
 
 
-def choose_accel(requested: str = "auto", qemu_path: Optional[str] = None) -> tuple:
+def choose_accel(requested: str = "auto", qemu_path: Optional[str] = None) -> tuple[str, Optional[str]]:
     """("kvm"|"tcg", notice or None). An explicit "kvm" that cannot work raises."""
     if requested == "tcg":
         return "tcg", None
@@ -298,7 +298,7 @@ def vhost_user_usable(qemu_path: Optional[str] = None) -> Check:
     return Check(name, True, "qemu has vhost-user-vsock-pci; memfd available")
 
 
-def resolve_transport(requested: str, qemu_path: Optional[str] = None) -> tuple:
+def resolve_transport(requested: str, qemu_path: Optional[str] = None) -> tuple[str, Optional[str]]:
     """("vhost"|"vhost-user", notice or None). An explicit choice that cannot work raises.
 
     qemu's device list is only checked when `qemu_path` is given."""
@@ -421,7 +421,7 @@ def check_cid_locks() -> Check:
         return Check("cid_locks", False, f"no usable CID lock dir: {e}", "set VMLAB_CID_LOCK_DIR")
 
 
-def _image_check(image_status: Callable[[], dict]) -> tuple:
+def _image_check(image_status: Callable[[], dict]) -> tuple[Check, Optional[dict]]:
     """Turn vmlab.image.image_status()'s dict ("problems", "kernel_version", ...) into a Check."""
     try:
         status = dict(image_status())
