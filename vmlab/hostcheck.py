@@ -211,6 +211,14 @@ def kvm_usable(qemu_path: Optional[str] = None, probe_qemu: bool = True,
         api = fcntl.ioctl(fd, KVM_GET_API_VERSION)
         if api != KVM_API_VERSION:
             return Check(name, False, f"KVM_GET_API_VERSION returned {api}, expected {KVM_API_VERSION}")
+        flags = cpu_virt_flags()
+        vendor = _loaded_modules(("kvm_intel", "kvm_amd"))
+        if not flags and not vendor:  # checked before any VM is created: nothing to hang on
+            other = _loaded_modules(("kvm_pvm",))
+            via = f"; KVM is provided by {other[0]}, which cannot run ordinary guest kernels" if other else ""
+            return Check(name, False,
+                         f"CPU advertises neither vmx nor svm and kvm_intel/kvm_amd is not loaded{via}",
+                         "enable (nested) hardware virtualisation, or run under TCG (slower)")
         caps = {c: fcntl.ioctl(fd, KVM_CHECK_EXTENSION, c) for c in (KVM_CAP_IRQCHIP, KVM_CAP_USER_MEMORY)}
         if not all(v > 0 for v in caps.values()):
             return Check(name, False, "KVM lacks basic capabilities (IRQCHIP/USER_MEMORY)")
@@ -221,13 +229,6 @@ def kvm_usable(qemu_path: Optional[str] = None, probe_qemu: bool = True,
                      "check dmesg; another hypervisor may own VMX/SVM")
     finally:
         os.close(fd)
-    flags = cpu_virt_flags()
-    vendor = _loaded_modules(("kvm_intel", "kvm_amd"))
-    if not flags and not vendor:
-        other = _loaded_modules(("kvm_pvm",))
-        via = f"; KVM is provided by {other[0]}, which cannot run ordinary guest kernels" if other else ""
-        return Check(name, False, f"CPU advertises neither vmx nor svm and kvm_intel/kvm_amd is not loaded{via}",
-                     "enable (nested) hardware virtualisation, or run under TCG (slower)")
     if probe_qemu:
         qemu_path = qemu_path or find_qemu()
         if qemu_path:

@@ -59,6 +59,17 @@ def test_kvm_usable_is_honest_about_this_host():
         assert check.hint
 
 
+def test_kvm_usable_later_steps_with_hw_virt_assumed(tmp_path, monkeypatch):
+    """Pretend the CPU has vmx, so the KVM_CREATE_VM and qemu probe steps run here too."""
+    if not _kvm_ioctls_work():
+        pytest.skip("/dev/kvm does not create VMs for this user")
+    monkeypatch.setattr(hc, "cpu_virt_flags", lambda: {"vmx"})
+    assert hc.kvm_usable(probe_qemu=False) == hc.Check("kvm", True, "/dev/kvm usable (API 12, vmx)")
+    hang = _script(tmp_path, "qemu-hang", "exec sleep 30\n")
+    check = hc.kvm_usable(qemu_path=hang, probe_timeout=0.5)
+    assert not check.ok and check.detail == "qemu -accel kvm probe hung for 0.5s"
+
+
 def test_choose_accel_follows_kvm_check():
     assert hc.choose_accel("tcg") == ("tcg", None)
     with pytest.raises(ValueError):
