@@ -62,15 +62,25 @@ class Location:
         return f"{self.file}:{self.line}:{self.column}" if self.line > 0 else self.file
 
 
-class ScenarioError(Exception):
-    """All problems of one scenario at once, sorted by position; str() lists one per line."""
+def sort_problems(problems: Sequence[Problem]) -> list[Problem]:
+    """Duplicates dropped, then in file order (stable for problems without a position)."""
+    unique: list[Problem] = []
+    for p in problems:
+        if p not in unique:
+            unique.append(p)
+    return sorted(unique, key=lambda p: (p.file, p.line, p.column))
 
-    def __init__(self, problems: Sequence[Problem]) -> None:
-        unique: list[Problem] = []
-        for p in problems:
-            if p not in unique:
-                unique.append(p)
-        self.problems: list[Problem] = sorted(unique, key=lambda p: (p.file, p.line, p.column))
+
+class ScenarioError(Exception):
+    """All problems of one scenario at once, sorted by position; str() lists one per line.
+
+    `warnings` carries what validation would have put in `Scenario.warnings`, so a caller can
+    still show them next to the errors.
+    """
+
+    def __init__(self, problems: Sequence[Problem], warnings: Sequence[Problem] = ()) -> None:
+        self.problems: list[Problem] = sort_problems(problems)
+        self.warnings: list[Problem] = sort_problems(warnings)
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
@@ -153,6 +163,10 @@ class RunStep:
     expect_regex: str | None = None  # re.search
     location: Location | None = _meta()
     where: Where = _where()
+
+    def __post_init__(self) -> None:
+        if self.expect_exit == "any":
+            self.expect_exit = None
 
 
 @dataclass

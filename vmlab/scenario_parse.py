@@ -29,6 +29,7 @@ from vmlab.scenario_model import (
     Step,
     VmSpec,
     Where,
+    sort_problems,
 )
 from vmlab.scenario_validate import check, describe, suggest
 from vmlab.scenario_yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
@@ -340,9 +341,9 @@ def parse_scenario(text: str, filename: str = "<string>", base_dir: Path | None 
     if not filename.startswith("<"):
         scenario.source = Path(os.path.abspath(filename))
     problems, warnings = check(scenario)
-    scenario.warnings = sorted(set(warnings), key=lambda p: (p.line, p.column, p.message))
+    scenario.warnings = sort_problems(warnings)
     if parser.problems or problems:
-        raise ScenarioError(parser.problems + problems)
+        raise ScenarioError(parser.problems + problems, warnings)
     return scenario
 
 

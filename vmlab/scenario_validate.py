@@ -20,7 +20,6 @@ from vmlab.scenario_model import (
     BACKGROUND_ACTIONS,
     DGRAM_ERROR,
     ENDPOINT_ACTIONS,
-    FIRST_GUEST_CID,
     LISTEN_ACTIONS,
     MIN_MEMORY_MIB,
     PRIVILEGED_PORT_LIMIT,
@@ -39,6 +38,7 @@ from vmlab.scenario_model import (
     Step,
     VmSpec,
     Where,
+    sort_problems,
 )
 
 VM_NAME_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,31}")
@@ -131,6 +131,13 @@ class _Checker:
 
     def warn(self, obj: Any, fld: str | None, ctx: str, message: str) -> None:
         self.warnings.append(self.at(obj, fld).problem(self._prefix(obj, fld, ctx) + message))
+
+    def ref(self, loc: Location, before: str) -> str:
+        """' (first defined at line 6)'-style pointer to another place; '' when it has no position."""
+        if loc.line <= 0:
+            return ""
+        where = f"line {loc.line}" if loc.file == self.file else str(loc)
+        return f" ({before} {where})"
 
     def skip(self, obj: Any, fld: str) -> bool:
         where: Where | None = getattr(obj, "where", None)
@@ -317,10 +324,10 @@ class _ScenarioChecks(_Checker):
                            "`cid:` fields); choose another VM name")
             elif vm.name in self.vms_by_name:
                 first = self.vms_by_name[vm.name]
-                self.error(vm, "name", ctx, f"name: duplicate VM name '{vm.name}' (first defined at "
-                           f"{self.at(first)})")
-            else:
-                self.vms_by_name[vm.name] = vm
+                self.error(vm, "name", ctx, f"name: duplicate VM name '{vm.name}'"
+                           + self.ref(self.at(first), "first defined at"))
+            if vm.name not in self.vms_by_name:
+                self.vms_by_name[vm.name] = vm  # even if invalid: references to it are not the problem
         if vm.cid is not None and self.typed(vm, "cid", ctx, is_int(vm.cid), "an integer CID (3 .. 0xFFFFFFFE)"):
             why = guest_cid_problem(vm.cid)
             if why:
@@ -329,7 +336,7 @@ class _ScenarioChecks(_Checker):
                 for other in self.s.vms[:i]:
                     if isinstance(other, VmSpec) and other.cid == vm.cid and is_int(other.cid):
                         self.error(vm, "cid", ctx, f"cid: CID {vm.cid} is already used by VM "
-                                   f"'{other.name}' ({self.at(other, 'cid')})")
+                                   f"'{other.name}'" + self.ref(self.at(other, "cid"), "at"))
                         break
         if self.int_field(vm, "memory_mib", ctx, 0, required=True) and vm.memory_mib < MIN_MEMORY_MIB:
             self.error(vm, "memory_mib", ctx, f"memory: {vm.memory_mib}M is too small; the minimum is "
@@ -442,7 +449,7 @@ class _ScenarioChecks(_Checker):
                        "'-'; at most 64)")
         if obj.id in self.ids:
             _, first = self.ids[obj.id]
-            self.error(obj, "id", ctx, f"id: duplicate id '{obj.id}' (first defined at {first})")
+            self.error(obj, "id", ctx, f"id: duplicate id '{obj.id}'" + self.ref(first, "first defined at"))
             return
         self.ids[obj.id] = (action, self.at(obj, "id"))
 
@@ -454,7 +461,7 @@ class _ScenarioChecks(_Checker):
             return self.ids[obj.id][0]
         later = self.pending_ids.get(obj.id)
         if later is not None:
-            self.error(obj, "id", ctx, f"id: '{obj.id}' is defined by a later step ({later}); "
+            self.error(obj, "id", ctx, f"id: '{obj.id}' is defined by a later step{self.ref(later, 'at')}; "
                        "it must be defined by an earlier step")
         else:
             self.error(obj, "id", ctx, f"id: unknown id '{obj.id}'; ids are defined by host_listen, "
@@ -539,6 +546,9 @@ class _ScenarioChecks(_Checker):
         elif not self.skip(p, "cid") and (not is_int(p.cid) or p.cid not in (VMADDR_CID_HOST, VMADDR_CID_ANY)):
             self.error(p, "cid", ctx, f"cid: a host listener binds host (2) or any (-1), got "
                        f"{describe(p.cid)}")
+        elif p.cid == VMADDR_CID_ANY and not self.skip(p, "cid"):
+            self.warn(p, "cid", ctx, "cid: binding VMADDR_CID_ANY on the host is known not to work "
+                      "everywhere (it reliably works inside VMs); cid: host (2) is the portable choice")
         self.sock_type(p, ctx)
         self.vm_ref(p, "vm", ctx, need_vsock=True, required=False)
         self.int_field(p, "chunk", ctx, 1, MAX_CHUNK, required=True)
@@ -625,7 +635,7 @@ class _ScenarioChecks(_Checker):
                        f"VM '{dst.name}' (transport {dst.transport}): VMs on different transports "
                        "do not see each other")
         elif "vhost" in transports:
-            self.error(p, "cid", ctx, f"cid: VM<->VM vsock does not work over the vhost transport "
+            self.error(p, "cid", ctx, "cid: VM<->VM vsock does not work over the vhost transport "
                        "(the kernel drops guest-to-guest packets); use transport: vhost-user, or set "
                        "expect_error to test the failure")
         elif "auto" in transports:
@@ -718,14 +728,6 @@ def check(scenario: Scenario) -> tuple[list[Problem], list[Problem]]:
 def validate(scenario: Scenario) -> None:
     """Check `scenario`, store its warnings in `scenario.warnings`, raise ScenarioError on problems."""
     problems, warnings = check(scenario)
-    scenario.warnings = _unique(warnings)
+    scenario.warnings = sort_problems(warnings)
     if problems:
-        raise ScenarioError(problems)
-
-
-def _unique(items: list[Problem]) -> list[Problem]:
-    out: list[Problem] = []
-    for p in items:
-        if p not in out:
-            out.append(p)
-    return out
+        raise ScenarioError(problems, warnings)

@@ -121,7 +121,7 @@ def test_defaults_and_conversions(tmp_path: Path) -> None:
             transport: auto
             vsock: false
         steps:
-          - host_listen: {id: s, port: any, cid: any}
+          - host_listen: {id: s, port: any, cid: -1}
           - sleep: 0.5
     """)
     a, b = s.vms
@@ -369,6 +369,17 @@ def test_bad_memory_in_defaults_is_reported_once_at_defaults(tmp_path: Path) -> 
     assert len([q for q in errors(tmp_path / "s.yaml") if "too small" in q.message]) == 1
 
 
+def test_bad_cpus_in_defaults_is_reported_once(tmp_path: Path) -> None:
+    p = expect_error(tmp_path, f"defaults: {{cpus: 0}}  {MARK}\n" + VMS, "cpus: 0 is out of range")
+    assert p.message.startswith("defaults: ")
+    assert len(errors(tmp_path / "s.yaml")) == 1
+
+
+def test_invalid_vm_name_does_not_cascade_into_unknown_vm(tmp_path: Path) -> None:
+    path = write(tmp_path, "vms: [{name: Big}]\nsteps:\n  - run: {vm: Big, command: 'true'}\n")
+    assert [p.line for p in errors(path)] == [1]
+
+
 def test_missing_kernel(tmp_path: Path) -> None:
     p = expect_error(tmp_path, f"vms:\n  - name: a\n    kernel: boot/vmlinuz  {MARK}\n", "does not exist")
     assert str(tmp_path / "boot" / "vmlinuz") in p.message
@@ -519,6 +530,16 @@ def test_seqpacket_accepted(tmp_path: Path) -> None:
 ])
 def test_bad_connect_port(tmp_path: Path, port: str, fragment: str) -> None:
     expect_error(tmp_path, steps(f"  - host_connect: {{id: c, vm: a, port: {port}}}  {MARK}\n"), fragment)
+
+
+def test_expect_exit_any(tmp_path: Path) -> None:
+    s = load_ok(tmp_path, steps("  - run: {vm: a, command: 'false', expect_exit: any}\n"))
+    assert s.steps[0].params.expect_exit is None
+
+
+def test_host_listen_on_cid_any_warns(tmp_path: Path) -> None:
+    s = load_ok(tmp_path, steps("  - host_listen: {id: s, port: 5000, cid: any}\n"))
+    assert len(s.warnings) == 1 and "cid: host (2) is the portable choice" in s.warnings[0].message
 
 
 def test_listener_port_any_forms(tmp_path: Path) -> None:
