@@ -1,0 +1,170 @@
+"""`BackendProcess`: the lab's handle on one backend process (spawn, READY, control, stop).
+
+The child gets its own session (Ctrl-C in a terminal reaches only vmlab, which then stops it
+in order) and PR_SET_PDEATHSIG=SIGKILL, so even a ``kill -9`` of vmlab does not leave a
+backend behind. Note: the death signal follows the *thread* that spawned the child, so call
+start() from a thread that lives as long as the lab (the main thread in vmlab).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import os
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+PR_SET_PDEATHSIG = 1
+
+
+class BackendError(RuntimeError):
+    """The backend did not come up (or died); the message carries the log tail."""
+
+
+def _tail(path: Path, lines: int = 30) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no backend log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(backend log is empty)"
+
+
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGKILL us when the parent goes away (and if it already has, exit now)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+class BackendProcess:
+    def __init__(self, config: dict, run_dir: Path) -> None:
+        self.run_dir = Path(run_dir)
+        self.config = dict(config)
+        self.config.setdefault("log", str(self.run_dir / "backend.log"))
+        self.config.setdefault("control", str(self.run_dir / "backend.ctl"))
+        self.log_path = Path(self.config["log"])
+        self.control_path = Path(self.config["control"])
+        self.config_path = self.run_dir / "backend.json"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
+
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def start(self, timeout: float = 10) -> None:
+        """Spawn the backend and wait for its READY line; raise BackendError with the log tail."""
+        if self.proc is not None:
+            raise BackendError("backend already started")
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.config_path.write_text(json.dumps(self.config, indent=2))
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        errlog = open(self.log_path, "ab")     # tracebacks and config errors land in the log
+        parent = os.getpid()
+        env = dict(os.environ)
+        pkg_root = str(Path(__file__).resolve().parents[2])
+        env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
+                                        if env.get("PYTHONPATH") else "")
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
+                start_new_session=True, preexec_fn=lambda: _die_with_parent(parent),
+                close_fds=True, env=env)
+        finally:
+            errlog.close()
+        assert self.proc.stdout is not None
+        deadline = time.monotonic() + timeout
+        out = b""
+        fd = self.proc.stdout.fileno()
+        while b"\n" not in out:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self._fail(f"backend not READY after {timeout:.0f}s")
+            r, _, _ = select.select([fd], [], [], min(left, 0.2))
+            if r:
+                chunk = os.read(fd, 4096)
+                if not chunk:
+                    self._fail(f"backend exited with {self.proc.wait()} before READY")
+                out += chunk
+            elif self.proc.poll() is not None:
+                self._fail(f"backend exited with {self.proc.returncode} before READY")
+        if out.split(b"\n", 1)[0].strip() != b"READY":
+            self._fail(f"backend said {out[:200]!r} instead of READY")
+        # the backend writes nothing more to stdout; closing our end is harmless
+        self.proc.stdout.close()
+
+    def _fail(self, why: str) -> None:
+        self._kill()
+        raise BackendError(f"{why}\n--- {self.log_path} (tail) ---\n{_tail(self.log_path)}")
+
+    def _kill(self) -> None:
+        p = self.proc
+        if p is not None and p.poll() is None:
+            p.kill()
+            p.wait()
+        if p is not None and p.stdout is not None and not p.stdout.closed:
+            p.stdout.close()
+
+    def stop(self, timeout: float = 10) -> None:
+        """SIGTERM (the backend resets connections and unlinks its sockets), then SIGKILL."""
+        p = self.proc
+        if p is None:
+            return
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        self._kill()
+        self._cleanup_sockets()
+
+    def _cleanup_sockets(self) -> None:
+        """Backstop for a backend that had to be killed: remove what it would have unlinked."""
+        paths = [self.control_path]
+        for vm in self.config.get("vms", []):
+            paths += [Path(vm["socket"]), Path(vm["uds_path"]),
+                      Path(vm["uds_path"] + "_seqpacket")]
+        for p in paths:
+            try:
+                if p.is_socket():
+                    p.unlink()
+            except OSError:
+                pass
+
+    def control(self, request: dict, timeout: float = 10) -> dict[str, Any]:
+        """One JSON request over the control socket; returns the JSON reply."""
+        if not self.running():
+            raise BackendError(f"backend is not running\n{_tail(self.log_path)}")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(self.control_path))
+            s.sendall(json.dumps(request).encode() + b"\n")
+            buf = b""
+            while not buf.endswith(b"\n"):
+                chunk = s.recv(65536)
+                if not chunk:
+                    raise BackendError("backend closed the control socket without a reply")
+                buf += chunk
+        return json.loads(buf)
+
+    def __enter__(self) -> "BackendProcess":
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
