@@ -404,7 +404,7 @@ class _ScenarioChecks(_Checker):
             self.problems.append(Location(self.file).problem(f"{ctx}expected a Step, got {describe(step)}"))
             return
         action = step.action
-        if action not in ACTION_TYPES:
+        if not isinstance(action, str) or action not in ACTION_TYPES:
             self.error(step, None, ctx, f"unknown action '{action}'; expected one of "
                        f"{', '.join(ACTIONS)}{suggest(action, ACTIONS)}")
             return
