@@ -771,3 +771,18 @@ def test_inline_wrong_params_type() -> None:
 def test_problem_str() -> None:
     assert str(Problem("f.yaml", 3, 7, "bad")) == "f.yaml:3:7: bad"
     assert str(Problem("<inline>", 0, 0, "bad")) == "<inline>: bad"
+
+
+def test_docs_step_examples_validate() -> None:
+    """Every one-line step example in docs/scenarios.md is valid (the docs cannot drift)."""
+    import re
+
+    doc = (REPO / "docs" / "scenarios.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", doc, re.S)
+    examples = [line for block in blocks for line in block.splitlines() if line.startswith("- ")]
+    assert len(examples) >= 15
+    text = ("transport: vhost-user\nvms: [{name: a, cid: 3}, {name: b}, {name: guest}]\nsteps:\n"
+            + "".join(f"  {line}\n" for line in examples))
+    s = parse_scenario(text, filename="<docs>")
+    assert len(s.steps) == len(examples) and s.warnings == []
+    assert parse_scenario(blocks[0], filename="<docs>").name == "hello"
