@@ -2,7 +2,8 @@
 
 This is the public face; the work is split into small modules:
 `scenario_yaml` (safe YAML with line numbers), `scenario_model` (dataclasses, constants),
-`scenario_parse` (YAML -> dataclasses) and `scenario_validate` (every semantic rule).
+`scenario_parse` (YAML -> dataclasses), `scenario_checker` (field-level checks) and
+`scenario_validate` (every semantic rule).
 The format is documented in docs/scenarios.md.
 """
 
@@ -38,7 +39,7 @@ from vmlab.scenario_model import (
     WaitForStep,
 )
 from vmlab.scenario_parse import load_scenario, parse_memory, parse_scenario
-from vmlab.scenario_validate import validate
+from vmlab.scenario_validate import connect_cid_problem, guest_cid_problem, validate
 
 __all__ = [
     "ACTION_TYPES", "ACTIONS", "DGRAM_ERROR", "SOCKET_TYPES", "TRANSPORTS",
@@ -47,5 +48,6 @@ __all__ = [
     "ExpectStep", "FaultStep", "GuestConnectStep", "GuestListenStep", "HostConnectStep",
     "HostListenStep", "Location", "Problem", "QmpStep", "RunStep", "Scenario", "ScenarioError",
     "SleepStep", "Step", "StepParams", "VmSpec", "WaitForStep",
-    "load_scenario", "parse_memory", "parse_scenario", "validate",
+    "connect_cid_problem", "guest_cid_problem", "load_scenario", "parse_memory", "parse_scenario",
+    "validate",
 ]

@@ -31,7 +31,8 @@ from vmlab.scenario_model import (
     Where,
     sort_problems,
 )
-from vmlab.scenario_validate import check, describe, suggest
+from vmlab.scenario_checker import describe, suggest
+from vmlab.scenario_validate import check
 from vmlab.scenario_yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
 
 TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "vms", "steps")
