@@ -1,0 +1,588 @@
+"""One VM's virtio-vsock device: a vhost-user frontend (QEMU) plus rx/tx split virtqueues.
+
+Turns tx chains into (header, payload views) for the router and hands out rx buffers; see
+docs/architecture.md "Device <-> router interface". Everything the guest controls is checked
+in virtqueue.py/memory.py; a violation marks the device broken (the router is told once) and
+the device ignores its rings until the guest re-initialises it. Nothing here raises into the
+event loop.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import stat
+import struct
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from .memory import GuestMemoryError
+from .vhost_user import (VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX,
+                         VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_VSOCK_F_SEQPACKET, VhostUserSession)
+from .virtqueue import DescChain, Virtqueue, VirtqueueError
+
+log = logging.getLogger("vmlab.vsock.device")
+
+HDR_LEN = 44
+RX, TX = 0, 1
+TX_BATCH = 256                          # chains per loop iteration before yielding to other VMs
+
+
+class DeviceHandler(Protocol):
+    """Implemented by the router (see docs/architecture.md)."""
+
+    def on_tx_packet(self, dev: "VsockDevice", header: bytes, payload: list[memoryview]) -> None: ...
+    def on_rx_ready(self, dev: "VsockDevice") -> None: ...
+    def on_device_reset(self, dev: "VsockDevice", reason: str) -> None: ...
+
+
+@dataclass(eq=False)
+class RxBuffer:
+    """A guest rx buffer: 44 header bytes (maybe split) and `payload` views after them."""
+
+    capacity: int
+    payload: list[memoryview]
+    head: int = 0
+    header: list[memoryview] = field(default_factory=list)
+    epoch: int = 0
+    seq: int = 0
+    views: list[memoryview] = field(default_factory=list)   # everything to release
+
+    def release(self) -> None:
+        for view in self.payload:
+            view.release()
+        for view in self.header:
+            view.release()
+        for view in self.views:
+            view.release()
+        self.payload = []
+        self.header = []
+        self.views = []
+        self.capacity = 0
+
+
+def _split_header(chain: DescChain) -> RxBuffer:
+    """First 44 writable bytes are the header (they may span descriptors), the rest payload."""
+    views = chain.writable
+    first = views[0]
+    if len(first) >= HDR_LEN:
+        header = [first[:HDR_LEN]]
+        payload = ([first[HDR_LEN:]] if len(first) > HDR_LEN else []) + views[1:]
+    else:
+        header, payload, need = [], [], HDR_LEN
+        for view in views:
+            if need == 0:
+                payload.append(view)
+            elif len(view) <= need:
+                header.append(view)
+                need -= len(view)
+            else:
+                header.append(view[:need])
+                payload.append(view[need:])
+                need = 0
+    return RxBuffer(capacity=chain.write_len - HDR_LEN, payload=payload, head=chain.head,
+                    header=header, views=list(views))
+
+
+class VsockDevice:
+    """One VM's vsock device behind a vhost-user socket (one frontend at a time)."""
+
+    def __init__(self, name: str, cid: int, socket_path: str,
+                 loop: asyncio.AbstractEventLoop, handler: DeviceHandler) -> None:
+        self.name = name
+        self.cid = cid
+        self.socket_path = str(socket_path)
+        self.loop = loop
+        self.handler = handler
+        self.broken: str | None = None
+        self.stats: dict[str, int] = dict(tx_packets=0, rx_packets=0, tx_bytes=0, rx_bytes=0,
+                                          kicks=0, interrupts=0, errors=0)
+        self._listener: socket.socket | None = None
+        self._session: VhostUserSession | None = None
+        self._queues: list[Virtqueue | None] = [None, None]
+        self._sigs: list[tuple | None] = [None, None]
+        self._kick_fds: list[int | None] = [None, None]
+        self._saved_base: list[int | None] = [None, None]
+        self._remap: list[bool] = [False, False]
+        self._up = False                    # rings ran since the last incident
+        self._reset_seen = True             # a reset happened since the device broke
+        self._epoch = 0                     # bumps invalidate outstanding rx buffers
+        self._rx_seq = 0
+        self._rx_last_ring_pop: int | None = None
+        self._rx_out: dict[int, RxBuffer] = {}
+        self._rx_free: list[RxBuffer] = []
+        self._flush_scheduled = False
+        self._tx_scheduled = False
+
+    # -- public API -------------------------------------------------------------------
+    @property
+    def seqpacket(self) -> bool:
+        """VIRTIO_VSOCK_F_SEQPACKET negotiated by the current frontend."""
+        s = self._session
+        return s is not None and s.has_feature(VIRTIO_VSOCK_F_SEQPACKET)
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    def start(self) -> None:
+        """Bind and listen on socket_path (a stale socket file is replaced)."""
+        path = self.socket_path
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.bind(path)
+            sock.listen(1)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        self._listener = sock
+        self.loop.add_reader(sock.fileno(), self._on_accept)
+        log.info("%s: listening on %s (cid %d)", self.name, path, self.cid)
+
+    def close(self) -> None:
+        """Drop the frontend, unmap memory, stop listening and unlink socket_path."""
+        if self._session is not None:
+            self._drop_frontend("device closed")
+        if self._listener is not None:
+            self.loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            try:
+                os.unlink(self.socket_path)
+            except FileNotFoundError:
+                pass
+
+    def rx_pop(self) -> RxBuffer | None:
+        """Next free guest rx buffer; None -> wait for on_rx_ready."""
+        q = self._queues[RX]
+        if q is None or self.broken:
+            return None
+        if self._rx_free:
+            buf = self._rx_free.pop()
+            self._rx_out[buf.seq] = buf
+            return buf
+        try:
+            chain = q.pop()
+            if chain is None:
+                if not q.enable_notification():
+                    return None
+                chain = q.pop()
+                if chain is None:
+                    return None
+            if chain.readable:
+                chain.release()
+                raise VirtqueueError(f"{q.name}: rx chain with device-readable descriptors")
+            if chain.write_len < HDR_LEN:
+                chain.release()
+                raise VirtqueueError(f"{q.name}: rx buffer of {chain.write_len} bytes < header")
+        except VirtqueueError as exc:
+            self._fault(str(exc))
+            return None
+        buf = _split_header(chain)
+        self._rx_seq += 1
+        buf.seq = self._rx_last_ring_pop = self._rx_seq
+        buf.epoch = self._epoch
+        self._rx_out[buf.seq] = buf
+        return buf
+
+    def rx_push(self, buf: RxBuffer, header: bytes, payload_len: int) -> None:
+        """Publish a filled rx buffer: header written now, used len 44+payload_len."""
+        if len(header) != HDR_LEN:
+            raise ValueError(f"header must be {HDR_LEN} bytes, got {len(header)}")
+        if buf.epoch != self._epoch or self._rx_out.pop(buf.seq, None) is None:
+            log.debug("%s: rx_push of a stale buffer ignored", self.name)
+            return
+        if not 0 <= payload_len <= buf.capacity:
+            self._rx_out[buf.seq] = buf
+            raise ValueError(f"payload_len {payload_len} outside 0..{buf.capacity}")
+        q = self._queues[RX]
+        if q is None:
+            buf.release()
+            return
+        if len(buf.header) == 1:
+            buf.header[0][:] = header
+        else:
+            pos = 0
+            for view in buf.header:
+                view[:] = header[pos:pos + len(view)]
+                pos += len(view)
+        q.push(buf.head, HDR_LEN + payload_len)
+        buf.release()
+        self.stats["rx_packets"] += 1
+        self.stats["rx_bytes"] += payload_len
+        self._schedule_flush()
+
+    def rx_cancel(self, buf: RxBuffer) -> None:
+        """Give an unused buffer back; it is handed out again by the next rx_pop."""
+        if buf.epoch != self._epoch or self._rx_out.pop(buf.seq, None) is None:
+            return
+        q = self._queues[RX]
+        if q is None:
+            buf.release()
+            return
+        if buf.seq == self._rx_last_ring_pop:
+            q.unpop()                         # it is the newest chain taken from the ring
+            self._rx_last_ring_pop = None
+            buf.release()
+            return
+        self._rx_free.append(buf)
+
+    def flush(self) -> None:
+        """Publish used entries of both queues; at most one interrupt per queue."""
+        self._flush_scheduled = False
+        for q in self._queues:
+            if q is not None and q.pending:
+                try:
+                    if q.flush():
+                        self.stats["interrupts"] += 1
+                except VirtqueueError as exc:
+                    self._fault(str(exc))
+                    return
+
+    # -- frontend connection ----------------------------------------------------------
+    def _on_accept(self) -> None:
+        assert self._listener is not None
+        try:
+            conn, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: accept failed: %s", self.name, exc)
+            return
+        if self._session is not None:
+            log.warning("%s: second frontend refused (one is connected)", self.name)
+            conn.close()
+            return
+        log.info("%s: frontend connected", self.name)
+        self._session = VhostUserSession(conn, self, name=self.name)
+        self._reset_seen = True
+        self.loop.add_reader(conn.fileno(), self._on_frontend)
+
+    def _on_frontend(self) -> None:
+        session = self._session
+        if session is None:
+            return
+        try:
+            ok = session.on_readable()
+            reason = "frontend disconnected"
+        except Exception as exc:              # never raise into the loop
+            log.exception("%s: error handling frontend request", self.name)
+            ok, reason = False, f"frontend handling failed: {exc}"
+        if not ok and self._session is session:
+            self._drop_frontend(reason)
+
+    def _drop_frontend(self, reason: str) -> None:
+        session = self._session
+        assert session is not None
+        self.loop.remove_reader(session.sock.fileno())
+        self._stop_all(flush=False)
+        self._session = None
+        session.close()
+        self._saved_base = [None, None]
+        log.info("%s: %s", self.name, reason)
+        self._incident(reason)
+
+    # -- SessionListener --------------------------------------------------------------
+    def config_space(self) -> bytes:
+        return struct.pack("<Q", self.cid)
+
+    def before_memory_change(self) -> None:
+        for index, q in enumerate(self._queues):
+            if q is not None:
+                try:
+                    q.flush()
+                except VirtqueueError as exc:
+                    self._fault(str(exc))
+                if self._queues[index] is q:
+                    q.release()
+                    self._remap[index] = True
+
+    def session_reset(self, reason: str) -> None:
+        self._stop_all(flush=True)
+        self._saved_base = [None, None]
+        self._reset_seen = True
+        self._incident(reason)
+
+    def vring_stop(self, index: int) -> int:
+        session = self._session
+        assert session is not None
+        q = self._queues[index]
+        self._set_kick_reader(index, None)
+        if q is None:
+            base = self._saved_base[index]
+            base = session.vrings[index].base if base is None else base
+        else:
+            if index == RX:
+                self._return_rx_buffers(q)
+            try:
+                q.flush()
+            except VirtqueueError as exc:
+                log.warning("%s: flush on stop failed: %s", self.name, exc)
+            base = q.last_avail
+            self._drop_queue(index)
+        self._saved_base[index] = None
+        self._reset_seen = True
+        self._incident("rings stopped (guest reset or VM stopped)")
+        return base
+
+    def vring_changed(self, index: int) -> None:
+        try:
+            self._reconcile(index)
+        except VirtqueueError as exc:
+            self._fault(str(exc))
+
+    # -- ring management --------------------------------------------------------------
+    def _reconcile(self, index: int) -> None:
+        session = self._session
+        if session is None:
+            return
+        cfg = session.vrings[index]
+        self._set_kick_reader(index, cfg.kick_fd)
+        if self.broken:
+            if not self._reset_seen:
+                return                        # stay dead until the guest resets the device
+            log.info("%s: device re-initialised after fault", self.name)
+            self.broken = None
+        q = self._queues[index]
+        if not session.vring_runnable(index):
+            if q is not None:                 # disabled (or memory gone): pause the ring
+                if session.mem.mapped and not self._remap[index]:
+                    if index == RX:
+                        self._return_rx_buffers(q)
+                    q.flush()
+                self._saved_base[index] = q.last_avail
+                self._drop_queue(index)
+            return
+        assert cfg.addr is not None
+        sig = (cfg.num, cfg.addr.desc, cfg.addr.avail, cfg.addr.used,
+               session.has_feature(VIRTIO_RING_F_EVENT_IDX),
+               session.has_feature(VIRTIO_RING_F_INDIRECT_DESC),
+               session.has_feature(VIRTIO_F_NOTIFY_ON_EMPTY))
+        fresh = False
+        if q is not None and self._sigs[index] != sig:
+            try:
+                q.flush()
+            finally:
+                self._saved_base[index] = q.last_avail
+                self._drop_queue(index)
+                q = None
+        if q is None:
+            base = self._saved_base[index]
+            q = Virtqueue(session.mem, cfg.num, cfg.addr.desc, cfg.addr.avail, cfg.addr.used,
+                          event_idx=sig[4], indirect=sig[5], notify_on_empty=sig[6],
+                          next_avail=cfg.base if base is None else base,
+                          name=f"{self.name}.{'rx' if index == RX else 'tx'}")
+            self._queues[index] = q
+            self._sigs[index] = sig
+            self._saved_base[index] = None
+            self._remap[index] = False
+            fresh = True
+            log.debug("%s: %s running (size %d, avail %d, used %d)", self.name, q.name,
+                      q.size, q.last_avail, q.used_idx)
+        elif self._remap[index]:
+            q.remap(session.mem)
+            self._remap[index] = False
+        q.call_fd = cfg.call_fd
+        self._up = True
+        self._reset_seen = False
+        if fresh:
+            # Kicks sent before we got the kick fd are lost: look at the ring once now.
+            if index == TX:
+                self._schedule_tx()
+            else:
+                self.loop.call_soon(self._rx_ready)
+
+    def _drop_queue(self, index: int) -> None:
+        q = self._queues[index]
+        if q is None:
+            return
+        if index == RX:
+            self._invalidate_rx()
+        q.release()
+        self._queues[index] = None
+        self._sigs[index] = None
+
+    def _stop_all(self, flush: bool) -> None:
+        for index in (RX, TX):
+            self._set_kick_reader(index, None)
+            q = self._queues[index]
+            if q is not None and flush:
+                try:
+                    q.flush()
+                except VirtqueueError:
+                    pass
+            self._drop_queue(index)
+
+    def _set_kick_reader(self, index: int, fd: int | None) -> None:
+        old = self._kick_fds[index]
+        if old == fd:
+            return
+        if old is not None:
+            self.loop.remove_reader(old)
+        self._kick_fds[index] = fd
+        if fd is not None:
+            os.set_blocking(fd, False)
+            self.loop.add_reader(fd, self._on_kick, index)
+
+    def _return_rx_buffers(self, q: Virtqueue) -> None:
+        """Ring stops: hand popped-but-unused rx buffers back as empty (len 0) used entries."""
+        for buf in list(self._rx_out.values()) + self._rx_free:
+            try:
+                q.push(buf.head, 0)
+            except VirtqueueError:
+                pass
+        self._invalidate_rx()
+
+    def _invalidate_rx(self) -> None:
+        self._epoch += 1
+        for buf in list(self._rx_out.values()) + self._rx_free:
+            buf.release()
+        self._rx_out.clear()
+        self._rx_free.clear()
+        self._rx_last_ring_pop = None
+
+    # -- faults and incidents ---------------------------------------------------------
+    def _fault(self, reason: str) -> None:
+        """The guest broke the rules: stop using the rings until the device is reset."""
+        if self.broken:
+            return
+        self.broken = reason
+        self.stats["errors"] += 1
+        log.warning("%s: device broken: %s", self.name, reason)
+        for index in (RX, TX):
+            q = self._queues[index]
+            if q is not None:
+                self._saved_base[index] = q.last_avail
+                self._drop_queue(index)
+        self._incident(f"device broken: {reason}")
+
+    def _incident(self, reason: str) -> None:
+        if not self._up:
+            return
+        self._up = False
+        try:
+            self.handler.on_device_reset(self, reason)
+        except Exception:
+            log.exception("%s: on_device_reset failed", self.name)
+
+    # -- kicks ------------------------------------------------------------------------
+    def _on_kick(self, index: int) -> None:
+        fd = self._kick_fds[index]
+        if fd is None:
+            return
+        try:
+            os.read(fd, 8)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            log.warning("%s: kick fd read failed: %s", self.name, exc)
+            self._set_kick_reader(index, None)
+            return
+        self.stats["kicks"] += 1
+        if self.broken or self._queues[index] is None:
+            return
+        if index == TX:
+            self._process_tx()
+        else:
+            self._rx_ready()
+
+    def _rx_ready(self) -> None:
+        if self.broken or self._queues[RX] is None:
+            return
+        try:
+            self.handler.on_rx_ready(self)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("%s: on_rx_ready failed", self.name)
+
+    def _schedule_flush(self) -> None:
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            self.loop.call_soon(self.flush)
+
+    def _schedule_tx(self) -> None:
+        if not self._tx_scheduled:
+            self._tx_scheduled = True
+            self.loop.call_soon(self._process_tx)
+
+    def _process_tx(self) -> None:
+        """Drain the tx ring: every chain -> on_tx_packet, one used flush per batch."""
+        self._tx_scheduled = False
+        q = self._queues[TX]
+        if q is None or self.broken:
+            return
+        budget = TX_BATCH
+        try:
+            while True:
+                q.disable_notification()
+                while budget:
+                    chain = q.pop()
+                    if chain is None:
+                        break
+                    budget -= 1
+                    self._tx_chain(chain)
+                    if self._queues[TX] is not q:
+                        return                # the handler's reaction reset the device
+                    q.push(chain.head, 0)
+                if q.flush():
+                    self.stats["interrupts"] += 1
+                if not budget:
+                    self._schedule_tx()       # let other VMs run; kicks stay off meanwhile
+                    return
+                if not q.enable_notification():
+                    return
+        except VirtqueueError as exc:
+            self._fault(str(exc))
+
+    def _tx_chain(self, chain: DescChain) -> None:
+        views = chain.readable
+        if chain.read_len < HDR_LEN:
+            self.stats["errors"] += 1
+            log.warning("%s: tx packet of %d bytes < header dropped", self.name, chain.read_len)
+            chain.release()
+            return
+        first = views[0]
+        extra: list[memoryview] = []
+        if len(first) >= HDR_LEN:
+            header = bytes(first[:HDR_LEN])
+            payload = views[1:]
+            if len(first) > HDR_LEN:
+                tail = first[HDR_LEN:]
+                extra.append(tail)
+                payload.insert(0, tail)
+        else:
+            parts, need, payload = [], HDR_LEN, []
+            for view in views:
+                if need == 0:
+                    payload.append(view)
+                elif len(view) <= need:
+                    parts.append(bytes(view))
+                    need -= len(view)
+                else:
+                    parts.append(bytes(view[:need]))
+                    tail = view[need:]
+                    extra.append(tail)
+                    payload.append(tail)
+                    need = 0
+            header = b"".join(parts)
+        self.stats["tx_packets"] += 1
+        self.stats["tx_bytes"] += chain.read_len - HDR_LEN
+        try:
+            self.handler.on_tx_packet(self, header, payload)
+        except Exception:
+            self.stats["errors"] += 1
+            log.exception("%s: on_tx_packet failed", self.name)
+        finally:
+            for view in extra:
+                view.release()
+            chain.release()
+
+
+__all__ = ["DeviceHandler", "HDR_LEN", "RxBuffer", "VsockDevice", "GuestMemoryError"]

@@ -1,0 +1,294 @@
+"""Split virtqueue (virtio 1.x, section 2.7) over untrusted guest memory.
+
+Everything read from the rings is guest-controlled: each field is read once with
+struct.unpack_from and checked before use; any violation raises `VirtqueueError` and the
+device stops using the queue. Used-ring updates are buffered: `flush()` writes the entries,
+then the index, then decides about one interrupt for the whole batch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import struct
+import threading
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .memory import GuestMemory, GuestMemoryError
+
+log = logging.getLogger("vmlab.vsock.virtqueue")
+
+VRING_DESC_F_NEXT = 1
+VRING_DESC_F_WRITE = 2
+VRING_DESC_F_INDIRECT = 4
+VRING_AVAIL_F_NO_INTERRUPT = 1
+VRING_USED_F_NO_NOTIFY = 1
+
+MAX_QUEUE_SIZE = 32768
+DEFAULT_MAX_CHAIN_BYTES = 64 << 20
+
+_DESC = struct.Struct("<QIHH")
+_U16 = struct.Struct("<H")
+_USED_ELEM = struct.Struct("<II")
+_ONE = (1).to_bytes(8, "little")
+
+_fence_lock = threading.Lock()
+
+
+def memory_barrier() -> None:
+    """Full barrier (store->load), as smp_mb(): an uncontended lock is a LOCKed instruction.
+
+    Needed between publishing the used idx / avail_event and reading used_event / avail idx,
+    otherwise the device and the driver can both decide the other one will notify.
+    """
+    _fence_lock.acquire()
+    _fence_lock.release()
+
+
+class VirtqueueError(Exception):
+    """The guest broke the virtqueue rules; the device must stop using this queue."""
+
+
+@dataclass
+class DescChain:
+    """One popped descriptor chain: device-readable views first, then device-writable."""
+
+    head: int
+    readable: list[memoryview] = field(default_factory=list)
+    writable: list[memoryview] = field(default_factory=list)
+    read_len: int = 0
+    write_len: int = 0
+
+    def release(self) -> None:
+        """Invalidate the views (they must not outlive the chain's use)."""
+        for view in self.readable:
+            view.release()
+        for view in self.writable:
+            view.release()
+
+
+def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
+    """vring_need_event(): did [old, new) cross the index the other side asked about?"""
+    return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
+
+
+class Virtqueue:
+    """One split virtqueue. Addresses are frontend user addresses (vhost-user vring addr)."""
+
+    def __init__(self, mem: GuestMemory, size: int, desc_uva: int, avail_uva: int,
+                 used_uva: int, *, event_idx: bool = False, indirect: bool = False,
+                 notify_on_empty: bool = False, next_avail: int = 0, call_fd: int | None = None,
+                 max_chain_bytes: int = DEFAULT_MAX_CHAIN_BYTES, name: str = "vq") -> None:
+        if size <= 0 or size > MAX_QUEUE_SIZE or size & (size - 1):
+            raise VirtqueueError(f"{name}: bad queue size {size}")
+        if desc_uva % 16 or avail_uva % 2 or used_uva % 4:
+            raise VirtqueueError(f"{name}: misaligned ring addresses")
+        self.name = name
+        self.size = size
+        self.mem = mem
+        self.addrs = (desc_uva, avail_uva, used_uva)
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self.notify_on_empty = notify_on_empty
+        self.call_fd = call_fd
+        self.max_chain_bytes = max_chain_bytes
+        self.last_avail = next_avail & 0xFFFF
+        self._avail_seen = self.last_avail      # last avail idx read from the guest
+        self._pending: list[tuple[int, int]] = []
+        self._signalled_valid = False
+        self.interrupts = 0
+        self.on_interrupt: Callable[[], None] | None = None
+        self.desc = self.avail = self.used = memoryview(b"")
+        self.remap(mem)
+        self.used_idx = _U16.unpack_from(self.used, 2)[0]
+
+    # -- memory -----------------------------------------------------------------------
+    def remap(self, mem: GuestMemory) -> None:
+        """(Re)translate the ring areas, e.g. after a new SET_MEM_TABLE."""
+        self.release()
+        desc_uva, avail_uva, used_uva = self.addrs
+        extra = 2 if self.event_idx else 0
+        try:
+            self.desc = mem.uva(desc_uva, 16 * self.size)
+            self.avail = mem.uva(avail_uva, 4 + 2 * self.size + extra)
+            self.used = mem.uva(used_uva, 4 + 8 * self.size + extra)
+        except GuestMemoryError as exc:
+            self.release()
+            raise VirtqueueError(f"{self.name}: ring not in guest memory: {exc}") from exc
+        self.mem = mem
+
+    def release(self) -> None:
+        for view in (self.desc, self.avail, self.used):
+            view.release()
+        self.desc = self.avail = self.used = memoryview(b"")
+
+    # -- avail side -------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        return _U16.unpack_from(self.avail, 2)[0]
+
+    def has_avail(self) -> bool:
+        if self._avail_seen != self.last_avail:
+            return True
+        self._avail_seen = self._read_avail_idx()
+        return self._avail_seen != self.last_avail
+
+    def _read_avail_idx(self) -> int:
+        idx = _U16.unpack_from(self.avail, 2)[0]
+        if ((idx - self.last_avail) & 0xFFFF) > self.size:
+            raise VirtqueueError(
+                f"{self.name}: avail idx jumped from {self.last_avail} to {idx} (size {self.size})")
+        return idx
+
+    def pop(self) -> DescChain | None:
+        """Next available chain, or None when the driver has not made more available."""
+        if self._avail_seen == self.last_avail:
+            self._avail_seen = self._read_avail_idx()
+            if self._avail_seen == self.last_avail:
+                return None
+        slot = self.last_avail & (self.size - 1)
+        head = _U16.unpack_from(self.avail, 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        self.last_avail = (self.last_avail + 1) & 0xFFFF
+        return chain
+
+    def unpop(self) -> None:
+        """Give the most recently popped chain back to the avail ring (it is re-read later)."""
+        self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    def _walk(self, head: int) -> DescChain:
+        size = self.size
+        if head >= size:
+            raise VirtqueueError(f"{self.name}: head {head} >= queue size {size}")
+        table = self.desc
+        limit = size
+        idx = head
+        count = 0
+        in_indirect = False
+        seen_write = False
+        chain = DescChain(head)
+        mem = self.mem
+        try:
+            while True:
+                count += 1
+                if count > limit:
+                    raise VirtqueueError(f"{self.name}: descriptor chain loop or too long (head {head})")
+                addr, length, flags, nxt = _DESC.unpack_from(table, 16 * idx)
+                if flags & VRING_DESC_F_INDIRECT:
+                    if not self.indirect:
+                        raise VirtqueueError(f"{self.name}: indirect descriptor not negotiated")
+                    if in_indirect:
+                        raise VirtqueueError(f"{self.name}: nested indirect descriptor")
+                    if flags & VRING_DESC_F_NEXT:
+                        raise VirtqueueError(f"{self.name}: indirect descriptor with NEXT")
+                    if length == 0 or length % 16 or length // 16 > size:
+                        raise VirtqueueError(f"{self.name}: bad indirect table length {length}")
+                    table = mem.gpa(addr, length)
+                    in_indirect = True
+                    limit = length // 16
+                    idx = 0
+                    count = 0
+                    continue
+                if flags & VRING_DESC_F_WRITE:
+                    seen_write = True
+                    if length:
+                        chain.write_len += length
+                        chain.writable.extend(mem.gpa_split(addr, length))
+                else:
+                    if seen_write:
+                        raise VirtqueueError(f"{self.name}: readable descriptor after writable one")
+                    if length:
+                        chain.read_len += length
+                        chain.readable.extend(mem.gpa_split(addr, length))
+                if chain.read_len + chain.write_len > self.max_chain_bytes:
+                    raise VirtqueueError(f"{self.name}: chain longer than {self.max_chain_bytes} bytes")
+                if not flags & VRING_DESC_F_NEXT:
+                    return chain
+                idx = nxt
+                if idx >= limit:
+                    raise VirtqueueError(f"{self.name}: next index {idx} out of range ({limit})")
+        except GuestMemoryError as exc:
+            chain.release()
+            raise VirtqueueError(f"{self.name}: descriptor outside guest memory: {exc}") from exc
+        except VirtqueueError:
+            chain.release()
+            raise
+        finally:
+            if in_indirect:
+                table.release()
+
+    # -- notifications from the driver (kicks) ----------------------------------------
+    def disable_notification(self) -> None:
+        """Ask the driver not to kick while we are draining the ring anyway."""
+        if not self.event_idx:
+            flags = _U16.unpack_from(self.used, 0)[0]
+            _U16.pack_into(self.used, 0, flags | VRING_USED_F_NO_NOTIFY)
+
+    def enable_notification(self) -> bool:
+        """Re-arm kicks; returns True if chains arrived meanwhile (process them, no kick comes)."""
+        if self.event_idx:
+            _U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail)
+        else:
+            flags = _U16.unpack_from(self.used, 0)[0]
+            _U16.pack_into(self.used, 0, flags & ~VRING_USED_F_NO_NOTIFY)
+        memory_barrier()
+        return self.has_avail()
+
+    # -- used side --------------------------------------------------------------------
+    def push(self, head: int, written: int) -> None:
+        """Queue a used element; published by the next flush()."""
+        if not 0 <= head < self.size:
+            raise VirtqueueError(f"{self.name}: push of bad head {head}")
+        self._pending.append((head, written))
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def flush(self) -> bool:
+        """Publish queued used elements, then interrupt at most once. Returns True if signalled."""
+        if not self._pending:
+            return False
+        used = self.used
+        mask = self.size - 1
+        old = self.used_idx
+        idx = old
+        pack = _USED_ELEM.pack_into
+        for head, written in self._pending:
+            pack(used, 4 + 8 * (idx & mask), head, written)
+            idx = (idx + 1) & 0xFFFF
+        self._pending.clear()
+        # Entries are stored before the index (x86 keeps store order; no compiler here).
+        _U16.pack_into(used, 2, idx)
+        self.used_idx = idx
+        if self.event_idx:
+            _U16.pack_into(used, 4 + 8 * self.size, self.last_avail)
+        memory_barrier()
+        if self._should_interrupt(old, idx):
+            self.interrupt()
+            return True
+        return False
+
+    def _should_interrupt(self, old: int, new: int) -> bool:
+        if self.event_idx:
+            used_event = _U16.unpack_from(self.avail, 4 + 2 * self.size)[0]
+            if not self._signalled_valid:
+                self._signalled_valid = True
+                return True
+            return need_event(used_event, new, old)
+        if self.notify_on_empty and not self.has_avail():
+            return True
+        flags = _U16.unpack_from(self.avail, 0)[0]
+        return not flags & VRING_AVAIL_F_NO_INTERRUPT
+
+    def interrupt(self) -> None:
+        """Signal the call eventfd (the frontend turns it into a guest interrupt)."""
+        self.interrupts += 1
+        if self.call_fd is not None:
+            try:
+                os.write(self.call_fd, _ONE)
+            except BlockingIOError:
+                pass                            # counter saturated: an interrupt is pending anyway
+            except OSError as exc:
+                log.warning("%s: call eventfd write failed: %s", self.name, exc)
+        if self.on_interrupt is not None:
+            self.on_interrupt()
