@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +27,9 @@ from vmlab.scenario import Scenario, VmSpec
 log = logging.getLogger("vmlab.lab")
 
 FIRST_AUTO_CID = 3
+
+OPEN_LABS: "weakref.WeakSet[Lab]" = weakref.WeakSet()
+"""Labs started and not yet closed in this process (leak checks, emergency cleanup)."""
 
 
 class LabError(RuntimeError):
@@ -166,6 +170,7 @@ class Lab:
         from vmlab import hostcheck
 
         opts = self.options
+        OPEN_LABS.add(self)
         self.accel, notice = hostcheck.choose_accel(opts.accel)
         if notice:
             opts.notices.append(notice)
@@ -211,10 +216,11 @@ class Lab:
 
         cids: dict[str, int] = {}
         allocator = None
-        owner = f"vmlab lab {self.lab_id} ({self.scenario.name}, pid {os.getpid()})"
+        owner = f"vmlab lab {self.lab_id} ({self.scenario.name})"
         pinned = {spec.cid for spec in self.scenario.vms if spec.cid is not None}
         next_local = FIRST_AUTO_CID
-        for spec in self.scenario.vms:
+        # Pinned CIDs first, so an allocated one can never take a CID a later VM pins.
+        for spec in sorted(self.scenario.vms, key=lambda v: v.cid is None):
             if transports[spec.name] is None:
                 continue
             if transports[spec.name] == "vhost":
@@ -326,6 +332,12 @@ class Lab:
             self.failed = True
         return results
 
+    def pids(self) -> list[int]:
+        """Process ids this lab owns (qemu per VM, the backend)."""
+        pids = [vm.machine.pid for vm in self._vms.values() if vm.machine.pid]
+        backend_pid = getattr(getattr(self.backend, "proc", None), "pid", None) or getattr(self.backend, "pid", None)
+        return pids + ([backend_pid] if backend_pid else [])
+
     def kernel_errors(self) -> dict[str, list[str]]:
         """Kernel oops/panic/BUG lines seen on each VM's console so far."""
         return {name: vm.console.kernel_errors for name, vm in self._vms.items() if vm.console.kernel_errors}
@@ -348,6 +360,7 @@ class Lab:
         if self._closed:
             return
         self._closed = True
+        OPEN_LABS.discard(self)
         with self._lock:
             endpoints, self._endpoints = self._endpoints, []
         for endpoint in endpoints:

@@ -26,6 +26,10 @@ KERNEL_ERROR_PATTERNS = re.compile(
 )
 
 
+PANIC = re.compile(r"Kernel panic - not syncing")
+PANIC_END = re.compile(r"---\[ end Kernel panic[^\n]*")
+
+
 class ConsoleError(RuntimeError):
     """The console did not answer as expected; the message carries the last console lines."""
 
@@ -140,8 +144,9 @@ class Console:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait for the init's ready marker, then put the shell in a scriptable state."""
         self._shell_ready = False
-        idx = self._expect([re.compile(r"^" + READY_MARKER + r"\r?$", re.M), re.compile(r"Kernel panic - not syncing.*")], timeout)
+        idx = self._expect([re.compile(r"^" + READY_MARKER + r"\r?$", re.M), PANIC], timeout)
         if idx == 1:
+            self._expect(PANIC_END, 10)
             raise self._fail("guest kernel panicked during boot", KernelError)
         self._setup_shell(timeout=30)
 
@@ -166,7 +171,11 @@ class Console:
         self._child.send(line)
         self._expect(re.compile(re.escape(begin) + r"\r?\n"), timeout)
         try:
-            self._expect(re.compile(re.escape(end) + r"(\d+)>>\r?\n"), timeout)
+            if self._expect([re.compile(re.escape(end) + r"(\d+)>>\r?\n"), PANIC], timeout) == 1:
+                self._expect(PANIC_END, 10)
+                raise self._fail(f"guest kernel panicked while running `{command}`", KernelError)
+        except KernelError:
+            raise
         except ConsoleError:
             self.interrupt()
             raise
@@ -180,8 +189,7 @@ class Console:
         """Ctrl-C the foreground command so the next run() starts from a clean prompt."""
         if self._child is not None:
             try:
-                self._child.sendcontrol("c")
-                self._child.send("\n")
+                self._child.send("\x03\n")
             except OSError:
                 pass
             self._shell_ready = False
