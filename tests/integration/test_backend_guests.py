@@ -1,0 +1,222 @@
+"""The backend end to end with real QEMU guests (TCG) and the real Linux vsock stack.
+
+One backend and two guests (g0 cid 3, g1 cid 4) are shared by every test in this module.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from backend_guests import Guest, GuestLab  # noqa: E402
+
+from vmlab.vsock.host import host_connect, host_listen  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+MIB = 1024 * 1024
+
+
+def pattern(n: int, start: int = 0) -> bytes:
+    block = bytes(range(251)) * (n // 251 + 2)
+    off = start % 251
+    return block[off:off + n]
+
+
+def pattern_sha(n: int) -> str:
+    h = hashlib.sha256()
+    done = 0
+    while done < n:
+        k = min(MIB, n - done)
+        h.update(pattern(k, done))
+        done += k
+    return h.hexdigest()
+
+
+def events(text: str) -> list[dict]:
+    out = []
+    for line in text.splitlines():
+        i = line.find("{")                     # a shell prompt may precede it
+        if i >= 0:
+            try:
+                out.append(json.loads(line[i:].strip()))
+            except json.JSONDecodeError:
+                pass
+    return out
+
+
+def wait_event(g: Guest, path: str, name: str, timeout: float = 60) -> dict:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for ev in events(g.file(path)):
+            if ev.get("event") in (name, "error"):
+                return ev
+        time.sleep(0.3)
+    raise AssertionError(f"{g.name}: no {name} in {path}: {g.file(path)!r}")
+
+
+@pytest.fixture(scope="module")
+def lab():
+    if shutil.which("qemu-system-x86_64") is None:
+        pytest.skip("qemu-system-x86_64 not installed")
+    from vmlab.image import ensure_image
+    img = ensure_image()
+    lab = GuestLab(2)
+    try:
+        lab.start(img.kernel, img.initrd)
+        yield lab
+    finally:
+        lab.close()
+
+
+def test_guest_connects_to_host_and_host_gets_exactly_the_message(lab) -> None:
+    g0 = lab.guests[0]
+    with host_listen(9999, vms=[g0.endpoint]) as listener:
+        rc, out = g0.run('vmlab-guest connect 2 9999 --send "Hello, world!"')
+        assert rc == 0, out
+        conn = listener.accept(timeout=30)
+        with conn:
+            conn.settimeout(30)
+            assert conn.peer_cid == 3
+            assert conn.recv_all() == b"Hello, world!"
+
+
+def test_host_connects_to_guest_listener(lab) -> None:
+    g0 = lab.guests[0]
+    g0.start("vmlab-guest listen 5000 --once", "/tmp/l5000")
+    wait_event(g0, "/tmp/l5000", "listening")
+    msg = b"ping from the host"
+    with host_connect(3, 5000, endpoint=g0.endpoint, timeout=30) as conn:
+        assert conn.local_port is not None
+        conn.sendall(msg)
+        conn.shutdown_write()
+        assert conn.recv_all() == b""          # the guest closes after reading to EOF
+    ev = wait_event(g0, "/tmp/l5000", "received")
+    assert ev["bytes"] == len(msg) and ev["sha256"] == hashlib.sha256(msg).hexdigest()
+    accepted = [e for e in events(g0.file("/tmp/l5000")) if e["event"] == "accepted"]
+    assert accepted and accepted[0]["peer_cid"] == 2
+
+
+def test_unused_ports_are_refused_fast_both_ways(lab) -> None:
+    g0 = lab.guests[0]
+    rc, out = g0.run("vmlab-guest connect 2 4444 --timeout 20", timeout=30)
+    assert rc != 0
+    err = [e for e in events(out) if e["event"] == "error"]
+    assert err and err[0]["op"] == "connect" and err[0]["errno"] in (104, 111), out
+    with pytest.raises((ConnectionRefusedError, ConnectionResetError)):
+        host_connect(3, 4445, endpoint=g0.endpoint, timeout=20)
+    rc, out = g0.run("vmlab-guest connect 77 80 --timeout 20", timeout=30)   # no such CID
+    assert rc != 0 and any(e["event"] == "error" for e in events(out)), out
+
+
+def test_vm_to_vm_message_and_4mib(lab) -> None:
+    g0, g1 = lab.guests
+    g1.start("vmlab-guest listen 6000 --once", "/tmp/l6000")
+    wait_event(g1, "/tmp/l6000", "listening")
+    rc, out = g0.run('vmlab-guest connect 4 6000 --send "hi g1"')
+    assert rc == 0, out
+    ev = wait_event(g1, "/tmp/l6000", "received")
+    assert ev["sha256"] == hashlib.sha256(b"hi g1").hexdigest()
+
+    g1.start("vmlab-guest listen 6001 --once", "/tmp/l6001")
+    wait_event(g1, "/tmp/l6001", "listening")
+    rc, out = g0.run("vmlab-guest connect 4 6001 --send-bytes 4M", timeout=300)
+    assert rc == 0, out
+    ev = wait_event(g1, "/tmp/l6001", "received", timeout=120)
+    assert ev["bytes"] == 4 * MIB and ev["sha256"] == pattern_sha(4 * MIB)
+
+
+def test_seqpacket_keeps_message_boundaries(lab) -> None:
+    g0 = lab.guests[0]
+    with host_listen(7000, vms=[g0.endpoint], type="seqpacket") as listener:
+        rc, out = g0.run("vmlab-guest connect 2 7000 --seqpacket --send-bytes 10000 --chunk 3000")
+        assert rc == 0, out
+        conn = listener.accept(timeout=30)
+        with conn:
+            conn.settimeout(30)
+            sizes = []
+            while True:
+                m = conn.recv(65536)
+                if not m:
+                    break
+                sizes.append(len(m))
+            assert sizes == [3000, 3000, 3000, 1000]
+    g0.start("vmlab-guest listen 7001 --seqpacket --once", "/tmp/l7001")
+    wait_event(g0, "/tmp/l7001", "listening")
+    with host_connect(3, 7001, endpoint=g0.endpoint, type="seqpacket", timeout=30) as conn:
+        for n in (100, 5000, 7):
+            conn.sendall(pattern(n))
+        conn.shutdown_write()
+        conn.settimeout(30)
+        assert conn.recv(100) == b""
+    wait_event(g0, "/tmp/l7001", "received")
+    msgs = [e["len"] for e in events(g0.file("/tmp/l7001")) if e["event"] == "message"]
+    assert msgs == [100, 5000, 7]
+
+
+def test_64mib_each_way_with_a_stalled_host_reader(lab) -> None:
+    g0 = lab.guests[0]
+    size = 64 * MIB
+    want = pattern_sha(size)
+    with host_listen(8000, vms=[g0.endpoint]) as listener:
+        g0.start(f"vmlab-guest connect 2 8000 --send-bytes {size}", "/tmp/c8000")
+        conn = listener.accept(timeout=30)
+        with conn:
+            conn.settimeout(120)
+            first = conn.recv_exact(1000)
+            time.sleep(4)                       # stall: the guest must wait, not lose data
+            h = hashlib.sha256(first)
+            total = len(first)
+            while True:
+                chunk = conn.recv(1 << 20)
+                if not chunk:
+                    break
+                h.update(chunk)
+                total += len(chunk)
+        assert total == size and h.hexdigest() == want
+    ev = wait_event(g0, "/tmp/c8000", "sent", timeout=60)
+    assert ev["sha256"] == want
+
+    g0.start("vmlab-guest listen 8001 --once", "/tmp/l8001")
+    wait_event(g0, "/tmp/l8001", "listening")
+    with host_connect(3, 8001, endpoint=g0.endpoint, timeout=30) as conn:
+        conn.settimeout(300)
+        for off in range(0, size, MIB):
+            conn.sendall(pattern(MIB, off))
+        conn.shutdown_write()
+        assert conn.recv_all() == b""
+    ev = wait_event(g0, "/tmp/l8001", "received", timeout=120)
+    assert ev["bytes"] == size and ev["sha256"] == want
+
+
+def test_pcap_capture_and_stats_over_the_control_socket(lab) -> None:
+    g0 = lab.guests[0]
+    cap = lab.dir / "cap.pcap"
+    assert lab.backend.control({"cmd": "pcap", "path": str(cap)})["ok"]
+    with host_listen(9998, vms=[g0.endpoint]) as listener:
+        rc, out = g0.run('vmlab-guest connect 2 9998 --send "captured"')
+        assert rc == 0, out
+        with listener.accept(timeout=30) as conn:
+            conn.settimeout(30)
+            assert conn.recv_all() == b"captured"
+    time.sleep(0.5)
+    assert lab.backend.control({"cmd": "pcap", "path": None})["ok"]
+    stats = lab.backend.control({"cmd": "stats"})
+    assert stats["stats"]["spoofed"] if "spoofed" in stats["stats"] else True
+    assert stats["vms"]["g0"]["broken"] is None and stats["vms"]["g1"]["broken"] is None
+    if shutil.which("tshark"):
+        out = subprocess.run(["tshark", "-r", str(cap), "-T", "fields", "-e", "vsock.src_cid",
+                              "-e", "vsock.dst_port", "-e", "vsock.virtio.op"],
+                             capture_output=True, text=True, timeout=60, check=True).stdout
+        rows = [r.split("\t") for r in out.splitlines() if r]
+        assert ["3", "9998", "1"] in rows              # the guest's REQUEST
+        assert any(r[0] == "2" and r[2] == "2" for r in rows)   # our RESPONSE
