@@ -1,0 +1,352 @@
+"""Split virtqueue against an in-memory guest: chains, used ring, EVENT_IDX, malformed rings."""
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+
+import pytest
+
+from vmlab.vsock.memory import GuestMemory, RegionSpec
+from vmlab.vsock.virtqueue import (VRING_AVAIL_F_NO_INTERRUPT, VRING_DESC_F_INDIRECT,
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, VRING_USED_F_NO_NOTIFY,
+                                   Virtqueue, VirtqueueError, need_event)
+
+MiB = 1 << 20
+GPA = 0x100000          # guest RAM starts here in the model
+UVA = 0x7F0000000000    # where the "frontend" has it mapped
+DESC, AVAIL, USED, INDIRECT, DATA = 0x0, 0x1000, 0x2000, 0x3000, 0x10000
+R, W, N, I = 0, VRING_DESC_F_WRITE, VRING_DESC_F_NEXT, VRING_DESC_F_INDIRECT
+
+
+class Guest:
+    """A driver's view of one queue: writes rings into a memfd the backend maps too."""
+
+    def __init__(self, size: int = 8, *, event_idx: bool = False, indirect: bool = False,
+                 notify_on_empty: bool = False) -> None:
+        self.size = size
+        self.fd = os.memfd_create("vq-test")
+        os.ftruncate(self.fd, MiB)
+        self.raw = mmap.mmap(self.fd, MiB)
+        self.mem = GuestMemory()
+        self.mem.map([RegionSpec(GPA, MiB, UVA, 0)], [os.dup(self.fd)])
+        self.call = os.eventfd(0, os.EFD_NONBLOCK)
+        self.avail_idx = 0
+        self.vq = Virtqueue(self.mem, size, UVA + DESC, UVA + AVAIL, UVA + USED,
+                            event_idx=event_idx, indirect=indirect,
+                            notify_on_empty=notify_on_empty, call_fd=self.call)
+
+    def close(self) -> None:
+        self.vq.release()
+        self.mem.close()
+        self.raw.close()
+        os.close(self.fd)
+        os.close(self.call)
+
+    def write(self, off: int, data: bytes) -> None:
+        self.raw[off:off + len(data)] = data
+
+    def desc(self, i: int, addr: int, length: int, flags: int = 0, nxt: int = 0,
+             table: int = DESC) -> None:
+        self.write(table + 16 * i, struct.pack("<QIHH", addr, length, flags, nxt))
+
+    def publish(self, *heads: int) -> None:
+        for head in heads:
+            self.write(AVAIL + 4 + 2 * (self.avail_idx % self.size), struct.pack("<H", head))
+            self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        self.write(AVAIL + 2, struct.pack("<H", self.avail_idx))
+
+    def set_avail_idx(self, idx: int) -> None:
+        self.write(AVAIL + 2, struct.pack("<H", idx))
+
+    def used(self) -> tuple[int, list[tuple[int, int]]]:
+        idx = struct.unpack_from("<H", self.raw, USED + 2)[0]
+        elems = [struct.unpack_from("<II", self.raw, USED + 4 + 8 * (i % self.size))
+                 for i in range(idx)]
+        return idx, elems
+
+    def interrupts(self) -> int:
+        try:
+            return int.from_bytes(os.read(self.call, 8), "little")
+        except BlockingIOError:
+            return 0
+
+
+@pytest.fixture
+def guest():
+    g = Guest()
+    yield g
+    g.close()
+
+
+def make(**kw):
+    return Guest(**kw)
+
+
+def test_empty_ring_pops_nothing(guest):
+    assert guest.vq.pop() is None
+
+
+def test_readable_then_writable_chain(guest):
+    guest.write(DATA, b"H" * 44 + b"payload")
+    guest.desc(0, GPA + DATA, 44, N, 1)
+    guest.desc(1, GPA + DATA + 44, 7, N, 2)
+    guest.desc(2, GPA + DATA + 0x100, 64, W)
+    guest.publish(0)
+    chain = guest.vq.pop()
+    assert chain.head == 0
+    assert [bytes(v) for v in chain.readable] == [b"H" * 44, b"payload"]
+    assert chain.read_len == 51 and chain.write_len == 64
+    chain.writable[0][:3] = b"abc"
+    assert guest.raw[DATA + 0x100:DATA + 0x103] == b"abc"
+    assert guest.vq.pop() is None
+
+
+def test_indirect_chain():
+    g = make(indirect=True)
+    try:
+        g.write(DATA, b"x" * 44 + b"y" * 10)
+        g.desc(0, GPA + DATA, 44, N, 1, table=INDIRECT)
+        g.desc(1, GPA + DATA + 44, 10, 0, 0, table=INDIRECT)
+        g.desc(5, GPA + INDIRECT, 32, I)
+        g.publish(5)
+        chain = g.vq.pop()
+        assert chain.head == 5
+        assert [bytes(v) for v in chain.readable] == [b"x" * 44, b"y" * 10]
+    finally:
+        g.close()
+
+
+def test_used_ring_batch_and_one_interrupt(guest):
+    for i in range(3):
+        guest.desc(i, GPA + DATA + 0x100 * i, 0x100, W)
+    guest.publish(0, 1, 2)
+    chains = [guest.vq.pop() for _ in range(3)]
+    for chain, n in zip(chains, (10, 20, 30)):
+        guest.vq.push(chain.head, n)
+    assert guest.used() == (0, [])                # nothing visible before flush
+    assert guest.vq.flush() is True
+    assert guest.used() == (3, [(0, 10), (1, 20), (2, 30)])
+    assert guest.interrupts() == 1
+    assert guest.vq.flush() is False              # nothing pending: no interrupt
+
+
+def test_no_interrupt_flag_without_event_idx(guest):
+    guest.desc(0, GPA + DATA, 16, W)
+    guest.publish(0)
+    guest.write(AVAIL, struct.pack("<H", VRING_AVAIL_F_NO_INTERRUPT))
+    guest.vq.push(guest.vq.pop().head, 0)
+    assert guest.vq.flush() is False
+    assert guest.used()[0] == 1
+    assert guest.interrupts() == 0
+
+
+def test_notify_on_empty_overrides_no_interrupt():
+    g = make(notify_on_empty=True)
+    try:
+        g.desc(0, GPA + DATA, 16, W)
+        g.publish(0)
+        g.write(AVAIL, struct.pack("<H", VRING_AVAIL_F_NO_INTERRUPT))
+        g.vq.push(g.vq.pop().head, 0)
+        assert g.vq.flush() is True
+    finally:
+        g.close()
+
+
+def test_event_idx_suppresses_and_fires_interrupts():
+    g = make(event_idx=True)
+    used_event = AVAIL + 4 + 2 * g.size
+    try:
+        for i in range(4):
+            g.desc(i, GPA + DATA + 0x100 * i, 0x100, W)
+        g.publish(0, 1, 2, 3)
+        g.vq.push(g.vq.pop().head, 1)
+        assert g.vq.flush() is True               # first flush after start always signals
+        g.write(used_event, struct.pack("<H", 2))  # "interrupt me when used idx passes 2"
+        g.vq.push(g.vq.pop().head, 1)             # used idx 1 -> 2: no
+        assert g.vq.flush() is False
+        g.vq.push(g.vq.pop().head, 1)             # used idx 2 -> 3: crosses 2
+        assert g.vq.flush() is True
+        assert g.interrupts() == 2
+        # avail_event tells the driver where to kick next
+        avail_event = struct.unpack_from("<H", g.raw, USED + 4 + 8 * g.size)[0]
+        assert avail_event == g.vq.last_avail == 3
+    finally:
+        g.close()
+
+
+def test_need_event_wraps():
+    assert need_event(0xFFFF, 0x0001, 0xFFFE)
+    assert not need_event(5, 3, 1)
+    assert need_event(1, 3, 1)
+
+
+def test_enable_notification_reports_late_arrivals(guest):
+    guest.desc(0, GPA + DATA, 16, W)
+    guest.vq.disable_notification()
+    assert struct.unpack_from("<H", guest.raw, USED)[0] & VRING_USED_F_NO_NOTIFY
+    assert guest.vq.enable_notification() is False
+    assert not struct.unpack_from("<H", guest.raw, USED)[0] & VRING_USED_F_NO_NOTIFY
+    guest.publish(0)
+    assert guest.vq.enable_notification() is True
+
+
+def test_unpop_gives_the_chain_back(guest):
+    guest.desc(0, GPA + DATA, 16, W)
+    guest.publish(0)
+    assert guest.vq.pop().head == 0
+    guest.vq.unpop()
+    assert guest.vq.pop().head == 0
+
+
+def test_wraparound_of_indexes():
+    g = make()
+    try:
+        g.vq.last_avail = g.vq._avail_seen = 0xFFFE
+        g.avail_idx = 0xFFFE
+        g.desc(0, GPA + DATA, 16, W)
+        g.publish(0, 0, 0)
+        assert [g.vq.pop().head for _ in range(3)] == [0, 0, 0]
+        assert g.vq.last_avail == 1
+    finally:
+        g.close()
+
+
+def test_descriptor_split_across_regions():
+    fd = os.memfd_create("split")
+    os.ftruncate(fd, 2 * MiB)
+    raw = mmap.mmap(fd, 2 * MiB)
+    mem = GuestMemory()
+    mem.map([RegionSpec(0, MiB, UVA, 0), RegionSpec(MiB, MiB, UVA + MiB, MiB)],
+            [os.dup(fd), os.dup(fd)])
+    raw[MiB - 2:MiB + 2] = b"abcd"
+    raw[0:16] = struct.pack("<QIHH", MiB - 2, 4, 0, 0)
+    raw[0x1002:0x1006] = struct.pack("<HH", 1, 0)       # avail idx 1, ring[0] = 0
+    vq = Virtqueue(mem, 8, UVA, UVA + 0x1000, UVA + 0x2000)
+    chain = vq.pop()
+    assert [bytes(v) for v in chain.readable] == [b"ab", b"cd"]
+    chain.release()
+    vq.release()
+    mem.close()
+    raw.close()
+    os.close(fd)
+
+
+# -- malformed rings ------------------------------------------------------------------
+def _loop(g):
+    g.desc(0, GPA + DATA, 8, N, 1)
+    g.desc(1, GPA + DATA, 8, N, 0)
+    g.publish(0)
+
+
+def _next_out_of_range(g):
+    g.desc(0, GPA + DATA, 8, N, g.size)
+    g.publish(0)
+
+
+def _head_out_of_range(g):
+    g.publish(g.size + 3)
+
+
+def _outside_memory(g):
+    g.desc(0, 0x10, 8)
+    g.publish(0)
+
+
+def _past_the_end(g):
+    g.desc(0, GPA + MiB - 4, 8)
+    g.publish(0)
+
+
+def _overflow(g):
+    g.desc(0, (1 << 64) - 8, 16)
+    g.publish(0)
+
+
+def _huge(g):
+    g.desc(0, GPA, 0xFFFFFFFF)
+    g.publish(0)
+
+
+def _indirect_not_negotiated(g):
+    g.desc(0, GPA + INDIRECT, 16, I)
+    g.publish(0)
+
+
+def _writable_before_readable(g):
+    g.desc(0, GPA + DATA, 8, W | N, 1)
+    g.desc(1, GPA + DATA + 8, 8, 0)
+    g.publish(0)
+
+
+def _avail_jump(g):
+    g.set_avail_idx(g.size + 1)
+
+
+@pytest.mark.parametrize("build", [_loop, _next_out_of_range, _head_out_of_range, _outside_memory,
+                                   _past_the_end, _overflow, _huge, _indirect_not_negotiated,
+                                   _writable_before_readable, _avail_jump])
+def test_malformed_direct(guest, build):
+    build(guest)
+    with pytest.raises(VirtqueueError):
+        guest.vq.pop()
+
+
+def _nested_indirect(g):
+    g.desc(0, GPA + INDIRECT + 0x100, 16, I, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 16, I)
+    g.publish(0)
+
+
+def _indirect_bad_len(g):
+    g.desc(0, GPA + INDIRECT, 24, I)
+    g.publish(0)
+
+
+def _indirect_with_next(g):
+    g.desc(0, GPA + INDIRECT, 16, I | N, 1)
+    g.publish(0)
+
+
+def _indirect_loop(g):
+    g.desc(0, GPA + DATA, 8, N, 1, table=INDIRECT)
+    g.desc(1, GPA + DATA, 8, N, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_table_too_long(g):
+    g.desc(0, GPA + INDIRECT, 16 * (g.size + 1), I)
+    g.publish(0)
+
+
+@pytest.mark.parametrize("build", [_nested_indirect, _indirect_bad_len, _indirect_with_next,
+                                   _indirect_loop, _indirect_table_too_long])
+def test_malformed_indirect(build):
+    g = make(indirect=True)
+    try:
+        build(g)
+        with pytest.raises(VirtqueueError):
+            g.vq.pop()
+    finally:
+        g.close()
+
+
+def test_chain_byte_cap(guest):
+    guest.vq.max_chain_bytes = 1000
+    guest.desc(0, GPA + DATA, 600, N, 1)
+    guest.desc(1, GPA + DATA, 600, 0)
+    guest.publish(0)
+    with pytest.raises(VirtqueueError):
+        guest.vq.pop()
+
+
+@pytest.mark.parametrize("size,desc", [(0, DESC), (3, DESC), (65536, DESC), (8, DESC + 8)])
+def test_bad_queue_geometry(guest, size, desc):
+    with pytest.raises(VirtqueueError):
+        Virtqueue(guest.mem, size, UVA + desc, UVA + AVAIL, UVA + USED)
+
+
+def test_ring_outside_memory(guest):
+    with pytest.raises(VirtqueueError):
+        Virtqueue(guest.mem, 8, UVA + MiB - 16, UVA + AVAIL, UVA + USED)
