@@ -14,6 +14,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / ".github" / "workflows" / "ci.yml"
 REQUIRED_APT = {"qemu-system-x86", "busybox-static", "socat", "cpio", "kmod", "tshark", "gcc", "zstd"}
+INSTALL_SCRIPT = REPO / "scripts" / "install-deps"
 
 
 @pytest.fixture(scope="module")
@@ -95,33 +96,23 @@ def test_python_matrix_only_for_unit(wf):
     assert all("strategy" not in wf["jobs"][j] for j in ("vhost", "vhost-user"))
 
 
-def test_apt_packages(wf):
-    pkgs = set(wf["env"]["APT_PACKAGES"].split())
-    assert REQUIRED_APT <= pkgs
-    for job in wf["jobs"].values():
-        assert any("apt-get install" in r and "$APT_PACKAGES" in r for r in _runs(job))
+def _install_script_packages() -> set:
+    text = INSTALL_SCRIPT.read_text()
+    match = re.search(r'^APT_PACKAGES="([^"]+)"', text, re.M)
+    assert match, "scripts/install-deps must define APT_PACKAGES"
+    return set(match.group(1).split())
 
 
-def _ci_run_apt_packages() -> set:
-    """Package names passed to apt-get install in .ci/run (continuation lines joined)."""
-    text = (REPO / ".ci" / "run").read_text().replace("\\\n", " ")
-    pkgs: set = set()
-    for line in text.splitlines():
-        m = re.search(r"apt-get\s+(?:-\S+\s+)*install\s+(.*)", line)
-        if m:
-            words = re.split(r"[;&|)]", m.group(1))[0].split()
-            pkgs |= {w for w in words if re.fullmatch(r"[a-z0-9][a-z0-9.+-]+", w)}
-    return pkgs
+def test_install_script_has_the_required_packages():
+    assert REQUIRED_APT <= _install_script_packages()
 
 
-def test_same_apt_packages_as_ci_run(wf):
-    if not (REPO / ".ci" / "run").exists():
-        pytest.skip(".ci/run not written yet")
-    ci = _ci_run_apt_packages()
-    if not ci:
-        pytest.skip(".ci/run installs no apt packages directly")
-    missing = ci - set(wf["env"]["APT_PACKAGES"].split())
-    assert not missing, f"ci.yml lacks apt packages that .ci/run installs: {sorted(missing)}"
+def test_every_job_installs_with_the_shared_script(wf):
+    """README, .ci/run and every CI job install the same things, from one script."""
+    for name, job in wf["jobs"].items():
+        assert any(r.strip() == "scripts/install-deps" for r in _runs(job)), f"job {name} does not run scripts/install-deps"
+    assert "scripts/install-deps" in (REPO / ".ci" / "run").read_text()
+    assert "scripts/install-deps" in (REPO / "README.md").read_text()
 
 
 def test_actionlint_accepts_workflow():
