@@ -269,3 +269,47 @@ def test_capture_hook_sees_both_directions(lab) -> None:
     router.capture = lambda h, p: seen.append((h.op, h.src_cid))
     tx(router, a, Op.REQUEST, 1000, 2, 7777)
     assert seen == [(Op.REQUEST, 3), (Op.RST, 2)]
+
+
+def test_a_thousand_concurrent_guest_connections(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    a.free = [FakeBuf(4096) for _ in range(5000)]
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_2000"))
+    srv.listen(16)                       # small backlog: the backend must retry, not refuse
+    srv.setblocking(False)
+    n = 1000
+    hosts: list[socket.socket] = []
+    for i in range(n):
+        tx(router, a, Op.REQUEST, 10000 + i, 2, 2000)
+        while True:
+            try:
+                s, _ = srv.accept()
+                hosts.append(s)
+            except BlockingIOError:
+                break
+    while len(hosts) < n:
+        spin(loop, timeout=0.01)
+        while True:
+            try:
+                s, _ = srv.accept()
+                hosts.append(s)
+            except BlockingIOError:
+                break
+    spin(loop, lambda: sum(1 for h, _ in a.got if h.op == Op.RESPONSE) == n)
+    assert sum(1 for h, _ in a.take() if h.op == Op.RESPONSE) == n
+    assert len(router.hybrid.conns) == n and router.stats["refused"] == 0
+    for s in hosts:
+        s.sendall(b"0123456789")
+    spin(loop, lambda: sum(h.len for h, _ in a.got if h.op == Op.RW) == 10 * n)
+    got = a.take()
+    assert sorted({h.dst_port for h, _ in got if h.op == Op.RW}) == list(range(10000, 10000 + n))
+    for i in range(n):
+        tx(router, a, Op.SHUTDOWN, 10000 + i, 2, 2000, flags=SHUTDOWN_BOTH)
+    assert router.hybrid.conns == {}
+    assert sum(1 for h, _ in a.take() if h.op == Op.RST) == n
+    for s in hosts:
+        s.settimeout(2)
+        assert s.recv(10) == b""
+        s.close()
+    srv.close()

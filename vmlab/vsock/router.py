@@ -36,6 +36,10 @@ MAX_RELAY_BYTES = 64 * 1024 * 1024    # relay data waiting for rx buffers, per V
 FLOW_SLACK = 64 * 1024
 
 
+class _NoRoom(Exception):
+    """The guest's next rx buffer cannot hold any payload."""
+
+
 class DeviceLike(Protocol):
     name: str
     cid: int
@@ -318,14 +322,19 @@ class Router:
                     buf = dev.rx_pop()
                     if buf is None:
                         break
-                    pushed += self._deliver_queued(st, buf)
+                    try:
+                        pushed += self._deliver_queued(st, buf)
+                    except _NoRoom:
+                        break
                     continue
                 if not st.ready:
                     break
                 conn = next(iter(st.ready))
                 del st.ready[conn]
                 buf = dev.rx_pop()
-                if buf is None:
+                if buf is None or buf.capacity <= 0:
+                    if buf is not None:             # no room for data: wait for real buffers
+                        dev.rx_cancel(buf)
                     st.ready[conn] = None
                     break
                 try:
@@ -356,12 +365,10 @@ class Router:
             st.queued_ctrl -= 1
             return self._deliver(st, buf, hdr, 0)
         n = min(len(data), buf.capacity)
-        if n <= 0:
+        if n <= 0:                                  # header-only buffer: data must wait
             st.dev.rx_cancel(buf)
             self.stats["rx_buffer_too_small"] += 1
-            st.queue.popleft()
-            st.queued_bytes -= len(data)
-            return 0
+            raise _NoRoom
         copy_into(buf.payload, memoryview(data)[:n])
         if n < len(data):                       # split: EOM/EOR belong to the last piece
             piece = hdr.copy(len=n, flags=hdr.flags & ~(SEQ_EOM | SEQ_EOR)
