@@ -234,7 +234,7 @@ def recv_message(sock: socket.socket) -> Message:
     """Blocking receive of one whole message (frontend side in tests)."""
     reader = MessageReader(sock)
     while True:
-        msgs = reader.read()
+        msgs = reader.read(max_messages=1)
         if msgs:
             return msgs[0]
         if reader.eof:

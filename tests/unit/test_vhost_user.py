@@ -1,0 +1,489 @@
+"""vhost-user codec, the protocol session over a real socketpair, and VsockDevice driven by a
+fake frontend (what QEMU does) over an in-memory guest."""
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import select
+import socket
+import struct
+import threading
+
+import pytest
+
+from vmlab.vsock import vhost_user as vu
+from vmlab.vsock.device import VsockDevice
+from vmlab.vsock.memory import RegionSpec
+from vmlab.vsock.virtqueue import VRING_DESC_F_NEXT, VRING_DESC_F_WRITE
+
+MiB = 1 << 20
+UVA = 0x7F1200000000
+PF = (1 << vu.PROTOCOL_F_REPLY_ACK) | (1 << vu.PROTOCOL_F_CONFIG) | (1 << vu.PROTOCOL_F_MQ)
+HDR = struct.Struct("<QQIIIHHIII")
+OP_REQUEST, OP_RST = 1, 3
+
+
+# -- codec ------------------------------------------------------------------------------
+def test_header_roundtrip():
+    data = vu.encode(vu.Message(vu.GET_FEATURES, vu.VERSION | vu.FLAG_NEED_REPLY, b"12345678"))
+    assert data[:12] == struct.pack("<III", 1, 0x9, 8)
+    assert vu.decode_header(data[:12]) == (1, 0x9, 8)
+
+
+@pytest.mark.parametrize("header", [struct.pack("<III", 1, 0, 0), struct.pack("<III", 1, 2, 0),
+                                    struct.pack("<III", 1, 1, 1 << 20)])
+def test_bad_headers(header):
+    with pytest.raises(vu.ProtocolError):
+        vu.decode_header(header)
+
+
+def test_payload_codecs_roundtrip():
+    assert vu.decode_u64(vu.encode_u64(0x1234_5678_9ABC)) == 0x1234_5678_9ABC
+    state = vu.VringState(1, 128)
+    assert vu.decode_vring_state(vu.encode_vring_state(state)) == state
+    addr = vu.VringAddr(1, 0, 0x7F00_0000_1000, 0x7F00_0000_3000, 0x7F00_0000_2000, 0)
+    raw = vu.encode_vring_addr(addr)
+    assert len(raw) == 40 and struct.unpack_from("<Q", raw, 16)[0] == addr.used
+    assert vu.decode_vring_addr(raw) == addr
+    regions = [RegionSpec(0, MiB, UVA, 0), RegionSpec(4 * MiB, MiB, UVA + 4 * MiB, 4096)]
+    table = vu.encode_mem_table(regions)
+    assert len(table) == 8 + 2 * 32
+    assert vu.decode_mem_table(table) == regions
+    cfg = vu.ConfigMsg(0, 8, 0, struct.pack("<Q", 3))
+    assert vu.decode_config(vu.encode_config(cfg)) == cfg
+
+
+@pytest.mark.parametrize("fn,payload", [
+    (vu.decode_u64, b"1234"),
+    (vu.decode_vring_state, b"\0" * 7),
+    (vu.decode_vring_addr, b"\0" * 39),
+    (vu.decode_mem_table, struct.pack("<II", 2, 0) + b"\0" * 32),
+    (vu.decode_mem_table, struct.pack("<II", 9, 0) + b"\0" * 9 * 32),
+    (vu.decode_config, struct.pack("<III", 0, 4096, 0)),
+])
+def test_short_or_oversized_payloads(fn, payload):
+    with pytest.raises(vu.ProtocolError):
+        fn(payload)
+
+
+# -- message reader over a socketpair -----------------------------------------------------
+def test_fds_travel_with_their_message():
+    a, b = socket.socketpair()
+    efd = os.eventfd(0)
+    vu.send_message(a, vu.Message(vu.GET_FEATURES))
+    vu.send_message(a, vu.Message(vu.SET_VRING_KICK, payload=vu.encode_u64(1), fds=[efd]))
+    b.setblocking(False)
+    reader = vu.MessageReader(b)
+    msgs = reader.read()
+    assert [m.request for m in msgs] == [vu.GET_FEATURES, vu.SET_VRING_KICK]
+    assert msgs[0].fds == [] and len(msgs[1].fds) == 1
+    os.write(msgs[1].fds[0], (1).to_bytes(8, "little"))     # the same eventfd
+    assert int.from_bytes(os.read(efd, 8), "little") == 1
+    vu.close_fds(msgs[1].fds)
+    for s in (a, b):
+        s.close()
+    os.close(efd)
+
+
+def test_too_many_fds_is_a_protocol_error():
+    a, b = socket.socketpair()
+    fds = [os.eventfd(0) for _ in range(vu.MAX_FDS + 1)]
+    vu.send_message(a, vu.Message(vu.SET_MEM_TABLE, payload=b"\0" * 8, fds=fds))
+    b.setblocking(False)
+    with pytest.raises(vu.ProtocolError):
+        vu.MessageReader(b).read()
+    for fd in fds:
+        os.close(fd)
+    a.close()
+    b.close()
+
+
+# -- session with a recording listener --------------------------------------------------
+class Recorder:
+    def __init__(self) -> None:
+        self.changed: list[int] = []
+        self.stopped: list[int] = []
+        self.resets: list[str] = []
+
+    def vring_changed(self, index: int) -> None:
+        self.changed.append(index)
+
+    def vring_stop(self, index: int) -> int:
+        self.stopped.append(index)
+        return 42
+
+    def session_reset(self, reason: str) -> None:
+        self.resets.append(reason)
+
+    def before_memory_change(self) -> None:
+        pass
+
+    def config_space(self) -> bytes:
+        return struct.pack("<Q", 9)
+
+
+@pytest.fixture
+def session():
+    front, back = socket.socketpair()
+    rec = Recorder()
+    s = vu.VhostUserSession(back, rec, name="t")
+
+    def call(request, payload=b"", fds=(), flags=vu.VERSION, reply=True):
+        vu.send_message(front, vu.Message(request, flags, payload, list(fds)))
+        alive = s.on_readable()
+        if not reply:
+            return alive
+        front.settimeout(5)
+        return vu.recv_message(front)
+
+    yield s, rec, call
+    s.close()
+    front.close()
+
+
+def test_feature_negotiation(session):
+    s, _, call = session
+    features = vu.decode_u64(call(vu.GET_FEATURES).payload)
+    for bit in (32, 28, 29, 1, 30):
+        assert features >> bit & 1
+    assert vu.decode_u64(call(vu.GET_PROTOCOL_FEATURES).payload) & PF == PF
+    call(vu.SET_PROTOCOL_FEATURES, vu.encode_u64(PF), reply=False)
+    call(vu.SET_FEATURES, vu.encode_u64(features), reply=False)
+    assert s.has_feature(vu.VIRTIO_VSOCK_F_SEQPACKET)
+    assert vu.decode_u64(call(vu.GET_QUEUE_NUM).payload) == 2
+
+
+def test_need_reply_acks_success_and_failure(session):
+    s, _, call = session
+    call(vu.SET_PROTOCOL_FEATURES, vu.encode_u64(PF), reply=False)
+    ack = call(vu.SET_OWNER, flags=vu.VERSION | vu.FLAG_NEED_REPLY)
+    assert ack.flags & vu.FLAG_REPLY and vu.decode_u64(ack.payload) == 0
+    nack = call(200, flags=vu.VERSION | vu.FLAG_NEED_REPLY)          # unknown request
+    assert vu.decode_u64(nack.payload) != 0
+    nack = call(vu.SET_CONFIG, vu.encode_config(vu.ConfigMsg(0, 8, 0, b"\0" * 8)),
+                flags=vu.VERSION | vu.FLAG_NEED_REPLY)
+    assert vu.decode_u64(nack.payload) != 0
+    assert call(vu.SET_FEATURES, vu.encode_u64(1 << 5), reply=False)   # not offered: refused
+    assert s.features == 0
+    assert not s.closed
+
+
+def test_get_config_returns_the_cid(session):
+    _, _, call = session
+    reply = call(vu.GET_CONFIG, vu.encode_config(vu.ConfigMsg(0, 8, 0, b"\0" * 8)))
+    assert vu.decode_config(reply.payload).data == struct.pack("<Q", 9)
+    bad = call(vu.GET_CONFIG, vu.encode_config(vu.ConfigMsg(4, 8, 0, b"\0" * 8)))
+    assert vu.decode_config(bad.payload).size == 0
+
+
+def test_vring_fds_and_base(session):
+    s, rec, call = session
+    kick = os.eventfd(0)
+    call(vu.SET_VRING_KICK, vu.encode_u64(1), fds=[kick], reply=False)
+    assert s.vrings[1].started and s.vrings[1].kick_fd is not None
+    assert rec.changed[-1] == 1
+    call(vu.SET_VRING_CALL, vu.encode_u64(0 | vu.VRING_NOFD), reply=False)
+    assert s.vrings[0].call_fd is None
+    reply = call(vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(1, 0)))
+    assert vu.decode_vring_state(reply.payload) == vu.VringState(1, 42)
+    assert rec.stopped == [1] and not s.vrings[1].started and s.vrings[1].kick_fd is None
+    os.close(kick)
+
+
+def test_missing_fd_disconnects(session):
+    s, _, call = session
+    assert call(vu.SET_VRING_KICK, vu.encode_u64(0), reply=False) is False
+
+
+def test_bad_version_disconnects(session):
+    _, _, call = session
+    assert call(vu.GET_FEATURES, flags=0x2, reply=False) is False
+
+
+def test_reset_device_forgets_rings(session):
+    s, rec, call = session
+    kick = os.eventfd(0)
+    call(vu.SET_VRING_KICK, vu.encode_u64(0), fds=[kick], reply=False)
+    call(vu.RESET_DEVICE, reply=False)
+    assert rec.resets and s.vrings[0].kick_fd is None and not s.vrings[0].started
+    os.close(kick)
+
+
+# -- VsockDevice with a fake frontend ----------------------------------------------------
+RINGS = {0: (0x0000, 0x1000, 0x2000), 1: (0x4000, 0x5000, 0x6000)}
+RX_DATA, TX_DATA, QSIZE = 0x10000, 0x40000, 16
+
+
+class RstHandler:
+    """Answers every REQUEST with RST, like the integration test's handler."""
+
+    def __init__(self) -> None:
+        self.packets: list[tuple] = []
+        self.payloads: list[bytes] = []
+        self.resets: list[str] = []
+        self.pending: list[bytes] = []
+        self.event = threading.Event()
+
+    def on_tx_packet(self, dev, header, payload):
+        fields = HDR.unpack(header)
+        self.packets.append(fields)
+        self.payloads.append(b"".join(bytes(v) for v in payload))
+        if fields[6] == OP_REQUEST:
+            self.pending.append(HDR.pack(fields[1], fields[0], fields[3], fields[2], 0,
+                                         fields[5], OP_RST, 0, 0, 0))
+            self.on_rx_ready(dev)
+        self.event.set()
+
+    def on_rx_ready(self, dev):
+        while self.pending:
+            buf = dev.rx_pop()
+            if buf is None:
+                return
+            dev.rx_push(buf, self.pending.pop(0), 0)
+
+    def on_device_reset(self, dev, reason):
+        self.resets.append(reason)
+        self.event.set()
+
+
+class FakeQemu:
+    """Plays QEMU: memfd guest RAM, rings, eventfds, and the driver side of both queues."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        self.sock.settimeout(5)
+        self.fd = os.memfd_create("fake-guest")
+        os.ftruncate(self.fd, MiB)
+        self.raw = mmap.mmap(self.fd, MiB)
+        self.kick = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
+        self.call = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
+        self.avail = {0: 0, 1: 0}
+        self.next_desc = {0: 0, 1: 0}
+
+    def close(self) -> None:
+        self.sock.close()
+        self.raw.close()
+        for fd in [self.fd, *self.kick.values(), *self.call.values()]:
+            os.close(fd)
+
+    def send(self, request, payload=b"", fds=(), need_reply=False):
+        flags = vu.VERSION | (vu.FLAG_NEED_REPLY if need_reply else 0)
+        vu.send_message(self.sock, vu.Message(request, flags, payload, list(fds)))
+        if need_reply or request in (vu.GET_FEATURES, vu.GET_VRING_BASE, vu.GET_CONFIG,
+                                     vu.GET_PROTOCOL_FEATURES):
+            return vu.recv_message(self.sock)
+        return None
+
+    def setup(self, features=None, indirect=False):
+        offered = vu.decode_u64(self.send(vu.GET_FEATURES).payload)
+        self.send(vu.SET_PROTOCOL_FEATURES, vu.encode_u64(PF))
+        self.send(vu.SET_OWNER)
+        if features is None:
+            features = (1 << 32) | (1 << 30) | (1 << 29) | (1 << vu.VIRTIO_VSOCK_F_SEQPACKET)
+            if indirect:
+                features |= 1 << 28
+        assert features & ~offered == 0
+        self.send(vu.SET_FEATURES, vu.encode_u64(features))
+        table = vu.encode_mem_table([RegionSpec(0, MiB, UVA, 0)])
+        assert vu.decode_u64(self.send(vu.SET_MEM_TABLE, table, [self.fd], True).payload) == 0
+        self.raw[:0x8000] = bytes(0x8000)
+        for q, (desc, avail, used) in RINGS.items():
+            self.avail[q] = 0
+            self.next_desc[q] = 0
+            self.send(vu.SET_VRING_NUM, vu.encode_vring_state(vu.VringState(q, QSIZE)))
+            self.send(vu.SET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0)))
+            self.send(vu.SET_VRING_ADDR, vu.encode_vring_addr(
+                vu.VringAddr(q, 0, UVA + desc, UVA + used, UVA + avail, 0)))
+            self.send(vu.SET_VRING_KICK, vu.encode_u64(q), [self.kick[q]])
+            self.send(vu.SET_VRING_CALL, vu.encode_u64(q), [self.call[q]])
+            ack = self.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(q, 1)),
+                            need_reply=True)
+            assert vu.decode_u64(ack.payload) == 0
+
+    def _desc(self, q, addr, length, flags, nxt=0):
+        i = self.next_desc[q]
+        self.next_desc[q] = (i + 1) % QSIZE
+        struct.pack_into("<QIHH", self.raw, RINGS[q][0] + 16 * i, addr, length, flags, nxt)
+        return i
+
+    def _publish(self, q, head):
+        avail = RINGS[q][1]
+        struct.pack_into("<H", self.raw, avail + 4 + 2 * (self.avail[q] % QSIZE), head)
+        self.avail[q] = (self.avail[q] + 1) & 0xFFFF
+        struct.pack_into("<H", self.raw, avail + 2, self.avail[q])
+        os.write(self.kick[q], (1).to_bytes(8, "little"))
+
+    def add_rx_buffer(self, slot, split=False):
+        base = RX_DATA + slot * 0x2000
+        if split:      # 10 + 34 header bytes, then the payload buffer
+            c = (self.next_desc[0] + 1) % QSIZE
+            head = self._desc(0, base, 10, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, c)
+            self._desc(0, base + 10, 34, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, (c + 1) % QSIZE)
+            self._desc(0, base + 44, 4096, VRING_DESC_F_WRITE)
+        else:
+            head = self._desc(0, base, 44 + 4096, VRING_DESC_F_WRITE)
+        self._publish(0, head)
+
+    def send_packet(self, header, payload=b"", slot=0, split_at=None):
+        base = TX_DATA + slot * 0x2000
+        self.raw[base:base + len(header) + len(payload)] = header + payload
+        cut = 44 if split_at is None else split_at
+        parts = [(base, cut), (base + cut, 44 - cut)] if cut < 44 else [(base, 44)]
+        if payload:
+            parts.append((base + 44, len(payload)))
+        first = self.next_desc[1]
+        for n, (addr, length) in enumerate(parts):
+            last = n == len(parts) - 1
+            self._desc(1, addr, length, 0 if last else VRING_DESC_F_NEXT,
+                       (first + n + 1) % QSIZE)
+        self._publish(1, first)
+
+    def used(self, q):
+        used = RINGS[q][2]
+        idx = struct.unpack_from("<H", self.raw, used + 2)[0]
+        return idx, [struct.unpack_from("<II", self.raw, used + 4 + 8 * i) for i in range(idx)]
+
+    def wait_call(self, q, timeout=5.0) -> bool:
+        r, _, _ = select.select([self.call[q]], [], [], timeout)
+        if r:
+            os.read(self.call[q], 8)
+        return bool(r)
+
+
+def request_header(src_port=1000, dst_port=1234):
+    return HDR.pack(7, 2, src_port, dst_port, 0, 1, OP_REQUEST, 0, 65536, 0)
+
+
+@pytest.fixture
+def running(tmp_path):
+    loop = asyncio.new_event_loop()
+    handler = RstHandler()
+    dev = VsockDevice("t", 7, str(tmp_path / "t.vhost-user.sock"), loop, handler)
+    dev.start()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    fakes: list[FakeQemu] = []
+
+    def connect() -> FakeQemu:
+        fake = FakeQemu(dev.socket_path)
+        fakes.append(fake)
+        return fake
+
+    yield dev, handler, connect
+    loop.call_soon_threadsafe(dev.close)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(5)
+    for fake in fakes:
+        fake.close()
+    loop.close()
+    assert not os.path.exists(dev.socket_path)
+
+
+def sync(fake: FakeQemu) -> None:
+    """A round trip through the device's loop: everything sent before is handled."""
+    fake.send(vu.GET_FEATURES)
+
+
+def test_device_config_space_has_the_cid(running):
+    _, _, connect = running
+    fake = connect()
+    reply = fake.send(vu.GET_CONFIG, vu.encode_config(vu.ConfigMsg(0, 8, 0, b"\0" * 8)))
+    assert vu.decode_config(reply.payload).data == struct.pack("<Q", 7)
+
+
+@pytest.mark.parametrize("split_hdr,split_rx", [(None, False), (20, True)])
+def test_request_gets_rst_through_both_rings(running, split_hdr, split_rx):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    assert dev.seqpacket
+    fake.add_rx_buffer(0, split=split_rx)
+    fake.send_packet(request_header(), b"hello", split_at=split_hdr)
+    assert fake.wait_call(0), "no rx interrupt"
+    assert handler.packets[0][6] == OP_REQUEST and handler.payloads == [b"hello"]
+    idx, elems = fake.used(0)
+    assert idx == 1 and elems[0][1] == 44
+    reply = HDR.unpack(fake.raw[RX_DATA:RX_DATA + 44])
+    assert reply[6] == OP_RST and reply[0] == 2 and reply[1] == 7 and reply[3] == 1000
+    assert fake.used(1) == (1, [(0, 0)])
+    assert dev.stats["tx_packets"] == 1 and dev.stats["rx_packets"] == 1
+
+
+def test_rst_waits_for_an_rx_buffer(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.send_packet(request_header())
+    assert fake.wait_call(1)                       # tx completed, no rx buffer yet
+    assert fake.used(0)[0] == 0
+    fake.add_rx_buffer(0)                          # the kick makes on_rx_ready deliver it
+    assert fake.wait_call(0)
+    assert HDR.unpack(fake.raw[RX_DATA:RX_DATA + 44])[6] == OP_RST
+
+
+def test_guest_fault_breaks_device_once_until_reset(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    struct.pack_into("<QIHH", fake.raw, RINGS[1][0], TX_DATA, 44, VRING_DESC_F_NEXT, 0)  # loop
+    fake._publish(1, 0)
+    assert handler.event.wait(5)
+    sync(fake)
+    assert dev.broken and "loop" in dev.broken
+    assert len(handler.resets) == 1 and dev.stats["errors"] == 1
+    fake.send_packet(request_header(), slot=1)     # ignored while broken
+    sync(fake)
+    assert handler.packets == []
+    for q in (0, 1):                               # the guest resets the device
+        fake.send(vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0)))
+    assert len(handler.resets) == 1                # same incident, reported once
+    fake.setup()
+    sync(fake)
+    assert dev.broken is None
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)
+    assert HDR.unpack(fake.raw[RX_DATA:RX_DATA + 44])[6] == OP_RST
+
+
+def test_get_vring_base_stops_and_reports_one_reset(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)
+    bases = [vu.decode_vring_state(
+        fake.send(vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0))).payload).num
+        for q in (0, 1)]
+    assert bases == [1, 1]
+    assert len(handler.resets) == 1
+
+
+def test_frontend_eof_resets_and_a_new_frontend_works(running):
+    dev, handler, connect = running
+    first = connect()
+    first.setup()
+    second = connect()                             # refused while the first is connected
+    assert second.sock.recv(1) == b""
+    first.sock.close()
+    assert handler.event.wait(5)
+    assert handler.resets == ["frontend disconnected"]
+    third = connect()
+    third.setup()
+    third.add_rx_buffer(0)
+    third.send_packet(request_header())
+    assert third.wait_call(0)
+    assert HDR.unpack(third.raw[RX_DATA:RX_DATA + 44])[6] == OP_RST
+
+
+def test_malformed_message_drops_only_that_frontend(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.sock.sendall(struct.pack("<III", vu.GET_FEATURES, 0x2, 0))   # version 2
+    assert fake.sock.recv(1) == b""
+    again = connect()
+    assert vu.decode_u64(again.send(vu.GET_FEATURES).payload) == vu.DEVICE_FEATURES
