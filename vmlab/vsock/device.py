@@ -182,7 +182,7 @@ class VsockDevice:
             if chain.write_len < HDR_LEN:
                 chain.release()
                 raise VirtqueueError(f"{q.name}: rx buffer of {chain.write_len} bytes < header")
-        except VirtqueueError as exc:
+        except (VirtqueueError, ValueError) as exc:
             self._fault(str(exc))
             return None
         buf = _split_header(chain)
@@ -242,7 +242,7 @@ class VsockDevice:
                 try:
                     if q.flush():
                         self.stats["interrupts"] += 1
-                except VirtqueueError as exc:
+                except (VirtqueueError, ValueError) as exc:
                     self._fault(str(exc))
                     return
 
@@ -474,6 +474,14 @@ class VsockDevice:
 
     # -- kicks ------------------------------------------------------------------------
     def _on_kick(self, index: int) -> None:
+        try:
+            self._kick(index)
+        except Exception as exc:              # a bug must not take the whole backend down
+            self.stats["errors"] += 1
+            log.exception("%s: kick handling failed", self.name)
+            self._fault(f"internal error: {exc}")
+
+    def _kick(self, index: int) -> None:
         fd = self._kick_fds[index]
         if fd is None:
             return
@@ -538,7 +546,7 @@ class VsockDevice:
                     return
                 if not q.enable_notification():
                     return
-        except VirtqueueError as exc:
+        except (VirtqueueError, ValueError) as exc:
             self._fault(str(exc))
 
     def _tx_chain(self, chain: DescChain) -> None:
