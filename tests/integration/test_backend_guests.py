@@ -57,7 +57,16 @@ class Guest:
                                    codec_errors="replace", timeout=timeout,
                                    logfile=open(log, "w"))
         self.child.expect("VMLAB-READY")
-        self.run("stty -echo 2>/dev/null; PS1=''", timeout=30)
+        # ash's line editor asks the terminal for the cursor position (ESC[6n) and may eat
+        # input typed meanwhile: wait for the prompt, then retry the first command if needed
+        self.child.expect(r"# ", timeout=60)
+        for attempt in range(6):
+            try:
+                self.run("stty -echo 2>/dev/null; PS1=''", timeout=10)
+                return
+            except pexpect.TIMEOUT:
+                if attempt == 5:
+                    raise
 
     def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
         """Run a shell command; returns (rc, output)."""
@@ -332,3 +341,70 @@ def test_pcap_capture_and_stats_over_the_control_socket(lab) -> None:
         rows = [r.split("\t") for r in out.splitlines() if r]
         assert ["3", "9998", "1"] in rows              # the guest's REQUEST
         assert any(r[0] == "2" and r[2] == "2" for r in rows)   # our RESPONSE
+
+
+def test_transport_reset_fault_resets_live_connections(lab) -> None:
+    g0 = lab.guests[0]
+    g0.start("vmlab-guest listen 5100 --once", "/tmp/l5100")
+    wait_event(g0, "/tmp/l5100", "listening")
+    with host_connect(3, 5100, endpoint=g0.endpoint, timeout=30) as conn:
+        conn.sendall(b"before the reset")
+        wait_event(g0, "/tmp/l5100", "accepted")
+        reply = lab.backend.control({"cmd": "fault", "kind": "transport_reset", "vm": "g0"})
+        assert reply["ok"] and reply["reset"] >= 1
+        conn.settimeout(30)
+        try:
+            assert conn.recv(100) == b""
+        except ConnectionResetError:
+            pass
+    # Linux ends the guest socket on RST: EOF after the data (6.1), ECONNRESET on newer kernels
+    ev = wait_event(g0, "/tmp/l5100", "received")          # "error" also ends the wait
+    assert (ev["event"] == "received" and ev["bytes"] == 16) or ev.get("errno") == 104, ev
+    assert lab.backend.control({"cmd": "stats"})["hybrid"]["connections"] == 0
+
+
+def test_drop_fault_loses_one_request_then_connects(lab) -> None:
+    g0 = lab.guests[0]
+    with host_listen(5200, vms=[g0.endpoint]) as listener:
+        assert lab.backend.control({"cmd": "fault", "kind": "drop", "vm": "g0", "direction": "tx",
+                                    "op": "REQUEST", "port": 5200, "count": 1})["ok"]
+        try:
+            rc, out = g0.run("vmlab-guest connect 2 5200 --timeout 3", timeout=30)
+            assert rc != 0
+            err = [e for e in events(out) if e["event"] == "error"]
+            assert err and err[0]["errno"] == 110, out       # ETIMEDOUT: the REQUEST vanished
+            rc, out = g0.run('vmlab-guest connect 2 5200 --send "second try"', timeout=30)
+            assert rc == 0, out
+            with listener.accept(timeout=30) as conn:
+                conn.settimeout(30)
+                assert conn.recv_all() == b"second try"
+        finally:
+            lab.backend.control({"cmd": "fault", "kind": "clear"})
+    stats = lab.backend.control({"cmd": "stats"})["stats"]
+    assert stats["fault_drop"] == 1
+
+
+def test_a_dying_vm_takes_down_neither_the_backend_nor_its_peer(lab) -> None:
+    g0, g1 = lab.guests
+    g1.start("vmlab-guest listen 5300 --once", "/tmp/l5300")
+    wait_event(g1, "/tmp/l5300", "listening")
+    conn = host_connect(4, 5300, endpoint=g1.endpoint, timeout=30)
+    with conn:
+        conn.sendall(b"x")
+        g1.kill()                                           # qemu gone mid-connection
+        conn.settimeout(30)
+        try:
+            assert conn.recv(10) == b""
+        except ConnectionResetError:
+            pass
+    assert lab.backend.running()
+    stats = lab.backend.control({"cmd": "stats"})
+    assert stats["vms"]["g1"]["connected"] is False and stats["hybrid"]["connections"] == 0
+    with host_listen(9997, vms=[g0.endpoint]) as listener:   # the peer VM still works
+        rc, out = g0.run('vmlab-guest connect 2 9997 --send "still here"')
+        assert rc == 0, out
+        with listener.accept(timeout=30) as c:
+            c.settimeout(30)
+            assert c.recv_all() == b"still here"
+    rc, out = g0.run("vmlab-guest connect 4 80 --timeout 5", timeout=30)   # dead VM: fails
+    assert rc != 0
