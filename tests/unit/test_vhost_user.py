@@ -309,6 +309,10 @@ class FakeQemu:
         return i
 
     def _publish(self, q, head):
+        for ring in (0, 1):     # like virtqueue_enable_cb(): interrupt on the next used entry
+            _, avail_area, used_area = RINGS[ring]
+            used_idx = struct.unpack_from("<H", self.raw, used_area + 2)[0]
+            struct.pack_into("<H", self.raw, avail_area + 4 + 2 * QSIZE, used_idx)
         avail = RINGS[q][1]
         struct.pack_into("<H", self.raw, avail + 4 + 2 * (self.avail[q] % QSIZE), head)
         self.avail[q] = (self.avail[q] + 1) & 0xFFFF
@@ -487,3 +491,82 @@ def test_malformed_message_drops_only_that_frontend(running):
     assert fake.sock.recv(1) == b""
     again = connect()
     assert vu.decode_u64(again.send(vu.GET_FEATURES).payload) == vu.DEVICE_FEATURES
+
+
+def in_loop(dev: VsockDevice, fn):
+    """Run fn on the device's loop thread (device methods are not thread-safe)."""
+    import concurrent.futures
+    fut: concurrent.futures.Future = concurrent.futures.Future()
+
+    def run():
+        try:
+            fut.set_result(fn())
+        except BaseException as exc:   # pragma: no cover - surfaced by result()
+            fut.set_exception(exc)
+    dev.loop.call_soon_threadsafe(run)
+    return fut.result(5)
+
+
+def test_rx_cancel_puts_back_newest_and_reuses_older(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    for slot in range(3):
+        fake.add_rx_buffer(slot)
+    sync(fake)
+    a, b = in_loop(dev, lambda: (dev.rx_pop(), dev.rx_pop()))
+    assert a.head == 0 and b.head == 1 and a.capacity == 4096
+    in_loop(dev, lambda: dev.rx_cancel(a))         # older: kept aside, handed out next
+    assert in_loop(dev, dev.rx_pop) is a
+    in_loop(dev, lambda: dev.rx_cancel(b))         # newest from the ring: un-popped
+    c = in_loop(dev, dev.rx_pop)
+    assert c is not b and c.head == 1
+    in_loop(dev, lambda: (dev.rx_push(c, request_header(), 0),
+                          dev.rx_push(a, request_header(), 0)))
+    assert fake.wait_call(0)
+    sync(fake)
+    assert fake.used(0) == (2, [(1, 44), (0, 44)])
+    assert dev.stats["interrupts"] == 1               # one batch, one interrupt
+    d = in_loop(dev, dev.rx_pop)
+    with pytest.raises(ValueError):
+        in_loop(dev, lambda: dev.rx_push(d, b"short", 0))
+    with pytest.raises(ValueError):
+        in_loop(dev, lambda: dev.rx_push(d, request_header(), d.capacity + 1))
+
+
+def test_stop_returns_buffers_in_flight_and_ignores_stale_ones(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.add_rx_buffer(1)
+    sync(fake)
+    held = in_loop(dev, dev.rx_pop)
+    view = held.payload[0]
+    view[:4] = b"data"
+    fake.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(0, 0)))
+    base = vu.decode_vring_state(fake.send(
+        vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(0, 0))).payload).num
+    assert base == 1
+    assert fake.used(0) == (1, [(0, 0)])           # handed back empty, ring accounting intact
+    assert handler.resets
+    in_loop(dev, lambda: dev.rx_push(held, request_header(), 4))   # stale: ignored
+    assert fake.used(0)[0] == 1
+    with pytest.raises(ValueError):
+        view[:1]                                   # views were released
+
+
+def test_memory_table_change_while_running(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header(src_port=1))
+    assert fake.wait_call(0)
+    table = vu.encode_mem_table([RegionSpec(0, MiB, UVA, 0)])
+    assert vu.decode_u64(fake.send(vu.SET_MEM_TABLE, table, [fake.fd], True).payload) == 0
+    fake.add_rx_buffer(1)
+    fake.send_packet(request_header(src_port=2), slot=1)
+    assert fake.wait_call(0)
+    assert fake.used(0)[0] == 2 and not dev.broken
+    assert [p[2] for p in handler.packets] == [1, 2]
