@@ -574,6 +574,9 @@ static int cmd_info(void)
 	if (ioctl(fd, IOCTL_VM_SOCKETS_GET_LOCAL_CID, &cid) < 0)
 		fail("ioctl", errno);
 	close(fd);
+	/* The virtio transport answers VMADDR_CID_ANY while no vsock device is present. */
+	if (cid == VMADDR_CID_ANY)
+		fail("info", ENODEV);
 	emit("{\"event\":\"info\",\"cid\":%lld}", show(cid));
 	return 0;
 }
