@@ -313,3 +313,37 @@ def test_a_thousand_concurrent_guest_connections(lab) -> None:
         assert s.recv(10) == b""
         s.close()
     srv.close()
+
+
+def test_host_close_sends_shutdown_then_rst_after_the_close_timeout(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_6"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1025, 2, 6)
+    host, _ = srv.accept()
+    a.take()
+    host.close()
+    spin(loop, lambda: any(h.op == Op.RST for h, _ in a.got))   # close_timeout is 0.2 s here
+    got = [(h.op, h.flags) for h, _ in a.take()]
+    assert got == [(Op.SHUTDOWN, SHUTDOWN_BOTH), (Op.RST, 0)]
+    assert router.hybrid.conns == {}
+    srv.close()
+
+
+def test_delay_and_rst_faults(lab) -> None:
+    loop, router, a, b, *_ = lab
+    router.faults.rules.append(FaultInjector.parse({"kind": "delay", "delay_ms": 50,
+                                                    "op": "REQUEST", "count": 1}))
+    tx(router, a, Op.REQUEST, 1000, 4, 80)
+    assert b.got == []
+    spin(loop, lambda: bool(b.got))
+    assert [h.op for h, _ in b.take()] == [Op.REQUEST]
+    tx(router, b, Op.RESPONSE, 80, 3, 1000)
+    a.take()
+    router.faults.rules[:] = [FaultInjector.parse({"kind": "rst", "vm": "a", "direction": "tx",
+                                                   "port": 80})]
+    tx(router, a, Op.RW, 1000, 4, 80, b"lost")
+    assert [(h.op, h.src_cid, h.dst_cid) for h, _ in b.take()] == [(Op.RST, 3, 4)]
+    assert [(h.op, h.src_cid, h.dst_cid) for h, _ in a.take()] == [(Op.RST, 4, 3)]
+    assert router.stats["fault_rst"] == 1 and router.flows == {}
