@@ -73,3 +73,38 @@ def test_socket_path_in_use_by_a_directory_fails_cleanly(run_dir: Path) -> None:
         bp.start(timeout=20)
     assert "startup failed" in str(ei.value)
     assert not (run_dir / "vm0.vu").exists()                 # the device socket was unlinked
+
+
+def test_backend_dies_with_a_killed_parent(run_dir: Path) -> None:
+    import json
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = (
+        "import json, sys, time\n"
+        "from pathlib import Path\n"
+        "from vmlab.vsock.process import BackendProcess\n"
+        f"bp = BackendProcess(json.loads({json.dumps(json.dumps(_config(run_dir, 1)))}), "
+        f"Path({str(run_dir)!r}))\n"
+        "bp.start(timeout=20)\n"
+        "print(bp.pid, flush=True)\n"
+        "time.sleep(60)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        pid = int(parent.stdout.readline())
+        os.kill(pid, 0)                                      # the backend runs
+        parent.send_signal(signal.SIGKILL)                   # no cleanup code runs in it
+        parent.wait()
+        for _ in range(100):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    finally:
+        parent.kill()
+        parent.wait()
