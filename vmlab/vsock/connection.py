@@ -379,6 +379,13 @@ class Connection:
     def on_writable(self) -> None:
         """The host socket drained: write what we kept."""
         try:
+            self._flush_out()
+        except Exception:                       # a bug here must cost one connection only
+            log.exception("%r: flushing to the host failed", self)
+            self._destroy("internal error") if self.lingering else self.reset("internal error")
+
+    def _flush_out(self) -> None:
+        try:
             while self.out:
                 data, flags = self.out[0]
                 if self.type == Type.SEQPACKET:
@@ -474,7 +481,11 @@ class Connection:
         # don't spin on a readable socket while the guest may have no buffers: the router
         # calls fill() when it has one, and we re-arm the reader when the socket runs dry
         self._stop_reading()
-        self.env.want_rx(self)
+        try:
+            self.env.want_rx(self)
+        except Exception:
+            log.exception("%r: rx failed", self)
+            self.reset("internal error")
 
     def fill(self, buf: RxBufferLike) -> Header | None:
         """Move host data into one guest rx buffer. Returns the header to push, or None when
