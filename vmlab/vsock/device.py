@@ -103,7 +103,8 @@ class VsockDevice:
         self._queues: list[Virtqueue | None] = [None, None]
         self._sigs: list[tuple | None] = [None, None]
         self._kick_fds: list[int | None] = [None, None]
-        self._saved_base: list[int | None] = [None, None]
+        # next avail idx of a paused/broken ring, with the SET_VRING_BASE count it is newer than
+        self._saved_base: list[tuple[int, int] | None] = [None, None]
         self._remap: list[bool] = [False, False]
         self._up = False                    # rings ran since the last incident
         self._reset_seen = True             # a reset happened since the device broke
@@ -298,7 +299,7 @@ class VsockDevice:
             if q is not None:
                 try:
                     q.flush()
-                except VirtqueueError as exc:
+                except (VirtqueueError, ValueError) as exc:
                     self._fault(str(exc))
                 if self._queues[index] is q:
                     q.release()
@@ -316,8 +317,7 @@ class VsockDevice:
         q = self._queues[index]
         self._set_kick_reader(index, None)
         if q is None:
-            base = self._saved_base[index]
-            base = session.vrings[index].base if base is None else base
+            base = self._base_for(index)
         else:
             if index == RX:
                 self._return_rx_buffers(q)
@@ -357,7 +357,7 @@ class VsockDevice:
                     if index == RX:
                         self._return_rx_buffers(q)
                     q.flush()
-                self._saved_base[index] = q.last_avail
+                self._save_base(index, q)
                 self._drop_queue(index)
             return
         assert cfg.addr is not None
@@ -370,14 +370,13 @@ class VsockDevice:
             try:
                 q.flush()
             finally:
-                self._saved_base[index] = q.last_avail
+                self._save_base(index, q)
                 self._drop_queue(index)
                 q = None
         if q is None:
-            base = self._saved_base[index]
             q = Virtqueue(session.mem, cfg.num, cfg.addr.desc, cfg.addr.avail, cfg.addr.used,
                           event_idx=sig[4], indirect=sig[5], notify_on_empty=sig[6],
-                          next_avail=cfg.base if base is None else base,
+                          next_avail=self._base_for(index),
                           name=f"{self.name}.{'rx' if index == RX else 'tx'}")
             self._queues[index] = q
             self._sigs[index] = sig
@@ -398,6 +397,19 @@ class VsockDevice:
                 self._schedule_tx()
             else:
                 self.loop.call_soon(self._rx_ready)
+
+    def _save_base(self, index: int, q: Virtqueue) -> None:
+        assert self._session is not None
+        self._saved_base[index] = (q.last_avail, self._session.vrings[index].base_seq)
+
+    def _base_for(self, index: int) -> int:
+        """Where a ring (re)starts: our saved position unless SET_VRING_BASE came after it."""
+        assert self._session is not None
+        cfg = self._session.vrings[index]
+        saved = self._saved_base[index]
+        if saved is not None and saved[1] == cfg.base_seq:
+            return saved[0]
+        return cfg.base
 
     def _drop_queue(self, index: int) -> None:
         q = self._queues[index]
@@ -459,7 +471,7 @@ class VsockDevice:
         for index in (RX, TX):
             q = self._queues[index]
             if q is not None:
-                self._saved_base[index] = q.last_avail
+                self._save_base(index, q)
                 self._drop_queue(index)
         self._incident(f"device broken: {reason}")
 

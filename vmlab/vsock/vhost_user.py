@@ -312,6 +312,7 @@ class VringConfig:
     num: int = 0
     addr: VringAddr | None = None
     base: int = 0
+    base_seq: int = 0                   # bumped by every SET_VRING_BASE
     kick_fd: int | None = None
     call_fd: int | None = None
     err_fd: int | None = None
@@ -528,7 +529,9 @@ class VhostUserSession:
         state = decode_vring_state(msg.payload)
         if state.num > 0xFFFF:
             raise RequestError(f"bad vring base {state.num}")
-        self._vring(state.index).base = state.num
+        v = self._vring(state.index)
+        v.base = state.num
+        v.base_seq += 1
 
     def _get_vring_base(self, msg: Message) -> bytes:
         state = decode_vring_state(msg.payload)
