@@ -1,5 +1,5 @@
 """A real QEMU (TCG) guest against VsockDevice: CID via GET_CONFIG, REQUEST -> RST through
-both rings, and a guest reset over QMP after which the device works again."""
+both rings, and a guest reset and a stop/cont over QMP after which the device works again."""
 from __future__ import annotations
 
 import asyncio
@@ -139,6 +139,11 @@ def test_guest_sees_cid_and_rst_survives_reset(qemu_device):
         assert handler.requests[-1] == (CID, 2, 1235)
         assert len(handler.resets) == 1
         assert dev.broken is None
+        qmp.cmd("stop")                                      # rings stop: one more incident
+        qmp.cmd("cont")
+        connect_fails_fast(guest, 1236)                      # and they run again after cont
+        assert handler.requests[-1] == (CID, 2, 1236)
+        assert len(handler.resets) == 2
         qmp.cmd("quit")
     finally:
         qmp.close()
