@@ -255,6 +255,15 @@ def test_vm_to_vm_message_and_4mib(lab) -> None:
     ev = wait_event(g1, "/tmp/l6001", "received", timeout=120)
     assert ev["bytes"] == 4 * MIB and ev["sha256"] == pattern_sha(4 * MIB)
 
+    # SEQPACKET between guests: 9000-byte messages cross 4 KiB rx buffers (split by the router)
+    g1.start("vmlab-guest listen 6002 --seqpacket --once", "/tmp/l6002")
+    wait_event(g1, "/tmp/l6002", "listening")
+    rc, out = g0.run("vmlab-guest connect 4 6002 --seqpacket --send-bytes 20000 --chunk 9000")
+    assert rc == 0, out
+    wait_event(g1, "/tmp/l6002", "received")
+    msgs = [e["len"] for e in events(g1.file("/tmp/l6002")) if e["event"] == "message"]
+    assert msgs == [9000, 9000, 2000]
+
 
 def test_seqpacket_keeps_message_boundaries(lab) -> None:
     g0 = lab.guests[0]
