@@ -63,8 +63,9 @@ class Endpoint:
         return found[-1] if found else None
 
     def received_bytes(self) -> int | None:
-        done = self._last("received")
-        return int(done["bytes"]) if done else None
+        """Bytes received over all of this endpoint's connections (None before any finished)."""
+        done = [int(e["bytes"]) for e in self.events if e.get("event") == "received"]
+        return sum(done) if done else None
 
     def sha256(self) -> str | None:
         done = self._last("received")

@@ -111,7 +111,7 @@ def listen_argv(port: int | str, *, cid: int | str = "any", type: str = "stream"
 
 def connect_argv(cid: int | str, port: int | str, *, type: str = "stream", send: str | None = None,
                  send_bytes: int | None = None, send_file: str | None = None, recv: bool = False,
-                 recv_bytes: int | None = None, timeout: float = 30.0) -> list[str]:
+                 recv_bytes: int | None = None, timeout: float = 30.0, chunk: int | None = None) -> list[str]:
     argv = [GUEST_HELPER, "connect", cid_arg(cid), port_arg(port)]
     argv += ["--seqpacket"] if type == "seqpacket" else []
     if send is not None:
@@ -122,6 +122,9 @@ def connect_argv(cid: int | str, port: int | str, *, type: str = "stream", send:
         argv += ["--send-file", str(send_file)]
     argv += ["--recv"] if recv else []
     argv += ["--recv-bytes", str(recv_bytes)] if recv_bytes is not None else []
+    if recv and recv_bytes is None:
+        argv.append("--shutdown")  # half-close after sending, so the peer (e.g. an echo server) sees EOF
+    argv += ["--chunk", str(chunk)] if chunk else []
     argv += ["--timeout", str(int(max(1, timeout)))]
     return argv
 

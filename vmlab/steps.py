@@ -210,7 +210,8 @@ class StepRunner:
         ep = self._add(GuestProcess(p.id, "guest_connect", vm))
         ep.start(connect_argv(self._resolve_cid(p.cid), p.port, type=p.type, send=p.send,
                               send_bytes=p.send_bytes, send_file=p.send_file, recv=p.recv,
-                              recv_bytes=p.recv_bytes, timeout=step.timeout))
+                              recv_bytes=p.recv_bytes, timeout=step.timeout,
+                              chunk=65536 if p.id in self._wants_messages else None))
         if step.background:
             return "started in the background"
         self._wait(f"{p.id} to finish", lambda: ep.finished, step.timeout, ep)
@@ -280,8 +281,9 @@ class StepRunner:
                     raise StepFailed(f"{p.id}: expected {what}, got: {ep.summary()}") from None
                 raise
         got = ep.received_data()
-        return f"{p.id} received {ep.received_bytes() if ep.received_bytes() is not None else len(got)} bytes" + (
-            f": {got[:80]!r}" if got else "")
+        count = ep.received_bytes() if ep.received_bytes() is not None else len(got)
+        shown = f": {got[:80]!r}" if got and got[:80].isprintable() else ""
+        return f"{p.id} received {count} bytes{shown}"
 
     def _sha_matches(self, ep: Endpoint, p: ExpectStep) -> bool:
         got = ep.sha256()
@@ -326,17 +328,27 @@ def _pump(conn, ep: Endpoint, chunk: int, echo: bool, limit: int | None = None) 
 
 
 def _serve(listener, ep: Endpoint, p: HostListenStep) -> None:
+    """Accept `p.accept` connections, each served by its own thread (clients may overlap)."""
     chunk = p.chunk if p.type == "stream" else 65536
+    workers = []
+
+    def serve_one(conn) -> None:
+        with conn:
+            try:
+                _pump(conn, ep, chunk, p.echo)
+            except OSError as exc:
+                ep.record(_oserror_event("recv", exc))
+        ep.record({"event": "closed"})
+
     try:
         for _ in range(max(1, p.accept)):
             conn = listener.accept(timeout=None)
-            with conn:
-                ep.record({"event": "accepted", "peer_cid": getattr(conn, "peer_cid", None)})
-                try:
-                    _pump(conn, ep, chunk, p.echo)
-                except OSError as exc:
-                    ep.record(_oserror_event("recv", exc))
-            ep.record({"event": "closed"})
+            ep.record({"event": "accepted", "peer_cid": getattr(conn, "peer_cid", None)})
+            worker = threading.Thread(target=serve_one, args=(conn,), name=f"host-conn-{ep.id}", daemon=True)
+            worker.start()
+            workers.append(worker)
+        for worker in workers:
+            worker.join()
     except OSError as exc:
         if not ep.finished:
             ep.record(_oserror_event("accept", exc))
@@ -345,7 +357,6 @@ def _serve(listener, ep: Endpoint, p: HostListenStep) -> None:
 
 
 def _connect(lab, vm, ep: Endpoint, p: HostConnectStep, timeout: float) -> None:
-    from vmlab.image.pattern import pattern_bytes
     from vmlab.vsock.host import host_connect
 
     try:
@@ -365,6 +376,8 @@ def _connect(lab, vm, ep: Endpoint, p: HostConnectStep, timeout: float) -> None:
             conn.sendall(payload)
             ep.record({"event": "sent", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
         elif p.send_bytes is not None:
+            from vmlab.image.pattern import pattern_bytes
+
             digest, sent, block = hashlib.sha256(), 0, 1 << 16
             while sent < p.send_bytes:
                 data = pattern_bytes(sent, min(block, p.send_bytes - sent))

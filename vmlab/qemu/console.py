@@ -167,7 +167,8 @@ class Console:
         token = uuid.uuid4().hex[:12]
         begin, end = f"<<B{token}>>", f"<<E{token}:"
         # The quotes split each marker in the command text, so an echoed command can never match.
-        line = f"echo '<<B'{token}'>>'; {{ {command}\n}} </dev/null; echo '<<E'{token}:$?'>>'\n"
+        # A subshell, so that `exit` in a command ends the command, not the console's shell.
+        line = f"echo '<<B'{token}'>>'; ( {command}\n) </dev/null; echo '<<E'{token}:$?'>>'\n"
         self._child.send(line)
         self._expect(re.compile(re.escape(begin) + r"\r?\n"), timeout)
         try:
