@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from vmlab.vsock.connection import (
-    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DEFAULT_BUF_ALLOC, ConnKey, Connection, State,
+    CLOSE_TIMEOUT, CONNECT_TIMEOUT, DEFAULT_BUF_ALLOC, ConnKey, Connection,
 )
 from vmlab.vsock.packet import VMADDR_CID_HOST, Header, Op, Type, rst_for
 
@@ -295,4 +295,4 @@ class Hybrid:
                 "buffered_out": sum(c.out_bytes for c in self.conns.values())}
 
 
-__all__ = ["Hybrid", "HybridVm", "seqpacket_path", "State"]
+__all__ = ["Hybrid", "HybridVm", "seqpacket_path"]

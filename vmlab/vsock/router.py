@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 
 MAX_CONTROL_QUEUE = 8192              # control packets waiting for rx buffers, per VM
 MAX_RELAY_BYTES = 64 * 1024 * 1024    # relay data waiting for rx buffers, per VM
-FLOW_SLACK = 64 * 1024
 
 
 class _NoRoom(Exception):
