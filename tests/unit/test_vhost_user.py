@@ -570,3 +570,37 @@ def test_memory_table_change_while_running(running):
     assert fake.wait_call(0)
     assert fake.used(0)[0] == 2 and not dev.broken
     assert [p[2] for p in handler.packets] == [1, 2]
+
+
+def test_random_messages_never_escape_as_exceptions():
+    """Fuzz the session with well-framed garbage: it answers, refuses, or drops the frontend."""
+    import random
+    rng = random.Random(99)
+    requests = list(range(0, 45)) + [1000]
+    fds_before = len(os.listdir("/proc/self/fd"))
+    outcomes = {True: 0, False: 0}
+    for _ in range(30):
+        front, back = socket.socketpair()
+        rec = Recorder()
+        s = vu.VhostUserSession(back, rec, name="fuzz")
+        alive = True
+        for _ in range(rng.randrange(1, 6)):
+            request = rng.choice(requests)
+            flags = rng.choice([vu.VERSION, vu.VERSION | vu.FLAG_NEED_REPLY])
+            if rng.random() < 0.02:
+                flags = rng.getrandbits(32)
+            payload = rng.randbytes(rng.choice([8, 8, 8, 12, 40, 72, 0, 4, 300]))
+            fds = [os.eventfd(0) for _ in range(rng.choice([0, 0, 1, 2]))]
+            try:
+                vu.send_message(front, vu.Message(request, flags, payload, fds))
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            alive = s.on_readable()
+            if not alive:
+                break
+        outcomes[alive] += 1
+        s.close()
+        front.close()
+    assert outcomes[True] and outcomes[False]          # both paths were exercised
+    assert len(os.listdir("/proc/self/fd")) == fds_before   # no fd leaked on any path

@@ -350,3 +350,32 @@ def test_bad_queue_geometry(guest, size, desc):
 def test_ring_outside_memory(guest):
     with pytest.raises(VirtqueueError):
         Virtqueue(guest.mem, 8, UVA + MiB - 16, UVA + AVAIL, UVA + USED)
+
+
+@pytest.mark.parametrize("event_idx,indirect", [(False, False), (True, True)])
+def test_random_rings_only_ever_raise_virtqueue_error(event_idx, indirect):
+    """Garbage in the descriptor table and avail ring: chains or VirtqueueError, nothing else."""
+    import random
+    rng = random.Random(1234)
+    g = make(size=8, event_idx=event_idx, indirect=indirect)
+    try:
+        for _ in range(300):
+            for i in range(g.size):
+                addr = rng.choice([GPA + rng.randrange(MiB), rng.getrandbits(64), GPA + INDIRECT])
+                length = rng.choice([0, 16, 32, rng.randrange(4096), rng.getrandbits(32)])
+                g.desc(i, addr, length, rng.getrandbits(3), rng.randrange(12))
+            for i in range(4):
+                g.desc(i, GPA + DATA, rng.randrange(64), rng.getrandbits(3), rng.randrange(10),
+                       table=INDIRECT)
+            g.vq.last_avail = g.vq._avail_seen = g.avail_idx = rng.getrandbits(16)
+            g.publish(*(rng.randrange(10) for _ in range(rng.randrange(1, 4))))
+            try:
+                while (chain := g.vq.pop()) is not None:
+                    assert chain.read_len + chain.write_len <= g.vq.max_chain_bytes
+                    g.vq.push(chain.head, 0)
+                    chain.release()
+                g.vq.flush()
+            except VirtqueueError:
+                pass
+    finally:
+        g.close()
