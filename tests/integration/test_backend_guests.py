@@ -393,6 +393,26 @@ def test_drop_fault_loses_one_request_then_connects(lab) -> None:
     assert stats["fault_drop"] == 1
 
 
+def test_fifty_concurrent_guest_connections(lab) -> None:
+    g0 = lab.guests[0]
+    n = 50
+    with host_listen(9100, vms=[g0.endpoint]) as listener:
+        g0.start(f"for i in $(seq {n}); do vmlab-guest connect 2 9100 --send msg$i & done; wait",
+                 "/tmp/c9100")
+        conns = [listener.accept(timeout=60) for _ in range(n)]
+        got = set()
+        for c in conns:
+            with c:
+                c.settimeout(60)
+                got.add(c.recv_all())
+    assert got == {f"msg{i}".encode() for i in range(1, n + 1)}
+    end = time.monotonic() + 30
+    while lab.backend.control({"cmd": "stats"})["hybrid"]["connections"] and \
+            time.monotonic() < end:
+        time.sleep(0.2)
+    assert lab.backend.control({"cmd": "stats"})["hybrid"]["connections"] == 0
+
+
 def test_a_dying_vm_takes_down_neither_the_backend_nor_its_peer(lab) -> None:
     g0, g1 = lab.guests
     g1.start("vmlab-guest listen 5300 --once", "/tmp/l5300")
