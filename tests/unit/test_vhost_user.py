@@ -604,3 +604,23 @@ def test_random_messages_never_escape_as_exceptions():
         front.close()
     assert outcomes[True] and outcomes[False]          # both paths were exercised
     assert len(os.listdir("/proc/self/fd")) == fds_before   # no fd leaked on any path
+
+
+def test_frontend_disconnect_closes_every_fd(running):
+    import time
+    dev, handler, connect = running
+    fake = connect()
+    sync(fake)
+    before = len(os.listdir("/proc/self/fd"))     # fake's own fds + the accepted socket
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)
+    assert len(os.listdir("/proc/self/fd")) > before   # memfd and eventfds received
+    fake.sock.close()
+    deadline = time.monotonic() + 5
+    while not handler.resets and time.monotonic() < deadline:
+        time.sleep(0.01)
+    in_loop(dev, lambda: None)
+    assert handler.resets == ["frontend disconnected"]
+    assert len(os.listdir("/proc/self/fd")) == before - 2  # both ends of the connection gone
