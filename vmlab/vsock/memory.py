@@ -107,11 +107,11 @@ class GuestMemory:
 
     @staticmethod
     def _check_overlap(specs: list[RegionSpec]) -> None:
-        for key in ("guest_phys_addr", "userspace_addr"):
-            ordered = sorted(specs, key=lambda s: getattr(s, key))
-            for a, b in zip(ordered, ordered[1:]):
-                if getattr(a, key) + a.memory_size > getattr(b, key):
-                    raise GuestMemoryError(f"overlapping regions ({key})")
+        """Guest-physical ranges must not overlap (user addresses may: aliases of one RAM)."""
+        ordered = sorted(specs, key=lambda s: s.guest_phys_addr)
+        for a, b in zip(ordered, ordered[1:]):
+            if a.guest_phys_addr + a.memory_size > b.guest_phys_addr:
+                raise GuestMemoryError("overlapping guest-physical regions")
 
     def close(self) -> None:
         """Unmap all regions (views handed out earlier keep their mapping alive)."""
