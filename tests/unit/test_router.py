@@ -347,3 +347,28 @@ def test_delay_and_rst_faults(lab) -> None:
     assert [(h.op, h.src_cid, h.dst_cid) for h, _ in b.take()] == [(Op.RST, 3, 4)]
     assert [(h.op, h.src_cid, h.dst_cid) for h, _ in a.take()] == [(Op.RST, 4, 3)]
     assert router.stats["fault_rst"] == 1 and router.flows == {}
+
+
+def test_faults_on_host_data_read_into_guest_buffers(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_7"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1025, 2, 7)
+    host, _ = srv.accept()
+    a.take()
+    router.faults.rules.append(FaultInjector.parse({"kind": "drop", "vm": "a", "direction": "rx",
+                                                    "op": "RW", "count": 1}))
+    host.sendall(b"first")
+    spin(loop, lambda: router.stats["fault_drop"] == 1)
+    host.sendall(b"second")
+    spin(loop, lambda: bool(a.got))
+    assert [d for h, d in a.take() if h.op == Op.RW] == [b"second"]
+    router.faults.rules[:] = [FaultInjector.parse({"kind": "rst", "vm": "a", "op": "RW"})]
+    host.sendall(b"third")
+    spin(loop, lambda: bool(a.got))
+    assert [h.op for h, _ in a.take()] == [Op.RST]
+    host.settimeout(3)
+    assert host.recv(10) == b""
+    assert router.hybrid.conns == {}
+    host.close(); srv.close()

@@ -345,6 +345,8 @@ class Router:
                 if hdr is None:
                     dev.rx_cancel(buf)
                     continue
+                if self.faults.rules and self._host_data_fault(st, buf, hdr):
+                    continue
                 pushed += self._deliver(st, buf, hdr, hdr.len)
         except Exception:
             log.exception("%s: rx pump failed", st.name)
@@ -356,6 +358,20 @@ class Router:
                     dev.flush()
                 except Exception:
                     log.exception("%s: flush failed", st.name)
+
+    def _host_data_fault(self, st: DevState, buf: Any, hdr: Header) -> bool:
+        """Faults on data already read into a guest buffer: drop/rst work, delay cannot."""
+        rule = self.faults.check("rx", st.name, hdr)
+        if rule is None:
+            return False
+        if rule.action == "delay":
+            self.stats["fault_delay_skipped"] += 1      # the bytes live in guest memory
+            return False
+        self.stats[f"fault_{rule.action}"] += 1
+        st.dev.rx_cancel(buf)
+        if rule.action == "rst":
+            self.reset_flow(hdr)
+        return True
 
     def _deliver_queued(self, st: DevState, buf: Any) -> int:
         hdr, data = st.queue[0]
