@@ -138,3 +138,15 @@ def test_image_status_never_raises(tmp_path, monkeypatch):
     monkeypatch.setenv("VMLAB_CACHE_DIR", str(tmp_path / "cache"))
     st = image_status(tmp_path / "no-such-kernel")
     assert st["up_to_date"] is False and any("does not exist" in p for p in st["problems"])
+
+
+def test_image_status_for_a_package_not_downloaded_yet(tmp_path, monkeypatch):
+    from vmlab.image import kernel as kmod
+    monkeypatch.setenv("VMLAB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("VMLAB_KERNEL", raising=False)
+    plan = kmod.PackagePlan("linux-image-amd64", "linux-image-9.9.9-amd64", ("linux-image-9.9.9-amd64",))
+    monkeypatch.setattr(kmod, "package_plan", lambda cache=None: plan)
+    st = image_status()
+    assert st["kernel_origin"] == "package:linux-image-9.9.9-amd64"
+    assert st["download"] == ["linux-image-9.9.9-amd64"] and st["up_to_date"] is False
+    assert "not downloaded yet" in st["detail"]

@@ -21,7 +21,7 @@ from .busybox import applets, find_busybox
 from .cache import atomic_write, cache_root, file_sha256, locked
 from .cpio import Entry, with_parents, write_cpio
 from .helper import build_guest_helper, helper_key, images_dir
-from .kernel import ImageError, KernelSource, resolve_kernel
+from .kernel import ImageError, KernelSource, NeedsDownload, resolve_kernel
 from .modules import (ModuleError, ModuleIndex, ModulePlan, dep_text, plain_name,
                       plan_modules, read_module)
 from .progress import Reporter
@@ -227,6 +227,11 @@ def image_status(kernel: str | Path | None = None) -> dict:
         st["problems"].append(str(e))
     try:
         ksrc = resolve_kernel(kernel, root, download=False)
+    except NeedsDownload as e:
+        st.update(kernel_origin=f"package:{e.plan.image_pkg}", download=list(e.plan.packages),
+                  detail=f"kernel package {e.plan.image_pkg} not downloaded yet "
+                         "(fetched on first use, or now with `vmlab image build`)")
+        return st
     except ImageError as e:
         st["problems"].append(str(e))
         return st

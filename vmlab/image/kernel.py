@@ -25,6 +25,14 @@ class ImageError(RuntimeError):
     """Something the image needs is missing; the message says what to do."""
 
 
+class NeedsDownload(ImageError):
+    """resolve_kernel(download=False) would have to fetch this package first."""
+
+    def __init__(self, plan: "PackagePlan") -> None:
+        super().__init__(f"would download {' '.join(plan.packages)} (not cached yet)")
+        self.plan = plan
+
+
 @dataclass(frozen=True)
 class KernelSource:
     """A bootable kernel image plus its modules directory (None: assume all built in)."""
@@ -277,7 +285,7 @@ def host_kernel() -> Path:
 def resolve_kernel(kernel: str | Path | None, cache: Path, download: bool = True,
                    step: Callable[[str], None] = lambda s: None) -> KernelSource:
     """Pick the kernel as documented above. ``download=False`` never touches the network
-    (used by image_status); it raises ImageError if a download would be needed."""
+    (used by image_status); it raises NeedsDownload if a download would be needed."""
     if kernel is not None and str(kernel) != "":
         return from_path(Path(kernel), "argument")
     env = os.environ.get("VMLAB_KERNEL")
@@ -295,7 +303,7 @@ def resolve_kernel(kernel: str | Path | None, cache: Path, download: bool = True
             except ImageError as e:
                 problems.append(str(e))
         else:
-            problems.append(f"would download {' '.join(plan.packages)} (not cached yet)")
+            raise NeedsDownload(plan)
         older = cached_packages(cache)
         if older:
             return from_path(older[-1], f"package:{older[-1].name} (cached)")
