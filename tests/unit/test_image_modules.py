@@ -100,3 +100,10 @@ def test_read_module_decompresses_xz_and_plain(tmp_path):
     with pytest.raises(ModuleError):
         (tmp_path / "x.bin").write_bytes(b"")
         read_module(tmp_path / "x.bin")
+
+
+def test_missing_share_modules_do_not_break_the_image():
+    deps = {k: v for k, v in parse_modules_dep(DEP).items() if "9p" not in k}
+    plan = plan_modules(ModuleIndex(deps))
+    assert plan.groups["share"] == [] and sorted(plan.missing) == ["9p", "9pnet_virtio"]
+    assert "kernel/net/vmw_vsock/vsock.ko.xz" in plan.groups["core"]

@@ -201,6 +201,8 @@ def ensure_image(kernel: str | Path | None = None,
         ksrc = resolve_kernel(kernel, root, download=True, step=rep.note)
     rep.note(f"kernel {ksrc.version} from {ksrc.origin}: {ksrc.vmlinuz}")
     inp = _collect(ksrc)
+    if inp.plan.missing:
+        rep.note(f"[yellow]missing modules, no 9p share in the guest:[/yellow] {', '.join(inp.plan.missing)}")
     base = _base_path(root, inp.key)
     if force and base.is_file():
         with locked(root, f"image-{inp.key[:24]}"):
@@ -248,4 +250,6 @@ def image_status(kernel: str | Path | None = None) -> dict:
         return st
     base = _base_path(root, inp.key)
     st.update(initrd=str(base), up_to_date=base.is_file(), modules=inp.plan.groups, key=inp.key)
+    if inp.plan.missing:
+        st["warnings"] = [f"modules not found, vmlab.share=1 will not work: {', '.join(inp.plan.missing)}"]
     return st

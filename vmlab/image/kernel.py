@@ -132,7 +132,7 @@ def _depends(pkg: str) -> list[str]:
     if r.returncode != 0:
         return []
     return [l.split(":", 1)[1].strip().strip("<>") for l in r.stdout.splitlines()
-            if l.strip().startswith("Depends:")]
+            if l.strip().lstrip("|").startswith("Depends:")]
 
 
 _IMAGE_RE = re.compile(r"^linux-image-(?:unsigned-)?(\d+\.\d+\S*)$")

@@ -20,6 +20,9 @@ REQUIRED_GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("virtio_pci", "vsock", "vmw_vsock_virtio_transport"),
     "share": ("9p", "9pnet_virtio"),
 }
+# Groups whose modules may be missing (e.g. Ubuntu keeps 9p in linux-modules-extra):
+# the image still builds, only that feature is unavailable in the guest.
+OPTIONAL_GROUPS: frozenset[str] = frozenset({"share"})
 # Shipped in the image but only loaded on request (vmlab.modules=a,b or modprobe).
 OPTIONAL_MODULES: tuple[str, ...] = (
     "virtio_console", "vsock_loopback", "vsock_diag", "vsockmon", "virtio_net", "virtio_blk",
@@ -118,6 +121,7 @@ class ModulePlan:
 
     groups: dict[str, list[str]]  # group -> ordered module paths (relative to modules dir)
     files: list[str]  # every module path shipped (groups + optional + their deps)
+    missing: list[str] = field(default_factory=list)  # modules of optional groups not found
 
 
 def plan_modules(index: ModuleIndex,
@@ -126,12 +130,18 @@ def plan_modules(index: ModuleIndex,
     """Order each group after the ones before it, so no module is inserted twice."""
     loaded: list[str] = []
     out: dict[str, list[str]] = {}
+    missing: list[str] = []
     for group, names in groups.items():
-        order = index.load_order(names, skip=loaded)
+        soft = group in OPTIONAL_GROUPS
+        if soft:
+            names = list(names)
+            missing += [n for n in names
+                        if index.path_of(n) is None and n.replace("-", "_") not in index.builtin]
+        order = index.load_order(names, optional=soft, skip=loaded)
         out[group] = order
         loaded += order
     extra = index.load_order(optional, optional=True, skip=loaded)
-    return ModulePlan(out, loaded + extra)
+    return ModulePlan(out, loaded + extra, missing)
 
 
 def dep_text(index: ModuleIndex, files: Iterable[str]) -> str:
