@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytest_plugins = ["pytester"]
+
 
 def _our_children() -> dict[int, str]:
     """Live child processes of this pytest process that are qemu or vmlab backends."""

@@ -26,8 +26,6 @@ from vmlab.scenario import Scenario, VmSpec
 
 log = logging.getLogger("vmlab.lab")
 
-FIRST_AUTO_CID = 3
-
 OPEN_LABS: "weakref.WeakSet[Lab]" = weakref.WeakSet()
 """Labs started and not yet closed in this process (leak checks, emergency cleanup)."""
 
@@ -211,34 +209,32 @@ class Lab:
         return resolved
 
     def _assign_cids(self, transports: dict[str, str | None]) -> dict[str, int]:
-        """Pinned CIDs are kept; the rest are allocated. Only vhost CIDs are host-global and leased."""
+        """Pinned CIDs are kept; the others come from the host-wide allocator, so two labs at once
+        (two `vmlab run`, pytest-xdist workers) never share one. Pinned vhost CIDs are leased too,
+        since the kernel's CID space is host-global; pinned vhost-user CIDs live only inside this
+        lab's backend and need no lease."""
         from vmlab.cids import CidAllocator
 
         cids: dict[str, int] = {}
-        allocator = None
+        allocator = CidAllocator()
         owner = f"vmlab lab {self.lab_id} ({self.scenario.name})"
-        pinned = {spec.cid for spec in self.scenario.vms if spec.cid is not None}
-        next_local = FIRST_AUTO_CID
-        # Pinned CIDs first, so an allocated one can never take a CID a later VM pins.
-        for spec in sorted(self.scenario.vms, key=lambda v: v.cid is None):
-            if transports[spec.name] is None:
+        wanted = [spec for spec in self.scenario.vms if transports[spec.name] is not None]
+        pinned = {spec.cid for spec in wanted if spec.cid is not None}
+        for spec in wanted:
+            if spec.cid is None:
                 continue
             if transports[spec.name] == "vhost":
-                allocator = allocator or CidAllocator()
-                if spec.cid is not None:
-                    lease = allocator.lease(spec.cid, owner)
-                else:
-                    lease = allocator.allocate(1, owner)[0]
+                self._leases.append(allocator.lease(spec.cid, owner))
+            cids[spec.name] = spec.cid
+        for spec in wanted:
+            if spec.cid is not None:
+                continue
+            lease = allocator.allocate(1, owner)[0]
+            while lease.cid in pinned:  # a CID this lab pins is taken, even if no other lab holds it
                 self._leases.append(lease)
-                cids[spec.name] = lease.cid
-            elif spec.cid is not None:
-                cids[spec.name] = spec.cid
-            else:
-                # vhost-user CIDs live only inside this lab's backend: no host-wide lease needed.
-                while next_local in pinned or next_local in cids.values():
-                    next_local += 1
-                cids[spec.name] = next_local
-                next_local += 1
+                lease = allocator.allocate(1, owner)[0]
+            self._leases.append(lease)
+            cids[spec.name] = lease.cid
         return cids
 
     def _image_for(self, spec: VmSpec) -> tuple[Path, Path]:
