@@ -68,3 +68,9 @@ def test_rejects_duplicates_and_escaping_paths():
 def test_leading_slash_and_dot_segments_are_normalized():
     names = [e.name for e in read_cpio(write_cpio(with_parents([Entry.file("/root/./x", b"1")])))]
     assert names == ["root", "root/x"]
+
+
+def test_existing_parents_are_not_recreated():
+    names = [e.name for e in read_cpio(write_cpio(with_parents(
+        [Entry.file("tmp/x/y", b"1")], existing=["/tmp"])))]
+    assert names == ["tmp/x", "tmp/x/y"]

@@ -107,3 +107,14 @@ def test_missing_share_modules_do_not_break_the_image():
     plan = plan_modules(ModuleIndex(deps))
     assert plan.groups["share"] == [] and sorted(plan.missing) == ["9p", "9pnet_virtio"]
     assert "kernel/net/vmw_vsock/vsock.ko.xz" in plan.groups["core"]
+
+
+def test_read_module_decompresses_zstd(tmp_path):
+    import shutil
+    import subprocess
+    if not shutil.which("zstd"):
+        pytest.skip("zstd not installed")
+    raw = b"\x7fELF zstd module" * 50
+    (tmp_path / "z.ko").write_bytes(raw)
+    subprocess.run(["zstd", "-q", str(tmp_path / "z.ko"), "-o", str(tmp_path / "z.ko.zst")], check=True)
+    assert read_module(tmp_path / "z.ko.zst") == raw

@@ -83,11 +83,15 @@ def _collect(ksrc: KernelSource) -> _Inputs:
     return _Inputs(ksrc, index, plan, init, busybox, h.hexdigest())
 
 
+# Directories every base image has; user archives never re-create (chmod) them.
+BASE_DIRS = ("bin", "sbin", "usr", "usr/bin", "usr/sbin", "etc", "proc", "sys", "dev", "tmp",
+             "run", "root", "mnt", "mnt/host", "lib", "lib/modules")
+
+
 def _base_entries(inp: _Inputs, helper: Path) -> list[Entry]:
     ver = inp.ksrc.version
     mroot = f"lib/modules/{ver}"
-    entries = [Entry.dir(d) for d in ("bin", "sbin", "usr/bin", "usr/sbin", "etc", "proc", "sys",
-                                      "dev", "tmp", "run", "root", "mnt/host", mroot)]
+    entries = [Entry.dir(d) for d in BASE_DIRS + (mroot,)]
     entries[entries.index(Entry.dir("tmp"))] = Entry.dir("tmp", 0o1777)
     entries += [Entry.chardev("dev/console", 5, 1), Entry.chardev("dev/null", 1, 3, 0o666),
                 Entry.chardev("dev/ttyS0", 4, 64)]
@@ -167,8 +171,8 @@ def extra_archive(extra_files: Mapping[str, Path | str]) -> tuple[str, bytes]:
         if not str(guest).startswith("/"):
             raise ImageError(f"extra file guest path must be absolute: {guest!r}")
         entries += _walk(str(guest), Path(host))
-    # Parent dirs the user did not list get 0755 (existing base dirs keep working).
-    blob = write_cpio(with_parents(entries))
+    # Parent dirs the user did not list get 0755; base dirs (e.g. /tmp 1777) are left alone.
+    blob = write_cpio(with_parents(entries, existing=BASE_DIRS))
     return hashlib.sha256(blob).hexdigest(), blob
 
 

@@ -60,8 +60,14 @@ def _header(ino: int, mode: int, nlink: int, size: int, namesize: int,
     return MAGIC + b"".join(b"%08X" % f for f in fields)
 
 
-def with_parents(entries: Iterable[Entry], perm: int = 0o755) -> list[Entry]:
-    """Add directory entries for every parent that is not listed explicitly."""
+def with_parents(entries: Iterable[Entry], perm: int = 0o755,
+                 existing: Iterable[str] = ()) -> list[Entry]:
+    """Add directory entries for every parent that is not listed explicitly.
+
+    Parents named in ``existing`` are left out: an appended archive must not re-create
+    (and so chmod) directories the base archive already has, such as /tmp (1777).
+    """
+    skip = {_norm(x) for x in existing}
     by_name = {}
     for e in entries:
         by_name[_norm(e.name)] = Entry(_norm(e.name), e.mode, e.data, e.rdev_major, e.rdev_minor)
@@ -69,7 +75,8 @@ def with_parents(entries: Iterable[Entry], perm: int = 0o755) -> list[Entry]:
         parts = name.split("/")[:-1]
         for i in range(1, len(parts) + 1):
             parent = "/".join(parts[:i])
-            by_name.setdefault(parent, Entry.dir(parent, perm))
+            if parent not in skip:
+                by_name.setdefault(parent, Entry.dir(parent, perm))
     return list(by_name.values())
 
 
