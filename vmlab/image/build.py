@@ -132,10 +132,12 @@ def _base_path(root: Path, key: str) -> Path:
     return root / "images" / key[:24] / "initrd.img"
 
 
-def _build_base(inp: _Inputs, root: Path, rep: Reporter) -> Path:
+def _build_base(inp: _Inputs, root: Path, rep: Reporter, force: bool = False) -> Path:
+    """Build under the key's lock; files are replaced by rename, never deleted first, so a
+    QEMU about to open the previous initrd (force=True) still finds a complete file."""
     out = _base_path(root, inp.key)
     with locked(root, f"image-{inp.key[:24]}"):
-        if out.is_file():
+        if out.is_file() and not force:
             return out
         with rep.step("compiling vmlab-guest"):
             helper = build_guest_helper(root)
@@ -176,13 +178,14 @@ def extra_archive(extra_files: Mapping[str, Path | str]) -> tuple[str, bytes]:
     return hashlib.sha256(blob).hexdigest(), blob
 
 
-def _with_extras(base: Path, key: str, extra_files: Mapping[str, Path | str], root: Path) -> Path:
+def _with_extras(base: Path, key: str, extra_files: Mapping[str, Path | str], root: Path,
+                 force: bool = False) -> Path:
     ekey, blob = extra_archive(extra_files)
     out = base.with_name(f"initrd-{ekey[:16]}.img")
-    if out.is_file():
+    if out.is_file() and not force:
         return out
     with locked(root, f"extra-{key[:16]}-{ekey[:16]}"):
-        if not out.is_file():
+        if force or not out.is_file():
             atomic_write(out, base.read_bytes() + blob)
     return out
 
@@ -207,13 +210,8 @@ def ensure_image(kernel: str | Path | None = None,
     inp = _collect(ksrc)
     if inp.plan.missing:
         rep.note(f"[yellow]missing modules, no 9p share in the guest:[/yellow] {', '.join(inp.plan.missing)}")
-    base = _base_path(root, inp.key)
-    if force and base.is_file():
-        with locked(root, f"image-{inp.key[:24]}"):
-            for old in base.parent.glob("*"):
-                old.unlink()
-    base = _build_base(inp, root, rep)
-    initrd = _with_extras(base, inp.key, extra_files, root) if extra_files else base
+    base = _build_base(inp, root, rep, force)
+    initrd = _with_extras(base, inp.key, extra_files, root, force) if extra_files else base
     return GuestImage(kernel=ksrc.vmlinuz, initrd=initrd, kernel_version=ksrc.version)
 
 
