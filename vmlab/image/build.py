@@ -209,7 +209,8 @@ def ensure_image(kernel: str | Path | None = None,
     rep.note(f"kernel {ksrc.version} from {ksrc.origin}: {ksrc.vmlinuz}")
     inp = _collect(ksrc)
     if inp.plan.missing:
-        rep.note(f"[yellow]missing modules, no 9p share in the guest:[/yellow] {', '.join(inp.plan.missing)}")
+        rep.note(f"missing modules, no 9p share in the guest: {', '.join(inp.plan.missing)}",
+                 style="yellow")
     base = _build_base(inp, root, rep, force)
     initrd = _with_extras(base, inp.key, extra_files, root, force) if extra_files else base
     return GuestImage(kernel=ksrc.vmlinuz, initrd=initrd, kernel_version=ksrc.version)

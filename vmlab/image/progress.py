@@ -16,9 +16,12 @@ class Reporter:
             from rich.console import Console
             self._console = Console(stderr=True)
 
-    def note(self, text: str) -> None:
+    def note(self, text: str, style: str = "") -> None:
+        """One informational line; ``text`` is plain (paths may contain '[')."""
         if self._console is not None:
-            self._console.print(f"[dim]·[/dim] {text}")
+            from rich.text import Text
+            line = Text("· ", style="dim") + Text(text, style=style)
+            self._console.print(line, soft_wrap=True, highlight=False)
 
     @contextmanager
     def step(self, text: str) -> Iterator[None]:
