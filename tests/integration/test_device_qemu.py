@@ -99,6 +99,7 @@ def qemu_device():
         if child.isalive():
             os.kill(child.pid, signal.SIGKILL)
         child.close(force=True)
+        assert not child.isalive(), "qemu left behind"
         loop.call_soon_threadsafe(dev.close)
         loop.call_soon_threadsafe(loop.stop)
         thread.join(10)
