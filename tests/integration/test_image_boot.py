@@ -1,13 +1,13 @@
 """Boot the real guest image under TCG and check the guest contract from the inside."""
+import contextlib
 import json
-import re
 import shutil
 
 import pytest
 
 pexpect = pytest.importorskip("pexpect")
 
-from vmlab.image import ImageError, ensure_image  # noqa: E402
+from vmlab.image import ImageError, ensure_image, image_status  # noqa: E402
 from vmlab.image.pattern import pattern_sha256  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -32,39 +32,47 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
 
-@pytest.fixture
-def guest(tmp_path):
-    """One booted guest per test (the repo conftest forbids qemu outliving a test)."""
+@contextlib.contextmanager
+def booted(tmp_path, extra_files=None, append="", qemu_extra=()):
+    """Build the image, boot it under TCG, yield the console at VMLAB-READY; always kill qemu."""
     if not shutil.which("qemu-system-x86_64"):
         pytest.skip("qemu-system-x86_64 not installed")
-    tmp = tmp_path
-    tool = tmp / "tool.sh"
-    tool.write_text("#!/bin/sh\necho tool-ran\n")
-    tool.chmod(0o750)
-    share = tmp / "share"
-    share.mkdir()
-    (share / "hello.txt").write_text("hello over 9p\n")
     try:
-        img = ensure_image(extra_files={"/usr/local/bin/tool.sh": tool})
+        img = ensure_image(extra_files=extra_files)
     except ImageError as e:
         pytest.skip(f"no guest image: {e}")
     argv = ["-name", "helper-image-boot-test", "-accel", "tcg", "-m", "256", "-nographic",
             "-no-reboot", "-kernel", str(img.kernel), "-initrd", str(img.initrd),
-            "-append", "console=ttyS0 panic=-1 quiet vmlab.name=imgtest vmlab.share=1 "
-                       "vmlab.modules=vsock_loopback",
-            "-fsdev", f"local,id=fs0,path={share},security_model=none",
-            "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=vmlab"]
+            "-append", f"console=ttyS0 panic=-1 quiet {append}", *qemu_extra]
+    log = open(tmp_path / "console.log", "w")
     child = pexpect.spawn("qemu-system-x86_64", argv, encoding="utf-8", codec_errors="replace",
-                          timeout=120, logfile=open(tmp / "console.log", "w"))
+                          timeout=120, logfile=log)
     try:
-        child.expect(r"\nVMLAB-READY\r*\n")
-        child.sendline("stty -echo; PS1='@@''P@@ '")
-        child.expect_exact(PROMPT)
-        yield Guest(child)
+        yield child
     finally:
         if child.isalive():
             child.terminate(force=True)
         child.close()
+        log.close()
+
+
+@pytest.fixture
+def guest(tmp_path):
+    """One booted guest per test (the repo conftest forbids qemu outliving a test)."""
+    tool = tmp_path / "tool.sh"
+    tool.write_text("#!/bin/sh\necho tool-ran\n")
+    tool.chmod(0o750)
+    share = tmp_path / "share"
+    share.mkdir()
+    (share / "hello.txt").write_text("hello over 9p\n")
+    with booted(tmp_path, {"/usr/local/bin/tool.sh": tool},
+                "vmlab.name=imgtest vmlab.share=1 vmlab.modules=vsock_loopback",
+                ["-fsdev", f"local,id=fs0,path={share},security_model=none",
+                 "-device", "virtio-9p-pci,fsdev=fs0,mount_tag=vmlab"]) as child:
+        child.expect(r"\nVMLAB-READY\r*\n")
+        child.sendline("stty -echo; PS1='@@''P@@ '")
+        child.expect_exact(PROMPT)
+        yield Guest(child)
 
 
 def test_guest_contract(guest):
@@ -113,3 +121,21 @@ def test_guest_helper_over_loopback(guest):
     rc, out = guest.run("vmlab-guest connect local 5999")
     (ev,) = json_lines(out)
     assert rc == 1 and ev["event"] == "error" and ev["op"] == "connect"
+
+
+def test_module_failure_is_loud_and_boot_continues(tmp_path):
+    """A broken module file (replaced through extra_files) is reported, READY still comes."""
+    bad = tmp_path / "vsock.ko"
+    bad.write_bytes(b"not an ELF module")
+    status = image_status()
+    vsock = [m for m in (status.get("modules") or {}).get("core", []) if m.endswith("/vsock.ko")]
+    if not vsock:
+        pytest.skip("vsock is built into this kernel (or no image): nothing to break")
+    target = f"/lib/modules/{status['kernel_version']}/{vsock[0]}"
+    with booted(tmp_path, {target: bad}) as child:
+        child.expect(r"VMLAB-MODULE-FAIL vsock: [^\r\n]*")
+        child.expect(r"VMLAB-MODULE-FAIL vmw_vsock_virtio_transport: ")  # needs vsock
+        child.expect(r"VMLAB-MODULE-FAIL-COUNT \d+")
+        child.expect(r"\nVMLAB-READY\r*\n")
+        child.sendline("stty -echo; poweroff -f")
+        child.expect(pexpect.EOF, timeout=60)
