@@ -8,6 +8,7 @@ import pytest
 pexpect = pytest.importorskip("pexpect")
 
 from vmlab.image import ImageError, ensure_image, image_status  # noqa: E402
+from vmlab.image.modules import module_name, plain_name  # noqa: E402
 from vmlab.image.pattern import pattern_sha256  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -128,7 +129,8 @@ def test_module_failure_is_loud_and_boot_continues(tmp_path):
     bad = tmp_path / "vsock.ko"
     bad.write_bytes(b"not an ELF module")
     status = image_status()
-    vsock = [m for m in (status.get("modules") or {}).get("core", []) if m.endswith("/vsock.ko")]
+    vsock = [plain_name(m) for m in (status.get("modules") or {}).get("core", [])
+             if module_name(m) == "vsock"]
     if not vsock:
         pytest.skip("vsock is built into this kernel (or no image): nothing to break")
     target = f"/lib/modules/{status['kernel_version']}/{vsock[0]}"
