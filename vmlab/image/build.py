@@ -26,8 +26,10 @@ from .modules import (ModuleError, ModuleIndex, ModulePlan, dep_text, plain_name
                       plan_modules, read_module)
 from .progress import Reporter
 
-# Bump when the archive layout changes so old cache entries are not reused.
+# Bump when the archive layout changes so old cache entries are not reused. The
+# builder's own source is hashed into the key as well, so a forgotten bump is harmless.
 BUILDER_VERSION = "1"
+_BUILDER_SOURCES = ("build.py", "cpio.py", "modules.py", "busybox.py")
 HELPER_GUEST_PATH = "/bin/vmlab-guest"
 
 
@@ -72,7 +74,9 @@ def _collect(ksrc: KernelSource) -> _Inputs:
     init = _init_script()
     busybox = find_busybox()
     h = hashlib.sha256()
-    for part in (f"builder={BUILDER_VERSION}", f"version={ksrc.version}",
+    here = Path(__file__).resolve().parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in _BUILDER_SOURCES)).hexdigest()
+    for part in (f"builder={BUILDER_VERSION}:{code}", f"version={ksrc.version}",
                  f"kernel={file_sha256(ksrc.vmlinuz)}", f"init={file_sha256(init)}",
                  f"busybox={file_sha256(busybox)}", f"helper={helper_key()}",
                  f"groups={json.dumps(plan.groups, sort_keys=True)}"):
