@@ -109,13 +109,14 @@ def listen_argv(port: int | str, *, cid: int | str = "any", type: str = "stream"
     return argv
 
 
-def connect_argv(cid: int | str, port: int | str, *, type: str = "stream", send: str | None = None,
+def connect_argv(cid: int | str, port: int | str, *, type: str = "stream", send: str | list[str] | None = None,
                  send_bytes: int | None = None, send_file: str | None = None, recv: bool = False,
                  recv_bytes: int | None = None, timeout: float = 30.0, chunk: int | None = None) -> list[str]:
     argv = [GUEST_HELPER, "connect", cid_arg(cid), port_arg(port)]
     argv += ["--seqpacket"] if type == "seqpacket" else []
     if send is not None:
-        argv += ["--send", send]
+        for message in [send] if isinstance(send, str) else send:
+            argv += ["--send", message]
     elif send_bytes is not None:
         argv += ["--send-bytes", str(send_bytes)]
     elif send_file is not None:

@@ -196,7 +196,7 @@ class HostConnectStep:
     vm: str
     port: int
     type: str = "stream"
-    send: str | None = None
+    send: str | list[str] | None = None  # a list: one send() each (one message each on seqpacket)
     send_bytes: int | None = None  # that many bytes of the deterministic vmlab pattern
     send_file: Path | None = None  # host path
     recv: bool = False
@@ -238,7 +238,7 @@ class GuestConnectStep:
     cid: Union[int, str]
     port: int
     type: str = "stream"
-    send: str | None = None
+    send: str | list[str] | None = None  # a list: one send() each (one message each on seqpacket)
     send_bytes: int | None = None
     send_file: str | None = None  # guest path
     recv: bool = False

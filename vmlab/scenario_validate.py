@@ -102,6 +102,9 @@ def connect_cid_problem(cid: int) -> str | None:
     return None
 
 
+MAX_SEND_MESSAGES = 64  # the guest helper's limit of repeated --send options
+
+
 class _ScenarioChecks(FieldChecker):
     """The checks themselves, in file order: scenario keys, VMs, then steps."""
 
@@ -320,7 +323,12 @@ class _ScenarioChecks(FieldChecker):
         if len(given) > 1:
             self.error(obj, given[1], ctx, f"{given[1]}: send, send_bytes and send_file are mutually "
                        f"exclusive (got {' and '.join(given)})")
-        self.str_field(obj, "send", ctx)
+        send = getattr(obj, "send", None)
+        if send is not None:
+            self.typed(obj, "send", ctx, isinstance(send, str) or (
+                isinstance(send, list) and 0 < len(send) <= MAX_SEND_MESSAGES
+                and all(isinstance(m, str) for m in send)),
+                f"a string, or a list of 1 to {MAX_SEND_MESSAGES} strings (one send, or message, each)")
         self.int_field(obj, "send_bytes", ctx, 0)
         if host_file:
             self.path_field(obj, "send_file", ctx, "file")

@@ -367,14 +367,17 @@ def _connect(lab, vm, ep: Endpoint, p: HostConnectStep, timeout: float) -> None:
         return
     try:
         ep.record({"event": "connected", "cid": vm.cid, "port": p.port})
-        payload: bytes | None = None
+        messages: list[bytes] | None = None
         if p.send is not None:
-            payload = p.send.encode()
+            messages = [m.encode() for m in ([p.send] if isinstance(p.send, str) else p.send)]
         elif p.send_file is not None:
-            payload = Path(p.send_file).read_bytes()
-        if payload is not None:
-            conn.sendall(payload)
-            ep.record({"event": "sent", "bytes": len(payload), "sha256": hashlib.sha256(payload).hexdigest()})
+            messages = [Path(p.send_file).read_bytes()]
+        if messages is not None:
+            digest = hashlib.sha256()
+            for message in messages:  # one sendall per message: one record on seqpacket
+                conn.sendall(message)
+                digest.update(message)
+            ep.record({"event": "sent", "bytes": sum(map(len, messages)), "sha256": digest.hexdigest()})
         elif p.send_bytes is not None:
             from vmlab.image.pattern import pattern_bytes
 

@@ -207,6 +207,8 @@ static double now(void)
 
 /* ------------------------------------------------------------------ options */
 
+#define MAX_SEND_MSGS 64
+
 struct opts {
 	const char *cmd;
 	unsigned int cid, port;
@@ -215,7 +217,9 @@ struct opts {
 	long long expect_bytes;      /* -1: until EOF */
 	long long recv_bytes;        /* -1: until EOF */
 	long long send_bytes;        /* -1: none */
-	const char *send_msg, *send_file, *ready_file;
+	const char *send_msg[MAX_SEND_MSGS]; /* each --send is one send() (one message on SEQPACKET) */
+	int n_send_msgs;
+	const char *send_file, *ready_file;
 	double timeout;              /* 0: none */
 };
 
@@ -330,7 +334,9 @@ static void parse(int argc, char **argv, struct opts *o)
 				usage_error("%s must be > 0", a);
 		} else if (!strcmp(a, "--send") && (listen_cmd || connect_cmd)) {
 			NEEDS_VALUE();
-			o->send_msg = v;
+			if (o->n_send_msgs == MAX_SEND_MSGS)
+				usage_error("too many --send options (at most %s)", "64");
+			o->send_msg[o->n_send_msgs++] = v;
 		} else if (!strcmp(a, "--timeout") && (listen_cmd || connect_cmd)) {
 			char *end;
 			NEEDS_VALUE();
@@ -438,13 +444,13 @@ static void do_send(int fd, const struct opts *o)
 	struct sender s;
 	size_t chunk = o->chunk ? o->chunk : IO_CHUNK;
 
-	if (!o->send_msg && !o->send_file && o->send_bytes < 0)
+	if (!o->n_send_msgs && !o->send_file && o->send_bytes < 0)
 		return;
 	sha256_init(&s.sha);
 	s.bytes = 0;
 	s.start = now();
-	if (o->send_msg)
-		sender_put(&s, fd, (const uint8_t *)o->send_msg, strlen(o->send_msg), o);
+	for (int i = 0; i < o->n_send_msgs; i++)
+		sender_put(&s, fd, (const uint8_t *)o->send_msg[i], strlen(o->send_msg[i]), o);
 	if (o->send_file) {
 		int in = open(o->send_file, O_RDONLY | O_CLOEXEC);
 		if (in < 0)
