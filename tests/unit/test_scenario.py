@@ -789,17 +789,15 @@ def test_docs_step_examples_validate() -> None:
 
 
 def test_send_list_is_one_message_each(tmp_path):
-    scenario = load_ok(tmp_path, VMS + """\
-        steps:
-          - guest_listen: {id: s, vm: a, port: 5000, type: seqpacket}
-          - guest_connect: {id: c, vm: b, cid: a, port: 5000, type: seqpacket, send: [one, two]}
-        """)
+    scenario = load_ok(tmp_path, VMS + (
+        "steps:\n"
+        "  - guest_listen: {id: s, vm: a, port: 5000, type: seqpacket}\n"
+        "  - guest_connect: {id: c, vm: b, cid: a, port: 5000, type: seqpacket, send: [one, two]}\n"))
     assert scenario.steps[1].params.send == ["one", "two"]
 
 
 @pytest.mark.parametrize("value", ["[]", "[1, 2]", "{a: b}"])
 def test_send_must_be_text_or_a_list_of_text(tmp_path, value):
-    expect_error(tmp_path, VMS + f"""\
-        steps:
-          - guest_connect: {{id: c, vm: b, cid: a, port: 5000, send: {value}}}  {MARK}
-        """, "send:")
+    expect_error(tmp_path, VMS + (
+        "steps:\n"
+        f"  - guest_connect: {{id: c, vm: b, cid: a, port: 5000, send: {value}}}  {MARK}\n"), "send:")
