@@ -8,20 +8,16 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+from . import paths
 from .cache import cache_root, locked
 from .kernel import ImageError
-
-
-def images_dir() -> Path:
-    """The repository's images/ directory ($VMLAB_IMAGES_DIR overrides)."""
-    env = os.environ.get("VMLAB_IMAGES_DIR")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "images"
+from .paths import images_dir  # noqa: F401  (build.py finds the init script through it)
 
 
 def helper_source() -> Path:
-    src = images_dir() / "guest" / "vmlab-guest.c"
+    src = paths.helper_source()
     if not src.is_file():
-        raise ImageError(f"guest helper source {src} is missing (broken checkout?)")
+        raise ImageError(f"guest helper source {src} is missing (broken checkout or install?)")
     return src
 
 
