@@ -67,3 +67,37 @@ def test_two_vmlab_runs_at_once_get_distinct_cids(tmp_path):
     assert all(p.returncode == 0 for p in procs), outputs
     cids = [int(re.search(r"u \(cid (\d+)", o).group(1)) for o in outputs]
     assert cids[0] != cids[1], outputs
+
+
+def test_module_and_session_labs_boot_once(pytester):
+    pytester.makeconftest("""
+        import pytest
+
+        @pytest.fixture(scope="session")
+        def vmlab_session_scenario():
+            return [{"name": "shared"}]
+    """)
+    pytester.makepyfile(test_scopes="""
+        PIDS = []
+        VMLAB_SCENARIO = 1
+
+        def test_one(session_lab, module_lab):
+            PIDS.append((session_lab.vms[0].machine.pid, module_lab.vms[0].machine.pid))
+            assert session_lab.vms[0].name == "shared" and module_lab.vms[0].name == "vm0"
+
+        def test_two(session_lab, module_lab):
+            PIDS.append((session_lab.vms[0].machine.pid, module_lab.vms[0].machine.pid))
+            assert PIDS[0] == PIDS[1] and PIDS[0][0] != PIDS[0][1]
+    """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2)
+
+
+def test_keep_on_failure_without_a_terminal_says_so_and_tears_down(pytester):
+    pytester.makepyfile(test_keep="""
+        def test_fails(vm):
+            assert vm.run("echo 1")[1] == "2\\n"
+    """)
+    result = pytester.runpytest_subprocess("--vmlab-keep-on-failure", "-p", "no:cacheprovider", "-s")
+    result.assert_outcomes(failed=1)
+    result.stderr.fnmatch_lines(["*--vmlab-keep-on-failure needs a terminal*"])
