@@ -45,12 +45,13 @@ SCENARIO_NAME_RE = ID_RE
 RESERVED_VM_NAMES = ("host", "any")  # they mean CIDs in `cid:` fields
 DGRAM_NAMES = ("dgram", "datagram", "sock_dgram")
 ERRNO_NAMES = tuple(sorted(set(errno.errorcode.values())))
-EVENTS = ("listening", "connected", "accepted", "closed")
-EVENTS_BY_ACTION = {
-    "host_listen": ("listening", "accepted", "closed"),
-    "guest_listen": ("listening", "accepted", "closed"),
-    "host_connect": ("connected", "closed"),
-    "guest_connect": ("connected", "closed"),
+EVENTS = ("listening", "connected", "accepted", "message", "sent", "received", "closed", "error", "exited")
+_STREAM_EVENTS = ("message", "sent", "received", "closed", "error")
+EVENTS_BY_ACTION = {  # what each endpoint reports (images/guest/README.md; host ones mirror it)
+    "host_listen": ("listening", "accepted", *_STREAM_EVENTS),
+    "guest_listen": ("listening", "accepted", *_STREAM_EVENTS, "exited"),
+    "host_connect": ("connected", *_STREAM_EVENTS),
+    "guest_connect": ("connected", *_STREAM_EVENTS, "exited"),
 }
 QMP_COMMANDS = (
     "stop", "cont", "system_reset", "system_powerdown", "quit", "device_del", "query-status",
