@@ -86,3 +86,18 @@ def test_console_attaches_to_a_kept_vm_and_detaches(tmp_path):
     run.close()
     assert run.exitstatus == 130
     assert lab_id not in vmlab("ls").stdout
+
+
+@pytest.mark.integration
+def test_run_with_pcap_writes_a_capture_wireshark_decodes(tmp_path):
+    pcap = tmp_path / "hello.pcap"
+    proc = vmlab("run", "scenarios/hello.yaml", "--pcap", str(pcap))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"capture: {pcap}" in proc.stdout and pcap.stat().st_size > 24
+    fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "vsock.src_cid", "-e", "vsock.dst_cid",
+                             "-e", "vsock.dst_port", "-e", "vsock.op"], capture_output=True, text=True, timeout=60)
+    assert fields.returncode == 0, fields.stderr
+    rows = [line.split("\t") for line in fields.stdout.splitlines() if line.strip()]
+    assert ["3", "2", "9999", "1"] in rows          # the guest's REQUEST to host port 9999
+    assert ["3", "2", "9999", "5"] in rows          # RW: the data packet
+    assert b"Hello, world!" in pcap.read_bytes()   # payloads are captured, not just headers
