@@ -98,6 +98,6 @@ def test_run_with_pcap_writes_a_capture_wireshark_decodes(tmp_path):
                              "-e", "vsock.dst_port", "-e", "vsock.op"], capture_output=True, text=True, timeout=60)
     assert fields.returncode == 0, fields.stderr
     rows = [line.split("\t") for line in fields.stdout.splitlines() if line.strip()]
-    assert ["3", "2", "9999", "1"] in rows          # the guest's REQUEST to host port 9999
-    assert ["3", "2", "9999", "5"] in rows          # RW: the data packet
+    assert ["3", "2", "9999", "1"] in rows          # vsockmon op CONNECT: the guest's REQUEST to port 9999
+    assert ["3", "2", "9999", "4"] in rows          # vsockmon op PAYLOAD: the RW data packet
     assert b"Hello, world!" in pcap.read_bytes()   # payloads are captured, not just headers
