@@ -20,9 +20,15 @@ PR_SET_PDEATHSIG = 1
 _spawn_lock = threading.Lock()
 
 
-def _die_with_parent() -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+def _die_with_parent(parent: int) -> None:
+    """preexec_fn: SIGKILL the child when its parent goes away (and if it already has, exit now)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    except Exception:  # noqa: BLE001 - never fail the fork over the safety net
+        pass
+    if os.getppid() != parent:
+        os._exit(1)
 
 
 def spawn(argv: Sequence[str], log_path: Path, *, stdout: int | IO | None = None,
@@ -32,6 +38,7 @@ def spawn(argv: Sequence[str], log_path: Path, *, stdout: int | IO | None = None
     PDEATHSIG fires when the *thread* that forked exits, so callers must spawn from a long-lived
     thread (the main thread): the lab boots VMs in parallel but forks them all from one thread.
     """
+    parent = os.getpid()
     with _spawn_lock, open(log_path, "ab") as log:
         return subprocess.Popen(
             list(argv),
@@ -39,7 +46,7 @@ def spawn(argv: Sequence[str], log_path: Path, *, stdout: int | IO | None = None
             stdout=log if stdout is None else stdout,
             stderr=log,
             start_new_session=True,
-            preexec_fn=_die_with_parent,
+            preexec_fn=lambda: _die_with_parent(parent),
             env=env,
             close_fds=True,
         )

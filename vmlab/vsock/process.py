@@ -8,7 +8,6 @@ start() from a thread that lives as long as the lab (the main thread in vmlab).
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import select
@@ -20,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-PR_SET_PDEATHSIG = 1
+from vmlab import proc as children
 
 
 class BackendError(RuntimeError):
@@ -28,22 +27,7 @@ class BackendError(RuntimeError):
 
 
 def _tail(path: Path, lines: int = 30) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return "(no backend log)"
-    return "\n".join(text.splitlines()[-lines:]) or "(backend log is empty)"
-
-
-def _die_with_parent(parent: int) -> None:
-    """preexec_fn: SIGKILL us when the parent goes away (and if it already has, exit now)."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
-    except Exception:
-        pass
-    if os.getppid() != parent:
-        os._exit(1)
+    return children.log_tail(path, lines) or "(no backend log, or it is empty)"
 
 
 class BackendProcess:
@@ -71,20 +55,13 @@ class BackendProcess:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.config_path.write_text(json.dumps(self.config, indent=2))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        errlog = open(self.log_path, "ab")     # tracebacks and config errors land in the log
-        parent = os.getpid()
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")
-        try:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=errlog,
-                start_new_session=True, preexec_fn=lambda: _die_with_parent(parent),
-                close_fds=True, env=env)
-        finally:
-            errlog.close()
+        # tracebacks and config errors land in the log; stdout carries only READY
+        self.proc = children.spawn([sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
+                                   self.log_path, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
         out = b""
