@@ -221,7 +221,8 @@ class StepRunner:
         from vmlab.vsock.host import host_listen
 
         vms = [self.lab.vm(p.vm)] if p.vm else [vm for vm in self.lab.vms if vm.transport]
-        listener = self.lab.track(host_listen(p.port, vms=[vm.endpoint() for vm in vms], type=p.type, cid=p.cid))
+        listener = self.lab.track(host_listen(p.port, vms=[vm.endpoint() for vm in vms], type=p.type, cid=p.cid,
+                                              busy_timeout=step.timeout))
         ep = self._add(Endpoint(p.id, "host_listen", p.vm))
         ep.record({"event": "listening", "cid": p.cid, "port": listener.port})
         thread = threading.Thread(target=_serve, args=(listener, ep, p), name=f"host-listen-{p.id}", daemon=True)

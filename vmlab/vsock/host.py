@@ -132,18 +132,25 @@ class HostListener:
     """Listens on one vsock port for one or more VMs; ``accept`` returns a ``HostConn``."""
 
     def __init__(self, port: int, socks: list[tuple[socket.socket, HostEndpoint | None]],
-                 paths: list[str], type: str) -> None:
+                 paths: list[str], type: str, vsock_peers: set[int] | None = None) -> None:
         self.port = port
         self.type = type
         self._socks = socks                # (listening socket, endpoint or None for AF_VSOCK)
         self._paths = paths                # Unix socket paths we created
+        # AF_VSOCK ports are host-wide: a guest of another lab may knock; only ours get through.
+        self._vsock_peers = vsock_peers
 
     def accept(self, timeout: float | None = None) -> HostConn:
         """The next connection from any served VM; TimeoutError after ``timeout`` seconds."""
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready, _, _ = select.select([s for s, _ in self._socks], [], [], left)
+            if not self._socks:
+                raise OSError(errno.EBADF, "listener is closed")
+            try:
+                ready, _, _ = select.select([s for s, _ in self._socks], [], [], left)
+            except ValueError:             # closed by another thread while we waited
+                raise OSError(errno.EBADF, "listener is closed") from None
             for s, ep in self._socks:
                 if s not in ready:
                     continue
@@ -153,6 +160,9 @@ class HostListener:
                     continue
                 conn.setblocking(True)
                 if ep is None:             # AF_VSOCK: the kernel tells who it is
+                    if self._vsock_peers is not None and addr[0] not in self._vsock_peers:
+                        conn.close()
+                        continue
                     return HostConn(conn, addr[0], addr[1], self.port, "vhost")
                 return HostConn(conn, ep.cid, None, self.port, "vhost-user")
             if deadline is not None and time.monotonic() >= deadline:
@@ -216,10 +226,13 @@ def _stale(path: str) -> bool:
 
 
 def host_listen(port: int, *, vms: Iterable[HostEndpoint], type: str = "stream",
-                cid: int = VMADDR_CID_ANY) -> HostListener:
+                cid: int = VMADDR_CID_ANY, busy_timeout: float = 0.0) -> HostListener:
     """Listen on vsock ``port`` on the host for connections from ``vms``.
 
     ``port`` may be VMADDR_PORT_ANY (or -1): a free port is chosen, see ``.port``.
+    With the vhost transport ports are host-wide: ``busy_timeout`` waits that long for another
+    lab to release the port (labs run side by side under pytest-xdist), and connections from
+    guests that are not in ``vms`` are refused.
     """
     kind = _kind(type)
     eps = list(vms)
@@ -230,10 +243,10 @@ def host_listen(port: int, *, vms: Iterable[HostEndpoint], type: str = "stream",
     try:
         if any(ep.transport == "vhost" for ep in eps):
             s = socket.socket(socket.AF_VSOCK, kind | socket.SOCK_CLOEXEC)
-            s.bind((cid, port))
+            socks.append((s, None))
+            _bind_vsock(s, cid, port, busy_timeout)
             s.listen(128)
             s.setblocking(False)
-            socks.append((s, None))
             port = s.getsockname()[1]
         hybrid = [ep for ep in eps if ep.transport == "vhost-user"]
         for ep in hybrid:
@@ -257,7 +270,20 @@ def host_listen(port: int, *, vms: Iterable[HostEndpoint], type: str = "stream",
             except FileNotFoundError:
                 pass
         raise
-    return HostListener(port, socks, paths, type)
+    vsock_peers = {ep.cid for ep in eps if ep.transport == "vhost"}
+    return HostListener(port, socks, paths, type, vsock_peers or None)
+
+
+def _bind_vsock(s: socket.socket, cid: int, port: int, busy_timeout: float) -> None:
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            s.bind((cid, port))
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE or time.monotonic() >= deadline:
+                raise
+            time.sleep(0.2)
 
 
 def _free_hybrid_port(eps: list[HostEndpoint]) -> int:
