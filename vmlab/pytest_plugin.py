@@ -237,9 +237,11 @@ def vsock_listen(request: pytest.FixtureRequest) -> Iterator[Callable[..., Any]]
 
     opened: list[Any] = []
 
-    def listen(target: Any, port: int, type: str = "stream", **kwargs: Any):
+    def listen(target: Any, port: int, type: str = "stream", busy_timeout: float = 60.0, **kwargs: Any):
+        # busy_timeout: on the vhost transport ports are host-wide; wait for a parallel test's lab.
         vms = target.vms if isinstance(target, Lab) else [target]
-        listener = host_listen(port, vms=[v.endpoint() for v in vms if v.transport], type=type, **kwargs)
+        listener = host_listen(port, vms=[v.endpoint() for v in vms if v.transport], type=type,
+                               busy_timeout=busy_timeout, **kwargs)
         opened.append(listener)
         return listener
 
