@@ -285,6 +285,7 @@ class FakeQemu:
             if indirect:
                 features |= 1 << 28
         assert features & ~offered == 0
+        self.features = features
         self.send(vu.SET_FEATURES, vu.encode_u64(features))
         table = vu.encode_mem_table([RegionSpec(0, MiB, UVA, 0)])
         assert vu.decode_u64(self.send(vu.SET_MEM_TABLE, table, [self.fd], True).payload) == 0
@@ -301,6 +302,36 @@ class FakeQemu:
             ack = self.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(q, 1)),
                             need_reply=True)
             assert vu.decode_u64(ack.payload) == 0
+
+    def stop(self) -> list[int]:
+        """What QEMU 7.2 does on `stop` (and on a guest reset): disable, then GET_VRING_BASE."""
+        for q in (0, 1):
+            self.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(q, 0)))
+        return [vu.decode_vring_state(self.send(
+            vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0))).payload).num
+            for q in (0, 1)]
+
+    def restart(self, bases, features=None, uva=UVA, rings=None):
+        """What QEMU 7.2 does on `cont`: features, memory table, every ring again at `bases`.
+        The rings' contents are left alone (a resumed guest keeps its rings)."""
+        self.send(vu.SET_FEATURES, vu.encode_u64(self.features if features is None else features))
+        table = vu.encode_mem_table([RegionSpec(0, MiB, uva, 0)])
+        assert vu.decode_u64(self.send(vu.SET_MEM_TABLE, table, [self.fd], True).payload) == 0
+        for q, (desc, avail, used) in (rings or RINGS).items():
+            self.send(vu.SET_VRING_NUM, vu.encode_vring_state(vu.VringState(q, QSIZE)))
+            self.send(vu.SET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, bases[q])))
+            self.send(vu.SET_VRING_ADDR, vu.encode_vring_addr(
+                vu.VringAddr(q, 0, uva + desc, uva + used, uva + avail, 0)))
+            self.send(vu.SET_VRING_KICK, vu.encode_u64(q), [self.kick[q]])
+            self.send(vu.SET_VRING_CALL, vu.encode_u64(q), [self.call[q]])
+            ack = self.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(q, 1)),
+                            need_reply=True)
+            assert vu.decode_u64(ack.payload) == 0
+
+    def used_area(self, q) -> bytes:
+        """Everything the device may write in ring q (used flags, idx, ring, avail_event)."""
+        used = RINGS[q][2]
+        return bytes(self.raw[used:used + 6 + 8 * QSIZE])
 
     def _desc(self, q, addr, length, flags, nxt=0):
         i = self.next_desc[q]
@@ -453,7 +484,7 @@ def test_guest_fault_breaks_device_once_until_reset(running):
     assert HDR.unpack(fake.raw[RX_DATA:RX_DATA + 44])[6] == OP_RST
 
 
-def test_get_vring_base_stops_and_reports_one_reset(running):
+def test_get_vring_base_pauses_without_reset(running):
     dev, handler, connect = running
     fake = connect()
     fake.setup()
@@ -464,7 +495,8 @@ def test_get_vring_base_stops_and_reports_one_reset(running):
         fake.send(vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0))).payload).num
         for q in (0, 1)]
     assert bases == [1, 1]
-    assert len(handler.resets) == 1
+    assert handler.resets == []                    # VM stop or guest reset: not known yet
+    assert dev.paused and in_loop(dev, dev.rx_pop) is None
 
 
 def test_frontend_eof_resets_and_a_new_frontend_works(running):
@@ -549,7 +581,7 @@ def test_stop_returns_buffers_in_flight_and_ignores_stale_ones(running):
         vu.GET_VRING_BASE, vu.encode_vring_state(vu.VringState(0, 0))).payload).num
     assert base == 1
     assert fake.used(0) == (1, [(0, 0)])           # handed back empty, ring accounting intact
-    assert handler.resets
+    assert handler.resets == [] and dev.paused
     in_loop(dev, lambda: dev.rx_push(held, request_header(), 4))   # stale: ignored
     assert fake.used(0)[0] == 1
     with pytest.raises(ValueError):
@@ -624,3 +656,133 @@ def test_frontend_disconnect_closes_every_fd(running):
     in_loop(dev, lambda: None)
     assert handler.resets == ["frontend disconnected"]
     assert len(os.listdir("/proc/self/fd")) == before - 2  # both ends of the connection gone
+
+
+# -- stop/cont (resume) versus guest reset -----------------------------------------------
+def wait_until(cond, timeout=5.0) -> bool:
+    import time
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
+def rst_for_port(port):
+    return HDR.pack(2, 7, 1234, port, 0, 1, OP_RST, 0, 0, 0)
+
+
+def test_stop_cont_keeps_state_and_data_flows_after_resume(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header(src_port=1))
+    assert fake.wait_call(0)
+    assert fake.stop() == [1, 1]
+    assert handler.resets == [] and dev.paused
+    frozen = [fake.used_area(q) for q in (0, 1)]
+    # The router has something for the guest while the rings are stopped: it must wait.
+    def queue_while_paused():
+        handler.pending.append(rst_for_port(99))
+        handler.on_rx_ready(dev)
+        return dev.rx_pop()
+    assert in_loop(dev, queue_while_paused) is None
+    # Chains the guest queued before the stop (and their kicks) are not touched while paused.
+    fake.add_rx_buffer(1)
+    fake.add_rx_buffer(2)
+    fake.send_packet(request_header(src_port=2), slot=1)
+    sync(fake)
+    assert [fake.used_area(q) for q in (0, 1)] == frozen
+    assert len(handler.packets) == 1 and handler.pending == [rst_for_port(99)]
+
+    fake.restart([1, 1])                           # cont: same bases, same rings
+    assert wait_until(lambda: fake.used(0)[0] == 3 and fake.used(1)[0] == 2), fake.used(0)
+    sync(fake)
+    assert handler.resets == [] and not dev.paused and dev.broken is None
+    assert [p[2] for p in handler.packets] == [1, 2]
+    replies = sorted(HDR.unpack(fake.raw[RX_DATA + s * 0x2000:RX_DATA + s * 0x2000 + 44])[3]
+                     for s in (1, 2))
+    assert replies == [2, 99]                      # the queued RST and the new REQUEST's RST
+    assert handler.pending == []
+    # ... and the rings keep working normally afterwards
+    fake.add_rx_buffer(3)
+    fake.send_packet(request_header(src_port=3), slot=2)
+    assert wait_until(lambda: fake.used(0)[0] == 4)
+    assert HDR.unpack(fake.raw[RX_DATA + 3 * 0x2000:RX_DATA + 3 * 0x2000 + 44])[3] == 3
+    assert handler.resets == []
+
+
+@pytest.mark.parametrize("kind,reset", [
+    ("same", False),
+    ("same-gpa-new-uva", False),                   # rings compared as guest-physical addresses
+    ("base-0", True),
+    ("ring-moved", True),
+    ("features", True),
+])
+def test_restart_after_stop_resumes_or_resets_once(running, kind, reset):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)
+    bases = fake.stop()
+    assert bases == [1, 1] and handler.resets == []
+    kw = {"same": {}, "same-gpa-new-uva": {"uva": UVA + (1 << 30)}, "base-0": {},
+          "ring-moved": {"rings": {0: (0x7000, 0x1000, 0x2000), 1: RINGS[1]}},
+          "features": {"features": fake.features & ~(1 << vu.VIRTIO_VSOCK_F_SEQPACKET)}}[kind]
+    fake.restart([0, 0] if kind == "base-0" else bases, **kw)
+    sync(fake)
+    assert handler.resets == (["guest reset the device"] if reset else [])
+    assert not dev.paused and dev.broken is None
+    fake.restart(fake.stop(), **kw)                # the next stop/cont is a plain pause again
+    sync(fake)
+    assert len(handler.resets) == (1 if reset else 0)
+
+
+def test_guest_reset_then_new_rings_work(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header(src_port=1))
+    assert fake.wait_call(0)
+    fake.stop()
+    fake.setup()                                   # driver re-init: zeroed rings, base 0
+    sync(fake)
+    assert handler.resets == ["guest reset the device"]
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header(src_port=5))
+    assert fake.wait_call(0)
+    assert fake.used(0) == (1, [(0, 44)])
+    assert HDR.unpack(fake.raw[RX_DATA:RX_DATA + 44])[3] == 5
+    assert len(handler.resets) == 1
+
+
+@pytest.mark.parametrize("signal", ["RESET_DEVICE", "RESET_OWNER", "eof"])
+def test_reset_signals_while_paused_reset_at_once_and_only_once(running, signal):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)
+    fake.stop()
+    assert handler.resets == []
+    if signal == "eof":
+        fake.sock.close()
+        assert wait_until(lambda: handler.resets)
+        in_loop(dev, lambda: None)
+        assert handler.resets == ["frontend disconnected"] and not dev.paused
+        return
+    fake.send(getattr(vu, signal))
+    sync(fake)
+    assert handler.resets == [f"frontend sent {signal}"] and not dev.paused
+    fake.setup()
+    sync(fake)
+    assert len(handler.resets) == 1
+    fake.add_rx_buffer(0)
+    fake.send_packet(request_header())
+    assert fake.wait_call(0)

@@ -5,6 +5,12 @@ docs/architecture.md "Device <-> router interface". Everything the guest control
 in virtqueue.py/memory.py; a violation marks the device broken (the router is told once) and
 the device ignores its rings until the guest re-initialises it. Nothing here raises into the
 event loop.
+
+Ring stop (GET_VRING_BASE) is not a reset by itself: QEMU stops the rings for a QMP `stop`
+as well as for a guest reset. The device pauses and remembers where each ring stopped; when
+the rings restart at the same base index and the same guest-physical ring addresses (and
+features) it resumes and the router's connections survive; anything else is a guest reset
+and the router is told once before the new rings are used.
 """
 from __future__ import annotations
 
@@ -62,6 +68,33 @@ class RxBuffer:
         self.capacity = 0
 
 
+@dataclass(frozen=True)
+class _StopPoint:
+    """Where a ring stood at GET_VRING_BASE, to tell a resume from a guest reset."""
+
+    base: int                                   # next avail index we returned
+    num: int
+    rings: tuple[int, int, int] | None          # desc/avail/used as guest-physical addresses
+    features: int
+
+
+def _ring_gpas(session: VhostUserSession, index: int) -> tuple[int, int, int] | None:
+    """The ring's desc/avail/used frontend addresses translated to guest-physical ones."""
+    addr = session.vrings[index].addr
+    if addr is None:
+        return None
+    out = []
+    for uva in (addr.desc, addr.avail, addr.used):
+        for region in session.mem.regions:
+            start = region.spec.userspace_addr
+            if start <= uva < region.uva_end:
+                out.append(region.spec.guest_phys_addr + (uva - start))
+                break
+        else:
+            return None
+    return out[0], out[1], out[2]
+
+
 def _split_header(chain: DescChain) -> RxBuffer:
     """First 44 writable bytes are the header (they may span descriptors), the rest payload."""
     views = chain.writable
@@ -106,6 +139,9 @@ class VsockDevice:
         # next avail idx of a paused/broken ring, with the SET_VRING_BASE count it is newer than
         self._saved_base: list[tuple[int, int] | None] = [None, None]
         self._remap: list[bool] = [False, False]
+        # rings stopped by GET_VRING_BASE while connections live: paused until they restart
+        self._stopped: list[_StopPoint | None] = [None, None]
+        self._features: int | None = None   # what the rings ran with since the last incident
         self._up = False                    # rings ran since the last incident
         self._reset_seen = True             # a reset happened since the device broke
         self._epoch = 0                     # bumps invalidate outstanding rx buffers
@@ -126,6 +162,11 @@ class VsockDevice:
     @property
     def connected(self) -> bool:
         return self._session is not None
+
+    @property
+    def paused(self) -> bool:
+        """Rings stopped (VM stopped or guest resetting); connections kept until they restart."""
+        return self._stopped[RX] is not None or self._stopped[TX] is not None
 
     def start(self) -> None:
         """Bind and listen on socket_path (a stale socket file is replaced)."""
@@ -163,7 +204,7 @@ class VsockDevice:
     def rx_pop(self) -> RxBuffer | None:
         """Next free guest rx buffer; None -> wait for on_rx_ready."""
         q = self._queues[RX]
-        if q is None or self.broken:
+        if q is None or self.broken or self.paused:
             return None
         if self._rx_free:
             buf = self._rx_free.pop()
@@ -287,6 +328,7 @@ class VsockDevice:
         self._session = None
         session.close()
         self._saved_base = [None, None]
+        self._stopped = [None, None]
         log.info("%s: %s", self.name, reason)
         self._incident(reason)
 
@@ -308,6 +350,7 @@ class VsockDevice:
     def session_reset(self, reason: str) -> None:
         self._stop_all(flush=True)
         self._saved_base = [None, None]
+        self._stopped = [None, None]
         self._reset_seen = True
         self._incident(reason)
 
@@ -329,7 +372,14 @@ class VsockDevice:
             self._drop_queue(index)
         self._saved_base[index] = None
         self._reset_seen = True
-        self._incident("rings stopped (guest reset or VM stopped)")
+        cfg = session.vrings[index]
+        if self._up and self._stopped[index] is None and cfg.addr is not None:
+            # VM stop or guest reset: we cannot tell yet. Keep the router's state and decide
+            # when the ring restarts (a second stop keeps the first stop point).
+            self._stopped[index] = _StopPoint(base, cfg.num, _ring_gpas(session, index),
+                                              session.features)
+            log.info("%s: %s stopped at %d: paused until the rings restart", self.name,
+                     "rx" if index == RX else "tx", base)
         return base
 
     def vring_changed(self, index: int) -> None:
@@ -345,6 +395,12 @@ class VsockDevice:
             return
         cfg = session.vrings[index]
         self._set_kick_reader(index, cfg.kick_fd)
+        if self._up and self._features is not None and session.features != self._features:
+            # Features only change after a virtio reset: the guest re-negotiated.
+            log.info("%s: features changed %#x -> %#x: guest reset", self.name,
+                     self._features, session.features)
+            self._stopped = [None, None]
+            self._incident("guest reset the device")
         if self.broken:
             if not self._reset_seen:
                 return                        # stay dead until the guest resets the device
@@ -360,6 +416,13 @@ class VsockDevice:
                 self._save_base(index, q)
                 self._drop_queue(index)
             return
+        if self.paused:
+            if not all(self._stopped[i] is None or session.vring_runnable(i) for i in (RX, TX)):
+                return                        # wait until every stopped ring runs again
+            self._restarted(index)
+            if self._session is not session or self.broken:
+                return
+            q = self._queues[index]
         assert cfg.addr is not None
         sig = (cfg.num, cfg.addr.desc, cfg.addr.avail, cfg.addr.used,
                session.has_feature(VIRTIO_RING_F_EVENT_IDX),
@@ -389,6 +452,8 @@ class VsockDevice:
             q.remap(session.mem)
             self._remap[index] = False
         q.call_fd = cfg.call_fd
+        if not self._up:
+            self._features = session.features
         self._up = True
         self._reset_seen = False
         if fresh:
@@ -397,6 +462,39 @@ class VsockDevice:
                 self._schedule_tx()
             else:
                 self.loop.call_soon(self._rx_ready)
+
+    def _restarted(self, index: int) -> None:
+        """Every stopped ring runs again: resume (same place) or guest reset (anything else)."""
+        session = self._session
+        assert session is not None
+        changes = []
+        for i, stop in enumerate(self._stopped):
+            if stop is None:
+                continue
+            name = "rx" if i == RX else "tx"
+            base = self._base_for(i)
+            if base != stop.base:
+                changes.append(f"{name} base {base}, stopped at {stop.base}")
+            if session.vrings[i].num != stop.num:
+                changes.append(f"{name} size {session.vrings[i].num}, was {stop.num}")
+            rings = _ring_gpas(session, i)
+            if rings is None or rings != stop.rings:
+                changes.append(f"{name} ring addresses changed")
+            if session.features != stop.features:
+                changes.append(f"features {session.features:#x}, were {stop.features:#x}")
+        resumed_rx = self._stopped[RX] is not None
+        self._stopped = [None, None]
+        if changes:
+            log.info("%s: rings restarted elsewhere (%s): guest reset", self.name,
+                     "; ".join(changes))
+            self._incident("guest reset the device")
+        else:
+            log.info("%s: rings resumed where they stopped: connections kept", self.name)
+            if not resumed_rx:
+                self.loop.call_soon(self._rx_ready)   # rx_pop returned None meanwhile
+        for other in (RX, TX):
+            if other != index:
+                self._reconcile(other)
 
     def _save_base(self, index: int, q: Virtqueue) -> None:
         assert self._session is not None
@@ -467,6 +565,7 @@ class VsockDevice:
             return
         self.broken = reason
         self.stats["errors"] += 1
+        self._stopped = [None, None]
         log.warning("%s: device broken: %s", self.name, reason)
         for index in (RX, TX):
             q = self._queues[index]
