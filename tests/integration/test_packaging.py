@@ -6,11 +6,13 @@ directory outside the checkout: `vmlab --help`, `python -m vmlab validate`, the 
 through vmlab.image.paths (and the guest helper compiled from it), and pytest auto-loading the
 plugin. The venv sees the system site-packages for the dependencies (no network needed for them);
 the checks make sure vmlab itself comes from the venv, not from the editable checkout.
-Building the wheel uses pip's isolated build (setuptools from the configured index).
+Building the wheel uses pip's isolated build (setuptools from the configured index), or the
+installed setuptools + wheel when no index is reachable.
 """
 from __future__ import annotations
 
 import configparser
+import importlib.util
 import json
 import os
 import shutil
@@ -55,8 +57,15 @@ def wheel(tmp_path_factory) -> Path:
     tmp = tmp_path_factory.mktemp("wheel")
     src = tmp / "src"
     shutil.copytree(ROOT, src, ignore=IGNORE, symlinks=True)
-    _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
-          "-w", tmp / "dist", "."], cwd=src, env=_clean_env(), timeout=300)
+    argv = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--disable-pip-version-check",
+            "-w", tmp / "dist", "."]
+    try:
+        _run(argv, cwd=src, env=_clean_env(), timeout=300)
+    except AssertionError:
+        # no index reachable for the isolated build env: use the installed setuptools + wheel
+        if importlib.util.find_spec("wheel") is None:
+            raise
+        _run(argv + ["--no-build-isolation"], cwd=src, env=_clean_env(), timeout=300)
     wheels = list((tmp / "dist").glob("vmlab-*.whl"))
     assert len(wheels) == 1, wheels
     return wheels[0]
