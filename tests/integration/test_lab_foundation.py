@@ -165,3 +165,12 @@ def test_sigint_to_vmlab_run_tears_everything_down(tmp_path, when):
         assert not Path(f"/proc/{pid}").exists(), f"qemu {pid} survived SIGINT"
     for run_dir in run_dirs:
         assert not run_dir.exists(), f"runtime dir {run_dir} left behind"
+
+
+def test_qmp_system_powerdown_is_an_orderly_guest_poweroff():
+    with Lab(Scenario.inline(vms=[VmSpec(name="off", vsock=False)])) as lab:
+        vm = lab.vm("off")
+        vm.qmp.system_powerdown()
+        assert vm.machine.wait_exit(60) == 0
+        event = vm.qmp.wait_event("SHUTDOWN", timeout=5)
+        assert event["data"] == {"guest": True, "reason": "guest-shutdown"}

@@ -258,5 +258,5 @@ def image_status(kernel: str | Path | None = None) -> dict:
     base = _base_path(root, inp.key)
     st.update(initrd=str(base), up_to_date=base.is_file(), modules=inp.plan.groups, key=inp.key)
     if inp.plan.missing:
-        st["warnings"] = [f"modules not found, vmlab.share=1 will not work: {', '.join(inp.plan.missing)}"]
+        st["warnings"] = [f"optional modules not found (9p share or power button may not work): {', '.join(inp.plan.missing)}"]
     return st
