@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import TextIO
 
 from vmlab.steps import StepResult
 
@@ -54,8 +53,3 @@ def write_junit(path: Path, suite: str, results: list[StepResult], seconds: floa
     tree = ET.ElementTree(ET.Element("testsuites"))
     tree.getroot().append(cases)
     tree.write(path, encoding="utf-8", xml_declaration=True)
-
-
-def print_lines(out: TextIO, text: str) -> None:
-    out.write(text + "\n")
-    out.flush()

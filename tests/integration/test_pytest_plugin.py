@@ -1,10 +1,8 @@
 """The pytest plugin as users get it: loaded from the pytest11 entry point, run in a subprocess."""
 
-import json
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 

@@ -1,5 +1,4 @@
 """ensure_image on a fake kernel tree: cache hits, reproducibility, appended user files."""
-import gzip
 import json
 import stat
 import zlib

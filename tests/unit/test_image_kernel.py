@@ -1,5 +1,4 @@
 """Kernel resolution: version from the bzImage header, module dirs, clear errors."""
-import os
 from pathlib import Path
 
 import pytest
