@@ -79,7 +79,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             if args.keep:
                 _keep_alive(lab)
         else:
-            print(f"lab setup failed: {setup_error}", file=sys.stderr, flush=True)
+            print(f"lab setup failed:\n{setup_error}", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: tearing the lab down", file=sys.stderr, flush=True)
         lab.failed = True
@@ -94,7 +94,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     kernel_errors = lab.kernel_errors()
     for name, lines in kernel_errors.items():
         print(f"guest kernel error on {name}: {lines[0]}", file=sys.stderr)
-    print(summary_line(results, elapsed) if setup_error is None else f"FAILED: lab setup: {setup_error.splitlines()[0]}", flush=True)
+    print(summary_line(results, elapsed) if setup_error is None else "FAILED: the lab did not come up (see above)", flush=True)
     if args.junit_xml:
         write_junit(Path(args.junit_xml), scenario.name, results, elapsed, setup_error=setup_error)
     ok = setup_error is None and results is not None and all(r.ok for r in results) and not kernel_errors

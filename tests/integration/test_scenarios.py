@@ -1,5 +1,6 @@
 """Every scenario shipped in scenarios/ runs and passes; `vmlab run` reports failures clearly."""
 
+import os
 import subprocess
 import sys
 import xml.etree.ElementTree as ET
@@ -79,3 +80,16 @@ def test_dgram_scenario_gets_a_clear_error(tmp_path):
     proc = run_cli("run", str(bad))
     assert proc.returncode == 2
     assert "SOCK_DGRAM is not supported" in proc.stderr and f"{bad}:4:" in proc.stderr
+
+
+def test_a_lab_that_cannot_come_up_exits_3_with_the_reason_and_leaves_nothing(tmp_path):
+    runtime = tmp_path / "xdg"
+    runtime.mkdir(mode=0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))   # a private runtime base to inspect
+    proc = subprocess.run([sys.executable, "-m", "vmlab", "run", "scenarios/hello.yaml", "--kernel",
+                           str(tmp_path / "no-such-vmlinuz")], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "lab setup failed" in proc.stdout and "no-such-vmlinuz" in proc.stdout
+    assert "FAILED: the lab did not come up" in proc.stdout
+    assert list((runtime / "vmlab").iterdir()) == [], "runtime dir left behind"
