@@ -55,6 +55,7 @@ class StepRunner:
         self.endpoints: dict[str, Endpoint] = {}
         self._seen_kernel_errors: dict[str, int] = {}
         self._wants_messages: set[str] = set()
+        self._step_number = 0
 
     def run(self, steps: list[Step]) -> list[StepResult]:
         results: list[StepResult] = []
@@ -63,7 +64,7 @@ class StepRunner:
                                 and (s.params.message is not None or s.params.messages is not None)}
         deadline = time.monotonic() + float(getattr(self.lab.scenario, "timeout", 300) or 300)
         failed = False
-        for step in steps:
+        for self._step_number, step in enumerate(steps, 1):
             where = str(step.location) if step.location else ""
             if failed:
                 result = StepResult(step.name, step.action, False, 0.0, "skipped after an earlier failure", where, skipped=True)
@@ -134,8 +135,9 @@ class StepRunner:
     def _do_run(self, step: Step, p: RunStep) -> str:
         vm = self.lab.vm(p.vm)
         if step.background:
-            vm.run(f"( {p.command} ) >/tmp/vmlab-bg.log 2>&1 &", step.timeout)
-            return "started in the background"
+            log = f"/tmp/vmlab-bg-{self._step_number}.log"
+            vm.run(f"( {p.command}\n) >{log} 2>&1 &", step.timeout)
+            return f"started in the background (output: {log} in the guest)"
         rc, out = vm.run(p.command, step.timeout)
         shown = out.strip()
         if p.expect_exit is not None and rc != p.expect_exit:
