@@ -242,7 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="boot a scenario's VMs, run its steps, tear down",
                          description="Boot every VM of SCENARIO in parallel, run its steps, print one line per "
-                                     "step and a summary. Exit 0 only when every step passed.")
+                                     "step and a summary. Exit 0 only when every step passed.",
+                         epilog="exit status: 0 all steps passed; 1 a step failed or a guest kernel oopsed; "
+                                "2 invalid scenario; 3 the lab did not come up; 130 interrupted (Ctrl-C, SIGTERM). "
+                                "Everything the run started is torn down in every case.")
     run.add_argument("scenario", help="scenario YAML file (see docs/scenarios.md)")
     run.add_argument("--transport", choices=("auto", "vhost", "vhost-user"), default=None,
                      help="override every VM's vsock transport (default: the scenario's, usually auto)")
