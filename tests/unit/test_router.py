@@ -372,3 +372,76 @@ def test_faults_on_host_data_read_into_guest_buffers(lab) -> None:
     assert host.recv(10) == b""
     assert router.hybrid.conns == {}
     host.close(); srv.close()
+
+
+class CountingSock:
+    """A connection's host socket, counting the reads that move data towards the guest."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock, self.reads = sock, []
+
+    def recvmsg_into(self, views, *args):
+        r = self._sock.recvmsg_into(views, *args)
+        self.reads.append((len(views), r[0]))
+        return r
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+def test_host_stream_data_fills_several_rx_buffers_with_one_read(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp / "a.vsock_7000"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1025, 2, 7000, buf_alloc=20000)
+    a.take()
+    host, _ = srv.accept()
+    conn, = router.hybrid.conns.values()
+    conn.sock = counting = CountingSock(conn.sock)
+    data = bytes(range(256)) * 200                        # 51200 bytes, guest credit 20000
+    host.sendall(data)
+    spin(loop, lambda: any(h.op == Op.CREDIT_REQUEST for h, _ in a.got))
+    got = a.take()
+    rw = [(h, d) for h, d in got if h.op == Op.RW]
+    assert counting.reads == [(10, 20000)]               # 5 buffers (2 views each), one read
+    assert [h.len for h, _ in rw] == [4096] * 4 + [20000 - 4 * 4096]   # credit respected
+    assert b"".join(d for _, d in rw) == data[:20000]
+    for h, d in rw:
+        assert len(d) == h.len
+        assert (h.src_cid, h.dst_cid, h.src_port, h.dst_port) == (2, 3, 7000, 1025)
+        assert (h.type, h.op, h.flags) == (Type.STREAM, Op.RW, 0)
+        assert (h.buf_alloc, h.fwd_cnt) == (conn.credit.buf_alloc, conn.credit.fwd_cnt)
+    assert a.free and all(len(buf.payload) == 2 for buf in a.free)   # unused ones given back
+    assert router.stats["rx_packets"] >= 5 and router.stats["rx_bytes"] == 20000
+    # more credit: the rest, never more than the free rx buffers hold per read
+    a.free = a.free[:3]
+    tx(router, a, Op.CREDIT_UPDATE, 1025, 2, 7000, buf_alloc=1 << 20, fwd_cnt=20000)
+    spin(loop, lambda: sum(h.len for h, _ in a.got if h.op == Op.RW) >= 3 * 4096)
+    assert [h.len for h, _ in a.take() if h.op == Op.RW] == [4096] * 3
+    assert counting.reads[1] == (6, 3 * 4096)
+    a.give(64, router)
+    left = len(data) - 20000 - 3 * 4096
+    spin(loop, lambda: sum(h.len for h, _ in a.got if h.op == Op.RW) >= left)
+    rest = b"".join(d for h, d in a.take() if h.op == Op.RW)
+    assert data[:20000 + 3 * 4096] + rest == data
+    host.close(); srv.close()
+
+
+def test_host_seqpacket_messages_are_never_merged_into_one_packet(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    srv.bind(str(tmp / "a.vsock_7001"))
+    srv.listen()
+    tx(router, a, Op.REQUEST, 1026, 2, 7001, typ=Type.SEQPACKET, buf_alloc=1 << 20)
+    a.take()
+    host, _ = srv.accept()
+    msgs = [b"a" * 3000, b"b" * 10, b"c" * 5000, b"d"]
+    for m in msgs:
+        host.sendmsg([m], [], socket.MSG_EOR)
+    spin(loop, lambda: sum(h.len for h, _ in a.got if h.op == Op.RW) >= sum(map(len, msgs)))
+    rw = [(h, d) for h, d in a.take() if h.op == Op.RW]
+    assert [(h.len, h.flags & SEQ_EOM) for h, _ in rw] == [
+        (3000, SEQ_EOM), (10, SEQ_EOM), (4096, 0), (904, SEQ_EOM), (1, SEQ_EOM)]
+    assert [d for _, d in rw] == [msgs[0], msgs[1], msgs[2][:4096], msgs[2][4096:], msgs[3]]
+    host.close(); srv.close()

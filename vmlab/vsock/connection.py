@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
 from vmlab.vsock.packet import (
-    SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, U32_MASK, Header, Op, Type,
+    HEADER, SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, SHUTDOWN_SEND, U32_MASK, Header, Op,
+    Type,
 )
 
 log = logging.getLogger(__name__)
@@ -499,24 +500,72 @@ class Connection:
             return None
         if self.type == Type.SEQPACKET:
             return self._fill_seq(buf, credit)
-        n = min(credit, buf.capacity)
+        lens = self._recv_stream([buf], credit)
+        return self.header(Op.RW, 0, lens[0]) if lens else None
+
+    def fill_many(self, bufs: list[RxBufferLike]) -> list[tuple[int, bytes]]:
+        """Stream only: move host data into several guest rx buffers with one read, bounded by
+        the guest's credit. Returns (payload length, packed header) for the first k buffers
+        used (k may be 0); the caller gives the others back. Same side effects as fill()."""
+        if self.state is not State.ESTABLISHED or self.peer_shut & SHUTDOWN_RCV \
+                or self.local_shut & SHUTDOWN_SEND:
+            return []
+        credit = self.credit.peer_credit()
+        if credit <= 0:
+            self._wait_credit()
+            return []
+        lens = self._recv_stream(bufs, credit)
+        if not lens:
+            return []
+        c = self.credit
+        c.last_fwd_cnt = c.fwd_cnt             # what header() -> stamp() does, once per batch
+        k = self.key
+        pack = HEADER.pack
+        return [(n, pack(k[0], k[2], k[1], k[3], n, self.type, Op.RW, 0, c.buf_alloc,
+                         c.fwd_cnt)) for n in lens]
+
+    def _recv_stream(self, bufs: list[RxBufferLike], credit: int) -> list[int]:
+        """One recvmsg_into over the buffers' payload views (at most credit bytes); returns the
+        bytes each buffer got (only the non-empty ones, in order), [] if none (re-armed)."""
+        views: list[memoryview] = []
+        want = 0
+        for buf in bufs:
+            room = credit - want
+            if room <= 0:
+                break
+            if buf.capacity <= room:
+                views += buf.payload
+                want += buf.capacity
+            else:
+                views += trim_views(buf.payload, room)
+                want += room
+        if want <= 0:
+            return []
         try:
-            got = self.sock.recvmsg_into(trim_views(buf.payload, n))[0]
+            got = self.sock.recvmsg_into(views)[0]
         except _AGAIN:
             self.start_reading()
-            return None
+            return []
         except OSError as e:
             self.reset(f"host read failed: {e}")
-            return None
-        if got == 0:            # n > 0 and not EAGAIN: a real EOF (never a 0-byte request)
+            return []
+        if got == 0:            # want > 0 and not EAGAIN: a real EOF (never a 0-byte request)
             self._host_eof()
-            return None
+            return []
         self.credit.sent(got)
-        if got < n:
+        if got < want:
             self.start_reading()    # probably drained: let the loop tell us about more
         else:
-            self.env.want_rx(self)  # filled the buffer: likely more waiting
-        return self.header(Op.RW, 0, got)
+            self.env.want_rx(self)  # filled every byte we asked for: likely more waiting
+        lens: list[int] = []
+        left = got
+        for buf in bufs:
+            n = buf.capacity if buf.capacity < left else left
+            lens.append(n)
+            left -= n
+            if left <= 0:
+                break
+        return lens
 
     def _fill_seq(self, buf: RxBufferLike, credit: int) -> Header | None:
         if self.rx_msg is None:
