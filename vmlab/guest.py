@@ -46,7 +46,9 @@ class GuestProcess(Endpoint):
     def refresh(self) -> None:
         if self.finished:
             return
-        _, out = self.handle.run(f"cat {self.log_path}; kill -0 {self.pid} 2>/dev/null || echo '<<EXITED>>'")
+        # Liveness first, then the log: a helper that exits in between has then written all of it.
+        _, out = self.handle.run(f"kill -0 {self.pid} 2>/dev/null; alive=$?; cat {self.log_path}; "
+                                 f"[ $alive = 0 ] || echo '<<EXITED>>'")
         events = []
         for line in out.splitlines():
             line = line.strip()
