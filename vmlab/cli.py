@@ -248,7 +248,8 @@ def build_parser() -> argparse.ArgumentParser:
                                 "Everything the run started is torn down in every case.")
     run.add_argument("scenario", help="scenario YAML file (see docs/scenarios.md)")
     run.add_argument("--transport", choices=("auto", "vhost", "vhost-user"), default=None,
-                     help="override every VM's vsock transport (default: the scenario's, usually auto)")
+                     help="vsock transport for VMs the scenario leaves at auto (a transport the scenario "
+                          "pins is kept)")
     run.add_argument("--kernel", default=None, help="guest kernel (vmlinuz) for VMs that do not pin one")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="auto uses KVM only where it really works, else TCG")

@@ -38,7 +38,7 @@ class LabError(RuntimeError):
 class LabOptions:
     """Run-time choices that are not part of the scenario (CLI flags, pytest options)."""
 
-    transport: str | None = None        # overrides every VM's transport
+    transport: str | None = None        # transport for VMs whose scenario says auto
     kernel: str | None = None           # overrides the kernel of VMs that do not pin one
     accel: str = "auto"                 # auto | kvm | tcg
     boot_timeout: float = 240.0
@@ -200,7 +200,10 @@ class Lab:
             if not spec.vsock:
                 resolved[spec.name] = None
                 continue
-            wanted = self.options.transport or spec.transport or self.scenario.transport or "auto"
+            # A transport the scenario pins (e.g. vhost-user for VM<->VM or faults) is kept; the
+            # run-time option (--transport / --vmlab-transport) decides for VMs left at auto.
+            pinned = spec.transport if spec.transport not in (None, "auto") else None
+            wanted = pinned or self.options.transport or "auto"
             if wanted not in cache:
                 cache[wanted], notice = hostcheck.resolve_transport(wanted)
                 if notice and notice not in self.options.notices:

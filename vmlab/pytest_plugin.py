@@ -39,7 +39,7 @@ _REPORTS_KEY = pytest.StashKey[dict]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmlab", "vmlab: VM labs for AF_VSOCK tests")
     group.addoption("--vmlab-transport", choices=("auto", "vhost", "vhost-user"), default=None,
-                    help="vsock transport for every lab (default: each scenario's, usually auto)")
+                    help="vsock transport for VMs whose scenario leaves it at auto (scenarios that pin one keep it)")
     group.addoption("--vmlab-kernel", default=None, help="guest kernel (vmlinuz) for labs that do not pin one")
     group.addoption("--vmlab-accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     group.addoption("--vmlab-keep-on-failure", action="store_true",
@@ -154,9 +154,8 @@ class _LabFactory:
         self.labs: list[Lab] = []
 
     def __call__(self, spec: Any = None, *, vms: Any = None, transport: str | None = None, **options: Any) -> Lab:
+        # transport= pins the lab's VMs (e.g. vhost-user for VM<->VM); --vmlab-transport decides the rest
         scenario = to_scenario(spec, vms=vms, transport=transport or "auto", base=self.base)
-        if transport and not options.get("transport"):
-            options["transport"] = transport if transport != "auto" else None
         suffix = f"-{len(self.labs)}" if self.labs else ""
         lab = Lab(scenario, _options(self.config, self.artifacts_sub + suffix, **options))
         self.labs.append(lab)

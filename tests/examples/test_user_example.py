@@ -1,7 +1,8 @@
 """Written the way a vmlab user writes tests: only the plugin's fixtures, no vmlab imports.
 
-The module shares one lab of two guests (module_lab + VMLAB_SCENARIO), so the three exchanges
-cost one boot. Run it on either transport: `pytest --vmlab-transport vhost-user|vhost`.
+Most tests share one lab of two guests (module_lab + VMLAB_SCENARIO), so they cost one boot.
+Run them on either transport: `pytest --vmlab-transport vhost-user|vhost`; the VM<->VM test pins
+vhost-user, which is the transport that can route between guests.
 """
 
 import pytest
@@ -30,8 +31,10 @@ def test_host_to_guest(module_lab, vsock_connect, guest):
     assert server.received_bytes() == 13
 
 
-def test_vm_to_vm(module_lab, guest):
-    a, b = module_lab.vm("a"), module_lab.vm("b")
+@pytest.mark.vmlab(vms=[{"name": "a"}, {"name": "b"}], transport="vhost-user")
+def test_vm_to_vm(lab, guest):
+    # VM<->VM needs vmlab's backend: the kernel's vhost-vsock does not route between guests.
+    a, b = lab.vm("a"), lab.vm("b")
     assert a.cid != b.cid and a.cid > 2 and b.cid > 2
     server = guest(a).listen(5001, chunk=64)
     client = guest(b).connect(a.cid, 5001, send="from b to a")

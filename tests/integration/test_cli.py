@@ -91,7 +91,7 @@ def test_console_attaches_to_a_kept_vm_and_detaches(tmp_path):
 @pytest.mark.integration
 def test_run_with_pcap_writes_a_capture_wireshark_decodes(tmp_path):
     pcap = tmp_path / "hello.pcap"
-    proc = vmlab("run", "scenarios/hello.yaml", "--pcap", str(pcap))
+    proc = vmlab("run", "scenarios/hello.yaml", "--transport", "vhost-user", "--pcap", str(pcap))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert f"capture: {pcap}" in proc.stdout and pcap.stat().st_size > 24
     fields = subprocess.run(["tshark", "-r", str(pcap), "-T", "fields", "-e", "vsock.src_cid", "-e", "vsock.dst_cid",

@@ -57,7 +57,7 @@ def test_vmlab_run_with_a_broken_message_fails_and_says_why(tmp_path):
     broken.write_text(text.replace('expect: {id: srv, message: "Hello, world!"}',
                                    'expect: {id: srv, message: "Goodbye, world!", timeout: 5}'))
     assert broken.read_text() != text
-    proc = run_cli("run", str(broken), "--artifacts", str(tmp_path / "art"))
+    proc = run_cli("run", str(broken), "--transport", "vhost-user", "--artifacts", str(tmp_path / "art"))
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "FAIL" in proc.stdout and "expected message 'Goodbye, world!'" in proc.stdout
     assert "'Hello, world!'" in proc.stdout           # what actually arrived

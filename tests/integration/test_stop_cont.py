@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab():
-    with Lab(Scenario.inline(vms=[VmSpec(name="g")])) as lab:
+    with Lab(Scenario.inline(vms=[VmSpec(name="g")], transport="vhost-user")) as lab:
         yield lab
 
 
