@@ -18,12 +18,12 @@ import asyncio
 import logging
 import os
 import socket
-import stat
 import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from .memory import GuestMemoryError
+from .unixsock import listen_unix
 from .vhost_user import (VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX,
                          VIRTIO_RING_F_INDIRECT_DESC, VIRTIO_VSOCK_F_SEQPACKET, VhostUserSession)
 from .virtqueue import DescChain, Virtqueue, VirtqueueError
@@ -171,19 +171,7 @@ class VsockDevice:
     def start(self) -> None:
         """Bind and listen on socket_path (a stale socket file is replaced)."""
         path = self.socket_path
-        try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)
-        except FileNotFoundError:
-            pass
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.bind(path)
-            sock.listen(1)
-            sock.setblocking(False)
-        except OSError:
-            sock.close()
-            raise
+        sock = listen_unix(path, backlog=1)   # QEMU is the one and only client
         self._listener = sock
         self.loop.add_reader(sock.fileno(), self._on_accept)
         log.info("%s: listening on %s (cid %d)", self.name, path, self.cid)

@@ -17,10 +17,11 @@ import os
 import random
 import select
 import socket
-import stat
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
+
+from vmlab.vsock.unixsock import is_stale_socket, listen_unix
 
 VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_HOST = 2
@@ -186,45 +187,6 @@ class HostListener:
         self.close()
 
 
-def _bind_unix(path: str, kind: int) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
-    try:
-        try:
-            s.bind(path)
-        except OSError as e:
-            if e.errno != errno.EADDRINUSE or not _stale(path):
-                raise
-            os.unlink(path)                # left over by a crashed test
-            s.bind(path)
-        s.listen(128)
-        s.setblocking(False)
-    except OSError:
-        s.close()
-        raise
-    return s
-
-
-def _stale(path: str) -> bool:
-    """A socket file nobody listens on any more."""
-    try:
-        if not stat.S_ISSOCK(os.lstat(path).st_mode):
-            return False
-    except FileNotFoundError:
-        return False
-    for kind in (socket.SOCK_STREAM, socket.SOCK_SEQPACKET):
-        with socket.socket(socket.AF_UNIX, kind) as probe:
-            try:
-                probe.connect(path)
-                return False
-            except ConnectionRefusedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.EPROTOTYPE:
-                    continue
-                return False
-    return True
-
-
 def host_listen(port: int, *, vms: Iterable[HostEndpoint], type: str = "stream",
                 cid: int = VMADDR_CID_ANY, busy_timeout: float = 0.0) -> HostListener:
     """Listen on vsock ``port`` on the host for connections from ``vms``.
@@ -256,7 +218,7 @@ def host_listen(port: int, *, vms: Iterable[HostEndpoint], type: str = "stream",
             port = _free_hybrid_port(hybrid)
         for ep in hybrid:
             path = f"{ep.uds_path}_{port}"
-            socks.append((_bind_unix(path, kind), ep))
+            socks.append((listen_unix(path, kind, replace=is_stale_socket), ep))
             paths.append(path)
         unknown = [ep for ep in eps if ep.transport not in ("vhost", "vhost-user")]
         if unknown:

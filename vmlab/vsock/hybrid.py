@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from vmlab.vsock.connection import (
     CLOSE_TIMEOUT, CONNECT_TIMEOUT, DEFAULT_BUF_ALLOC, ConnKey, Connection,
 )
+from vmlab.vsock.unixsock import listen_unix
 from vmlab.vsock.packet import VMADDR_CID_HOST, Header, Op, Type, rst_for
 
 if TYPE_CHECKING:
@@ -79,15 +80,7 @@ class Hybrid:
         vm = HybridVm(name, cid, uds_path)
         for path, typ in ((uds_path, Type.STREAM), (seqpacket_path(uds_path), Type.SEQPACKET)):
             kind = socket.SOCK_STREAM if typ == Type.STREAM else socket.SOCK_SEQPACKET
-            s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-            try:
-                if os.path.exists(path):
-                    os.unlink(path)   # a stale socket from a crashed run
-                s.bind(path)
-                s.listen(128)
-            except OSError:
-                s.close()
-                raise
+            s = listen_unix(path, kind)   # a socket file left by a crashed run is replaced
             vm.listeners.append(s)
             self.loop.add_reader(s.fileno(), self._on_accept, vm, s, typ)
         self.vms[name] = vm
