@@ -302,12 +302,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except OSError:
         pass
+    profile_path = os.environ.get("VMLAB_BACKEND_PROFILE")   # benchmarks: cProfile the loop
+    profiler = None
+    if profile_path:
+        import cProfile
+        profiler = cProfile.Profile()
+        profiler.enable()
     try:
         loop.run_forever()
     except Exception:
         log.exception("event loop died")
         rc = 1
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
         backend.close()
         # let the RSTs queued by close() reach guests whose rings are still up
         loop.run_until_complete(asyncio.sleep(0))

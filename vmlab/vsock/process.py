@@ -40,6 +40,7 @@ class BackendProcess:
         self.control_path = Path(self.config["control"])
         self.config_path = self.run_dir / "backend.json"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command_prefix: list[str] = []   # benchmarks: e.g. valgrind --tool=callgrind
 
     @property
     def pid(self) -> int | None:
@@ -60,7 +61,7 @@ class BackendProcess:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")
         # tracebacks and config errors land in the log; stdout carries only READY
-        self.proc = children.spawn([sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
+        self.proc = children.spawn([*self.command_prefix, sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
                                    self.log_path, stdout=subprocess.PIPE, env=env)
         assert self.proc.stdout is not None
         deadline = time.monotonic() + timeout
