@@ -786,3 +786,32 @@ def test_reset_signals_while_paused_reset_at_once_and_only_once(running, signal)
     fake.add_rx_buffer(0)
     fake.send_packet(request_header())
     assert fake.wait_call(0)
+
+
+# -- rx buffer shapes (device._split_header) ------------------------------------------------
+@pytest.mark.parametrize("sizes", [[44, 4096], [4140], [44], [20, 24, 100], [20, 4120], [44, 10, 20],
+                                   [50, 7]])
+def test_split_header_shapes(sizes):
+    from vmlab.vsock.device import HDR_LEN, _split_header
+    from vmlab.vsock.virtqueue import DescChain
+    backing = bytearray(sum(sizes))
+    whole = memoryview(backing)
+    views, pos = [], 0
+    for n in sizes:
+        views.append(whole[pos:pos + n])
+        pos += n
+    buf = _split_header(DescChain(5, [], views, 0, len(backing)))
+    assert buf.head == 5 and buf.capacity == len(backing) - HDR_LEN
+    assert sum(len(v) for v in buf.header) == HDR_LEN
+    assert sum(len(v) for v in buf.payload) == buf.capacity
+    for i, view in enumerate(buf.header):
+        view[:] = bytes([i + 1]) * len(view)
+    for view in buf.payload:
+        view[:] = b"p" * len(view)
+    assert bytes(backing[HDR_LEN:]) == b"p" * buf.capacity
+    assert b"p" not in backing[:HDR_LEN] and 0 not in backing[:HDR_LEN]
+    buf.release()
+    for view in views:                  # every view handed out is released with the buffer
+        with pytest.raises(ValueError):
+            view[0]
+    assert buf.capacity == 0 and buf.payload == [] and buf.header == []

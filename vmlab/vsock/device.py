@@ -43,7 +43,7 @@ class DeviceHandler(Protocol):
     def on_device_reset(self, dev: "VsockDevice", reason: str) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RxBuffer:
     """A guest rx buffer: 44 header bytes (maybe split) and `payload` views after them."""
 
@@ -60,11 +60,12 @@ class RxBuffer:
             view.release()
         for view in self.header:
             view.release()
-        for view in self.views:
-            view.release()
+        if self.views:
+            for view in self.views:
+                view.release()
+            self.views = []
         self.payload = []
         self.header = []
-        self.views = []
         self.capacity = 0
 
 
@@ -99,21 +100,23 @@ def _split_header(chain: DescChain) -> RxBuffer:
     """First 44 writable bytes are the header (they may span descriptors), the rest payload."""
     views = chain.writable
     first = views[0]
-    if len(first) >= HDR_LEN:
-        header = [first[:HDR_LEN]]
-        payload = ([first[HDR_LEN:]] if len(first) > HDR_LEN else []) + views[1:]
-    else:
-        header, payload, need = [], [], HDR_LEN
-        for view in views:
-            if need == 0:
-                payload.append(view)
-            elif len(view) <= need:
-                header.append(view)
-                need -= len(view)
-            else:
-                header.append(view[:need])
-                payload.append(view[need:])
-                need = 0
+    flen = len(first)
+    if flen == HDR_LEN:                 # Linux 6.1: header descriptor + payload descriptor(s)
+        return RxBuffer(chain.write_len - HDR_LEN, views[1:], chain.head, [first], 0, 0, [])
+    if flen > HDR_LEN:
+        return RxBuffer(chain.write_len - HDR_LEN, [first[HDR_LEN:]] + views[1:], chain.head,
+                        [first[:HDR_LEN]], 0, 0, [first])
+    header, payload, need = [], [], HDR_LEN
+    for view in views:
+        if need == 0:
+            payload.append(view)
+        elif len(view) <= need:
+            header.append(view)
+            need -= len(view)
+        else:
+            header.append(view[:need])
+            payload.append(view[need:])
+            need = 0
     return RxBuffer(capacity=chain.write_len - HDR_LEN, payload=payload, head=chain.head,
                     header=header, views=list(views))
 
@@ -192,8 +195,9 @@ class VsockDevice:
     def rx_pop(self) -> RxBuffer | None:
         """Next free guest rx buffer; None -> wait for on_rx_ready."""
         q = self._queues[RX]
-        if q is None or self.broken or self.paused:
-            return None
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
+            return None                       # no ring, broken, or paused
         if self._rx_free:
             buf = self._rx_free.pop()
             self._rx_out[buf.seq] = buf

@@ -49,7 +49,7 @@ class VirtqueueError(Exception):
     """The guest broke the virtqueue rules; the device must stop using this queue."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DescChain:
     """One popped descriptor chain: device-readable views first, then device-writable."""
 
@@ -159,6 +159,71 @@ class Virtqueue:
         size = self.size
         if head >= size:
             raise VirtqueueError(f"{self.name}: head {head} >= queue size {size}")
+        desc = self.desc
+        addr, length, flags, nxt = _DESC.unpack_from(desc, 16 * head)
+        if not flags & VRING_DESC_F_INDIRECT:
+            chain = self._walk_short(desc, size, head, addr, length, flags, nxt, head)
+            if chain is not None:
+                return chain
+        elif (self.indirect and not flags & VRING_DESC_F_NEXT and 16 <= length <= 32
+              and not length % 16 and length // 16 <= size):
+            # Linux puts multi-buffer chains into an indirect table when it may (rx: 2 entries)
+            table = self.mem.gpa_one(addr, length)
+            if table is not None:
+                try:
+                    first = _DESC.unpack_from(table, 0)
+                    chain = self._walk_short(table, length // 16, head, *first, 0)
+                finally:
+                    table.release()
+                if chain is not None:
+                    return chain
+        return self._walk_generic(head)
+
+    def _walk_short(self, table: memoryview, limit: int, head: int, addr: int, length: int,
+                    flags: int, nxt: int, idx: int) -> DescChain | None:
+        """Fast path for the common chain: 1 or 2 non-empty, non-indirect descriptors in
+        `table` (the ring's table, or an indirect table of `limit` entries), each inside one
+        memory region. (addr, length, flags, nxt) is entry `idx` of `table`, already read.
+        Returns None for anything else or anything wrong, and the caller walks the chain again
+        with the generic loop, which checks every rule and raises. Nothing the guest wrote is
+        trusted here either: indexes, flag combinations, lengths and addresses are checked
+        before they are used."""
+        if flags & VRING_DESC_F_INDIRECT:
+            return None
+        if flags & VRING_DESC_F_NEXT:
+            if nxt >= limit or nxt == idx:
+                return None
+            addr2, length2, flags2, _ = _DESC.unpack_from(table, 16 * nxt)
+            if flags2 & (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT):
+                return None                 # longer chain, loop or indirect: generic walk
+            if flags & VRING_DESC_F_WRITE and not flags2 & VRING_DESC_F_WRITE:
+                return None                 # readable after writable: generic walk raises
+            if length + length2 > self.max_chain_bytes:
+                return None
+            mem = self.mem
+            first = mem.gpa_one(addr, length)
+            if first is None:
+                return None
+            second = mem.gpa_one(addr2, length2)
+            if second is None:
+                first.release()
+                return None
+            if flags & VRING_DESC_F_WRITE:
+                return DescChain(head, [], [first, second], 0, length + length2)
+            if flags2 & VRING_DESC_F_WRITE:
+                return DescChain(head, [first], [second], length, length2)
+            return DescChain(head, [first, second], [], length + length2, 0)
+        if length > self.max_chain_bytes:
+            return None
+        view = self.mem.gpa_one(addr, length)
+        if view is None:
+            return None
+        if flags & VRING_DESC_F_WRITE:
+            return DescChain(head, [], [view], 0, length)
+        return DescChain(head, [view], [], length, 0)
+
+    def _walk_generic(self, head: int) -> DescChain:
+        size = self.size
         table = self.desc
         limit = size
         idx = head
