@@ -146,6 +146,29 @@ def copy_into(views: list[memoryview], data: memoryview) -> int:
     return off
 
 
+def scatter(src: list[memoryview], dst: list[memoryview], n: int) -> int:
+    """Copy the first n bytes of src (a list of views, consumed in place: what is left of it
+    stays in src) into the views dst; returns bytes copied (n unless src or dst is shorter)."""
+    done = 0
+    di = 0
+    doff = 0
+    while done < n and src and di < len(dst):
+        s = src[0]
+        d = dst[di]
+        k = min(len(s), len(d) - doff, n - done)
+        d[doff:doff + k] = s[:k]
+        done += k
+        doff += k
+        if k == len(s):
+            src.pop(0)
+        else:
+            src[0] = s[k:]
+        if doff == len(d):
+            di += 1
+            doff = 0
+    return done
+
+
 @dataclass(eq=False)
 class Connection:
     """A guest <-> host-Unix-socket connection; one per (2, host_port, guest_cid, guest_port)."""

@@ -21,9 +21,9 @@ from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
-from vmlab.vsock.connection import Connection, copy_into, trim_views
+from vmlab.vsock.connection import Connection, copy_into, scatter, trim_views
 from vmlab.vsock.packet import (
-    HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
+    HEADER, HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
 )
 
 if TYPE_CHECKING:
@@ -249,6 +249,12 @@ class Router:
         else:
             self.flows[fk] = hdr.type
         self.stats["relayed"] += 1
+        if hdr.len and not dst.queue and not dst.pumping and self.capture is None \
+                and not self.faults.rules:
+            # Straight from the sender's tx buffers into the receiver's rx buffers: one copy.
+            hdr, payload = self._relay_direct(dst, hdr, payload)
+            if not hdr.len:
+                return
         data = b"".join(payload) if hdr.len else None
         if data is not None and dst.queued_bytes + len(data) > MAX_RELAY_BYTES:
             self.stats["relay_overflow"] += 1
@@ -257,6 +263,43 @@ class Router:
             self.reset_flow(hdr)
             return
         self.send_to_vm(dst.name, hdr, data)
+
+    def _relay_direct(self, dst: DevState, hdr: Header,
+                      payload: list[memoryview]) -> tuple[Header, list[memoryview]]:
+        """Copy a relayed RW packet into as many of dst's rx buffers as it has; returns what
+        is left (a header with len 0 when everything went out). Splits as _deliver_queued
+        does (EOM/EOR on the last piece). No flush here: the device flushes what was pushed
+        once this loop iteration ends (one interrupt per tx batch, not per packet)."""
+        dev = dst.dev
+        left = hdr.len
+        src = list(payload)
+        seq = hdr.type == Type.SEQPACKET
+        mid_flags = hdr.flags & ~(SEQ_EOM | SEQ_EOR) if seq else hdr.flags
+        pack = HEADER.pack
+        pushed = moved = 0
+        while left:
+            buf = dev.rx_pop()
+            if buf is None:
+                break
+            if buf.capacity <= 0:                   # header-only buffer: data must wait
+                dev.rx_cancel(buf)
+                self.stats["rx_buffer_too_small"] += 1
+                break
+            n = scatter(src, buf.payload, min(left, buf.capacity))
+            left -= n
+            if left:
+                self.stats["split"] += 1
+            dev.rx_push(buf, pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, n,
+                                  hdr.type, hdr.op, mid_flags if left else hdr.flags,
+                                  hdr.buf_alloc, hdr.fwd_cnt), n)
+            pushed += 1
+            moved += n
+        if pushed:
+            self.stats["rx_packets"] += pushed
+            self.stats["rx_bytes"] += moved
+        if left == hdr.len:
+            return hdr, payload
+        return hdr.copy(len=left), src
 
     def on_rx_ready(self, dev: DeviceLike) -> None:
         st = self.devs.get(dev.name)
@@ -435,11 +478,12 @@ class Router:
             st.dev.rx_cancel(buf)
             self.stats["rx_buffer_too_small"] += 1
             raise _NoRoom
-        copy_into(buf.payload, memoryview(data)[:n])
+        view = memoryview(data)
+        copy_into(buf.payload, view[:n])
         if n < len(data):                       # split: EOM/EOR belong to the last piece
             piece = hdr.copy(len=n, flags=hdr.flags & ~(SEQ_EOM | SEQ_EOR)
                              if hdr.type == Type.SEQPACKET else hdr.flags)
-            st.queue[0] = (hdr.copy(len=len(data) - n), data[n:])
+            st.queue[0] = (hdr.copy(len=len(data) - n), view[n:])   # a view: no copy
             self.stats["split"] += 1
         else:
             piece = hdr
