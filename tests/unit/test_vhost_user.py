@@ -815,3 +815,46 @@ def test_split_header_shapes(sizes):
         with pytest.raises(ValueError):
             view[0]
     assert buf.capacity == 0 and buf.payload == [] and buf.header == []
+
+
+def test_rx_pop_batch_equals_rx_pop_in_a_loop_and_push_batch_publishes_once(running):
+    """The batch calls the router's stream path uses: same buffers as rx_pop() one by one
+    (split and whole headers), room/max_bufs limits, one flush and interrupt for the batch."""
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    for slot, split in ((0, False), (1, True), (2, False), (3, False)):
+        fake.add_rx_buffer(slot, split=split)
+    sync(fake)
+    assert in_loop(dev, lambda: dev.rx_pop_batch(0, 8, 8)) == []       # no room wanted
+    bufs = in_loop(dev, lambda: dev.rx_pop_batch(4096 + 1, 8, 8))       # room for two
+    assert [b.capacity for b in bufs] == [4096, 4096] and [b.head for b in bufs] == [0, 1]
+    more = in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 1, 8))        # max_bufs 1
+    assert [b.head for b in more] == [4]                # slot 2's descriptor (after 3 split ones)
+    hdrs = [(n, HDR.pack(2, 7, 1, 2, n, 1, 5, 0, 0, 0)) for n in (100, 4096, 7)]
+    in_loop(dev, lambda: dev.rx_push_batch(bufs + more, hdrs))
+    assert fake.wait_call(0)
+    sync(fake)
+    assert fake.used(0) == (3, [(0, 144), (1, 44 + 4096), (4, 51)])
+    assert dev.stats["interrupts"] == 1 and dev.stats["rx_bytes"] == 100 + 4096 + 7
+    assert HDR.unpack_from(fake.raw, RX_DATA + 0x2000)[4] == 4096       # split header written
+    in_loop(dev, lambda: dev.rx_push_batch(bufs, hdrs))                 # stale: ignored
+    assert fake.used(0)[0] == 3
+    left = in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8))
+    assert [b.head for b in left] == [5]
+    in_loop(dev, lambda: dev.rx_cancel(left[0]))
+    assert [b.head for b in in_loop(dev, lambda: dev.rx_pop_batch(1, 8, 8))] == [5]
+
+
+def test_rx_pop_batch_on_a_malformed_rx_chain_breaks_the_device_once(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    head = fake._desc(0, RX_DATA + 0x2000, 4140, 0)      # device-readable: not an rx buffer
+    fake._publish(0, head)
+    sync(fake)
+    assert in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8)) == []
+    assert dev.broken and "device-readable" in dev.broken
+    assert handler.resets and dev.stats["errors"] == 1
+    assert in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8)) == []

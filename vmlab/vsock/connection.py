@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
 import select
 import socket
+import struct
+import termios
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -44,6 +47,8 @@ CONNECT_TIMEOUT = 10.0               # host-initiated: wait this long for RESPON
 LINGER_TIMEOUT = 60.0                # keep flushing to a slow host reader after the guest left
 
 _AGAIN = (BlockingIOError, InterruptedError)
+_INT = struct.Struct("i")
+_INT_ZERO = bytes(4)
 
 
 class State(enum.Enum):
@@ -525,6 +530,14 @@ class Connection:
             return self._fill_seq(buf, credit)
         lens = self._recv_stream([buf], credit)
         return self.header(Op.RW, 0, lens[0]) if lens else None
+
+    def readable_bytes(self) -> int:
+        """Bytes waiting in the host socket (FIONREAD); 0 if unknown. The rx path pops guest
+        buffers for this much, not for the whole credit, so fewer are popped and given back."""
+        try:
+            return _INT.unpack(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, _INT_ZERO))[0]
+        except (OSError, ValueError):
+            return 0
 
     def fill_many(self, bufs: list[RxBufferLike]) -> list[tuple[int, bytes]]:
         """Stream only: move host data into several guest rx buffers with one read, bounded by

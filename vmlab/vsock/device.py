@@ -253,6 +253,88 @@ class VsockDevice:
         self.stats["rx_bytes"] += payload_len
         self._schedule_flush()
 
+    def rx_pop_batch(self, room: int, max_bufs: int, max_views: int) -> list[RxBuffer]:
+        """rx_pop() in a loop, in one call: buffers for up to `room` payload bytes (always at
+        least one if there is one), at most `max_bufs` buffers and `max_views` payload views.
+        A header-only buffer, or one that would exceed max_views, ends the batch and is given
+        back. Same checks as rx_pop(); a guest fault returns [] (the device is broken)."""
+        q = self._queues[RX]
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
+            return []
+        out: list[RxBuffer] = []
+        free = self._rx_free
+        rx_out = self._rx_out
+        got = views = 0
+        try:
+            while got < room and len(out) < max_bufs:
+                if free:
+                    buf = free.pop()
+                else:
+                    chain = q.pop()
+                    if chain is None:
+                        if not q.enable_notification():
+                            break
+                        chain = q.pop()
+                        if chain is None:
+                            break
+                    if chain.readable:
+                        chain.release()
+                        raise VirtqueueError(f"{q.name}: rx chain with device-readable descriptors")
+                    if chain.write_len < HDR_LEN:
+                        chain.release()
+                        raise VirtqueueError(f"{q.name}: rx buffer of {chain.write_len} bytes < header")
+                    buf = _split_header(chain)
+                    self._rx_seq += 1
+                    buf.seq = self._rx_last_ring_pop = self._rx_seq
+                    buf.epoch = self._epoch
+                rx_out[buf.seq] = buf
+                npay = len(buf.payload)
+                if buf.capacity <= 0 or (out and views + npay > max_views):
+                    self.rx_cancel(buf)
+                    break
+                out.append(buf)
+                got += buf.capacity
+                views += npay
+        except (VirtqueueError, ValueError) as exc:
+            self._fault(str(exc))
+            return []
+        return out
+
+    def rx_push_batch(self, bufs: list[RxBuffer], filled: list[tuple[int, bytes]]) -> None:
+        """rx_push(buf, header, n) for each (n, header) in `filled` and the buffer at the same
+        position in `bufs`, with one stats update and one scheduled flush."""
+        q = self._queues[RX]
+        epoch = self._epoch
+        rx_out = self._rx_out
+        total = pushed = 0
+        for buf, (n, header) in zip(bufs, filled):
+            if buf.epoch != epoch or rx_out.pop(buf.seq, None) is None:
+                log.debug("%s: rx_push of a stale buffer ignored", self.name)
+                continue
+            if not 0 <= n <= buf.capacity or len(header) != HDR_LEN:
+                rx_out[buf.seq] = buf
+                raise ValueError(f"payload_len {n} outside 0..{buf.capacity} or bad header")
+            if q is None:
+                buf.release()
+                continue
+            hv = buf.header
+            if len(hv) == 1:
+                hv[0][:] = header
+            else:
+                pos = 0
+                for view in hv:
+                    view[:] = header[pos:pos + len(view)]
+                    pos += len(view)
+            q.push(buf.head, HDR_LEN + n)
+            buf.release()
+            total += n
+            pushed += 1
+        if pushed:
+            self.stats["rx_packets"] += pushed
+            self.stats["rx_bytes"] += total
+            self._schedule_flush()
+
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""
         if buf.epoch != self._epoch or self._rx_out.pop(buf.seq, None) is None:

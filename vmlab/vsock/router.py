@@ -52,6 +52,24 @@ class DeviceLike(Protocol):
     def flush(self) -> None: ...
 
 
+def _pop_batch(dev: DeviceLike, room: int, max_bufs: int, max_views: int) -> list[Any]:
+    """rx_pop() until `room` payload bytes (VsockDevice.rx_pop_batch's semantics), for
+    devices without rx_pop_batch."""
+    bufs: list[Any] = []
+    got = views = 0
+    while got < room and len(bufs) < max_bufs:
+        buf = dev.rx_pop()
+        if buf is None:
+            break
+        if buf.capacity <= 0 or (bufs and views + len(buf.payload) > max_views):
+            dev.rx_cancel(buf)              # header-only buffer / too many pieces: later
+            break
+        bufs.append(buf)
+        got += buf.capacity
+        views += len(buf.payload)
+    return bufs
+
+
 # --- faults ---------------------------------------------------------------------------------
 @dataclass
 class FaultRule:
@@ -412,26 +430,20 @@ class Router:
 
     def _fill_batch(self, st: DevState, conn: Connection) -> int:
         """Stream host data into up to RX_BATCH guest rx buffers with one socket read (Linux
-        guests post 4 KiB buffers). Returns the buffers pushed, -1 when there is no rx buffer."""
+        guests post 4 KiB buffers), popping buffers only for what the socket holds (FIONREAD)
+        and the credit allows. Returns the buffers pushed, -1 when there is no rx buffer."""
         dev = st.dev
         credit = conn.credit.peer_credit()
         if credit <= 0:
             conn.fill_many([])                  # no buffer needed to ask for credit
             return 0
-        bufs: list[Any] = []
-        room = views = 0
-        while True:
-            buf = dev.rx_pop()
-            if buf is None:
-                break
-            if buf.capacity <= 0 or (bufs and views + len(buf.payload) > RX_BATCH_IOV):
-                dev.rx_cancel(buf)              # header-only buffer / too many pieces: later
-                break
-            bufs.append(buf)
-            room += buf.capacity
-            views += len(buf.payload)
-            if room >= credit or len(bufs) >= RX_BATCH:
-                break
+        queued = conn.readable_bytes()
+        room = min(credit, queued) if queued > 0 else 1   # 0: EOF or nothing; one read tells
+        pop_batch = getattr(dev, "rx_pop_batch", None)
+        if pop_batch is not None:
+            bufs = pop_batch(room, RX_BATCH, RX_BATCH_IOV)
+        else:
+            bufs = _pop_batch(dev, room, RX_BATCH, RX_BATCH_IOV)
         if not bufs:
             st.ready[conn] = None               # wait for (real) rx buffers
             return -1
@@ -444,13 +456,15 @@ class Router:
         k = len(filled)
         for buf in reversed(bufs[k:]):          # newest first: the device can unpop it
             dev.rx_cancel(buf)
-        total = 0
-        for buf, (n, header) in zip(bufs, filled):
-            dev.rx_push(buf, header, n)
-            total += n
         if k:
+            push_batch = getattr(dev, "rx_push_batch", None)
+            if push_batch is not None:
+                push_batch(bufs, filled)
+            else:
+                for buf, (n, header) in zip(bufs, filled):
+                    dev.rx_push(buf, header, n)
             self.stats["rx_packets"] += k
-            self.stats["rx_bytes"] += total
+            self.stats["rx_bytes"] += sum(n for n, _ in filled)
         return k
 
     def _host_data_fault(self, st: DevState, buf: Any, hdr: Header) -> bool:
