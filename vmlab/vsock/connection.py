@@ -139,6 +139,18 @@ def trim_views(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
+def _skip_views(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views after their first n bytes."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
 def copy_into(views: list[memoryview], data: memoryview) -> int:
     """Scatter data into views; returns bytes copied."""
     off = 0
@@ -373,7 +385,7 @@ class Connection:
                 return
             self.credit.forwarded(sent)
             if sent < n:
-                rest = memoryview(b"".join(payload))[sent:]
+                rest = memoryview(b"".join(_skip_views(payload, sent)))   # copy what is left
                 self.out.append((rest, 0))
                 self.out_bytes += len(rest)
                 self._start_writing()

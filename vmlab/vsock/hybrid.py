@@ -185,6 +185,12 @@ class Hybrid:
     def _new_conn(self, vm: HybridVm, key: ConnKey, typ: int, sock: socket.socket) -> Connection:
         conn = Connection(env=self, key=key, vm=vm.name, type=typ, sock=sock,
                           close_timeout=self.close_timeout)
+        try:
+            # room for a whole credit window of guest data: a full-speed guest then rarely
+            # meets a partial write (which costs a copy into our own buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.buf_alloc)
+        except OSError:
+            pass
         conn.credit.buf_alloc = self.buf_alloc
         conn.on_close = self._on_conn_destroyed
         self.conns[key] = conn
