@@ -183,6 +183,24 @@ class GuestMemory:
                 return region.view[off:off + length]
         return None
 
+    def locate(self, addr: int, length: int) -> tuple[memoryview, int] | None:
+        """Hot path: (region view, offset) for guest-physical [addr, addr+length) if
+        0 < length <= max_len and the range lies wholly inside one region; None otherwise.
+        Never raises. The region view is ours: slice it, never release it."""
+        if length <= 0 or length > self.max_len:
+            return None
+        region = self._last_gpa
+        if region is not None:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                return region.view, off
+        for region in self.regions:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                self._last_gpa = region
+                return region.view, off
+        return None
+
     def gpa_split(self, addr: int, length: int) -> list[memoryview]:
         """Views covering [addr, addr+length), split where it crosses adjacent regions."""
         self._check(addr, length)
