@@ -341,7 +341,15 @@ class VsockDevice:
                     view[:] = header[pos:pos + len(view)]
                     pos += len(view)
             q.push(buf.head, HDR_LEN + n)
-            buf.release()
+            if buf.views:
+                buf.release()
+            else:                             # inlined release(): payload and header views
+                for view in buf.payload:
+                    view.release()
+                for view in hv:
+                    view.release()
+                buf.payload = buf.header = []
+                buf.capacity = 0
             total += n
             pushed += 1
         if pushed:

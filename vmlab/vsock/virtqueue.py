@@ -173,7 +173,8 @@ class Virtqueue:
         if have > max_n:
             have = max_n
         avail, desc, mask = self.avail, self.desc, size - 1
-        locate = self.mem.locate
+        mem = self.mem
+        locate = mem.locate
         max_payload = self.max_chain_bytes - hdr_len
         got = 0
         for _ in range(have):
@@ -183,20 +184,36 @@ class Virtqueue:
             addr, length, flags, _nxt = _DESC.unpack_from(desc, 16 * head)
             if flags != VRING_DESC_F_INDIRECT or length != 32:
                 break
-            table = locate(addr, 32)
-            if table is None:
-                break
-            a0, l0, f0, n0, a1, l1, f1, _n1 = _IND2.unpack_from(table[0], table[1])
+            # the usual case: table, header and payload all in the region used last
+            region = mem._last_gpa
+            if region is not None:
+                rview, rstart, rsize = region.view, region.gpa_start, region.size
+                toff = addr - rstart
+                if not (0 <= toff and toff + 32 <= rsize):
+                    region = None
+            if region is None:
+                table = locate(addr, 32)
+                if table is None:
+                    break
+                rview, toff = table
+                rstart, rsize = -1, 0               # no region known for the buffers
+            a0, l0, f0, n0, a1, l1, f1, _n1 = _IND2.unpack_from(rview, toff)
             if (f0 != _RX_HDR_FLAGS or n0 != 1 or l0 != hdr_len or f1 != VRING_DESC_F_WRITE
                     or not 0 < l1 <= max_payload):
                 break
-            hloc = locate(a0, l0)
-            ploc = locate(a1, l1)
-            if hloc is None or ploc is None:
-                break
-            hview, hoff = hloc
-            pview, poff = ploc
-            out.append((head, hview[hoff:hoff + l0], pview[poff:poff + l1]))
+            hoff = a0 - rstart
+            poff = a1 - rstart
+            if rstart >= 0 and 0 <= hoff and hoff + l0 <= rsize and 0 <= poff \
+                    and poff + l1 <= rsize:
+                out.append((head, rview[hoff:hoff + l0], rview[poff:poff + l1]))
+            else:
+                hloc = locate(a0, l0)
+                ploc = locate(a1, l1)
+                if hloc is None or ploc is None:
+                    break
+                hview, hoff = hloc
+                pview, poff = ploc
+                out.append((head, hview[hoff:hoff + l0], pview[poff:poff + l1]))
             last = (last + 1) & 0xFFFF
             got += l1
             if got >= room:
