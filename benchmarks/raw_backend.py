@@ -78,7 +78,7 @@ class RawLab:
         self.next_port = 40000
 
     def __enter__(self) -> "RawLab":
-        self.backend.start(timeout=120 if self.callgrind else 10)
+        self.backend.start(timeout=600 if self.callgrind else 30)
         try:
             for vm in self.vms:
                 g = FakeGuest(vm["cid"], vm["socket"])
