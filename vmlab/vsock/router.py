@@ -295,8 +295,9 @@ class Router:
     def _relay_direct(self, dst: DevState, hdr: Header,
                       payload: list[memoryview]) -> tuple[Header, list[memoryview]]:
         """Copy a relayed RW packet into as many of dst's rx buffers as it has; returns what
-        is left (a header with len 0 when everything went out). Splits as _deliver_queued
-        does (EOM/EOR on the last piece). No flush here: the device flushes what was pushed
+        is left (a header with len 0 when everything went out; a header-only buffer ends
+        the batch and the rest waits in the queue). Splits as _deliver_queued does (EOM/EOR
+        on the last piece). No flush here: the device flushes what was pushed
         once this loop iteration ends (one interrupt per tx batch, not per packet)."""
         dev = dst.dev
         left = hdr.len
@@ -305,23 +306,33 @@ class Router:
         mid_flags = hdr.flags & ~(SEQ_EOM | SEQ_EOR) if seq else hdr.flags
         pack = HEADER.pack
         pushed = moved = 0
-        while left:
-            buf = dev.rx_pop()
-            if buf is None:
-                break
-            if buf.capacity <= 0:                   # header-only buffer: data must wait
-                dev.rx_cancel(buf)
-                self.stats["rx_buffer_too_small"] += 1
+        pop_batch = getattr(dev, "rx_pop_batch", None)
+        if pop_batch is not None:
+            bufs = pop_batch(left, RX_BATCH, RX_BATCH_IOV)
+        else:
+            bufs = _pop_batch(dev, left, RX_BATCH, RX_BATCH_IOV)
+        filled: list[tuple[int, bytes]] = []
+        for buf in bufs:
+            if not left:
                 break
             n = scatter(src, buf.payload, min(left, buf.capacity))
             left -= n
             if left:
                 self.stats["split"] += 1
-            dev.rx_push(buf, pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, n,
-                                  hdr.type, hdr.op, mid_flags if left else hdr.flags,
-                                  hdr.buf_alloc, hdr.fwd_cnt), n)
-            pushed += 1
+            filled.append((n, pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, n,
+                                   hdr.type, hdr.op, mid_flags if left else hdr.flags,
+                                   hdr.buf_alloc, hdr.fwd_cnt)))
             moved += n
+        pushed = len(filled)
+        for buf in reversed(bufs[pushed:]):         # newest first: the device can unpop it
+            dev.rx_cancel(buf)
+        if pushed:
+            push_batch = getattr(dev, "rx_push_batch", None)
+            if push_batch is not None:
+                push_batch(bufs, filled)
+            else:
+                for buf, (n, header) in zip(bufs, filled):
+                    dev.rx_push(buf, header, n)
         if pushed:
             self.stats["rx_packets"] += pushed
             self.stats["rx_bytes"] += moved
