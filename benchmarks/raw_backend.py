@@ -30,7 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _fakeguest import Driver, FakeGuest, GuestError  # noqa: E402
+from _fakeguest import Driver, FakeGuest, Flow, GuestError  # noqa: E402
 
 from vmlab.vsock.process import BackendProcess  # noqa: E402
 
