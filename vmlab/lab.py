@@ -142,6 +142,11 @@ class Lab:
         return self.runtime.lab_id if self.runtime else ""
 
     @property
+    def host_ns(self) -> str:
+        """Namespace of the lab-wide host listeners (abstract Unix names) `vmlab exec` binds."""
+        return f"vmlab:{self.run_dir}"
+
+    @property
     def vms(self) -> list[VmHandle]:
         return list(self._vms.values())
 
@@ -279,6 +284,7 @@ class Lab:
             ],
             "pcap": str(self.options.pcap) if self.options.pcap else None,
             "log": str(self.run_dir / "backend.log"),
+            "host_ns": self.host_ns,
         }
         self.backend = BackendProcess(config, self.run_dir)
         self.backend.start()
@@ -311,6 +317,7 @@ class Lab:
             "scenario": self.scenario.name,
             "source": str(self.scenario.source) if self.scenario.source else None,
             "started": time.time(),
+            "host_ns": self.host_ns,
             "vms": {
                 name: {"cid": vm.cid, "transport": vm.transport,
                        "serial": str(vm.machine.config.serial_socket),
