@@ -56,9 +56,9 @@ def _wait_listening(lab, port: int, proc: subprocess.Popen, timeout: float = 60)
         time.sleep(0.05)
 
 
-def _finish(proc: subprocess.Popen, timeout: float = 60) -> str:
+def _finish(proc: subprocess.Popen, timeout: float = 60, input: str | None = None) -> str:
     try:
-        out, _ = proc.communicate(timeout=timeout)
+        out, _ = proc.communicate(input, timeout=timeout)
     except subprocess.TimeoutExpired:
         proc.kill()
         out, _ = proc.communicate()
@@ -135,9 +135,7 @@ def test_socat_vsock_connect(module_lab, guest):
     b = module_lab.vm("b")
     server = guest(b).listen(6201, chunk=64)
     proc = _vmlab_exec(module_lab, "socat", "-", f"VSOCK-CONNECT:{b.cid}:6201", stdin=subprocess.PIPE)
-    proc.stdin.write("Hello, guest!")
-    proc.stdin.close()
-    out = _finish(proc)
+    out = _finish(proc, input="Hello, guest!")
     assert proc.returncode == 0, out
     server.wait(timeout=30)
     assert server.received_data() == "Hello, guest!"
