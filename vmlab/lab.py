@@ -357,7 +357,8 @@ class Lab:
         """The log files worth keeping: consoles, QMP event logs, qemu stderr, backend log, pcap."""
         if self.runtime is None or not self.run_dir.exists():
             return iter(())
-        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log")
+        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log",
+                    "host-run-*.log")
         return (p for pattern in patterns for p in sorted(self.run_dir.glob(pattern)))
 
     # -- teardown --------------------------------------------------------------------------
