@@ -342,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser(
         "exec", help="run a host AF_VSOCK program against a running lab's guests",
+        usage="vmlab exec [-h] [--lab ID] -- PROGRAM [ARGS...]",
         description="Run PROGRAM so that its AF_VSOCK sockets reach the lab's guests. On the vhost-user "
                     "transport an LD_PRELOAD library (compiled on first use, cached) maps them onto the lab's "
                     "backend: listen() on a port gets guest connections from every VM of the lab, connect() "
