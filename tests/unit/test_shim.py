@@ -273,3 +273,37 @@ def test_unshimmed_fds_are_untouched(target: LabTarget, shim: Path) -> None:
             "fd = os.dup(a.fileno()); os.close(fd); print(open('/dev/null').read() == '')\n")
     r = run_py(code, target, shim)
     assert r.stdout.split() == ["b'x'", "127.0.0.1", "True"], r.stderr
+
+
+LOWAT = r'''
+import select, socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.bind((socket.VMADDR_CID_ANY, 6001)); s.listen()
+c, _ = s.accept()
+c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 10)
+p = select.poll(); p.register(c, select.POLLIN)
+print("below", p.poll(300), flush=True)
+print("at", [e for _, e in p.poll(10000)], flush=True)
+'''
+
+
+def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    proc = HostProcess([sys.executable, "-c", LOWAT], target, tmp_path / "out.log",
+                       env={"LD_PRELOAD": str(shim)}).start()
+    try:
+        name = f"{target.host_ns}:6001"
+        proc._until(lambda: unix_listening(name), "listener", 20)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        b.connect("\0" + name)
+        b.send(struct.pack("<4sIII", b"VSK1", 7, 1234, 6001) + b"abc")
+        proc.wait_for_output("below", timeout=20)
+        b.send(b"defghij")
+        assert proc.wait(20) == 0, proc.output()
+    finally:
+        proc.close()
+    assert proc.output().split("\n")[:2] == ["below []", f"at [{select_pollin()}]"]
+
+
+def select_pollin() -> int:
+    import select
+    return select.POLLIN

@@ -17,8 +17,8 @@
  *    Non-blocking connect returns EINPROGRESS; getsockopt(SO_ERROR) waits for the verdict and
  *    the first read consumes the OK line.
  *
- * Not the kernel: poll() reports POLLOUT during a non-blocking connect, and (like guest kernel
- * 6.1, unlike upstream) poll() ignores SO_RCVLOWAT; MSG_EOR is not delivered to the host.
+ * Not the kernel: poll() reports POLLOUT during a non-blocking connect; select()/epoll ignore
+ * SO_RCVLOWAT (poll()/ppoll() honour it); MSG_EOR is not delivered to the host.
  * See docs/exec.md.
  */
 #define _GNU_SOURCE
@@ -89,6 +89,8 @@ static int (*r_open)(const char *, int, ...);
 static int (*r_open64)(const char *, int, ...);
 static int (*r_openat)(int, const char *, int, ...);
 static int (*r_openat64)(int, const char *, int, ...);
+static int (*r_poll)(struct pollfd *, nfds_t, int);
+static int (*r_ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
 
 static void *need(const char *name)
 {
@@ -122,7 +124,7 @@ static void init(void)
     r_dup3 = need("dup3"); r_fcntl = need("fcntl"); r_read = need("read"); r_readv = need("readv");
     r_recv = need("recv"); r_recvfrom = need("recvfrom"); r_recvmsg = need("recvmsg");
     r_open = need("open"); r_open64 = need("open64"); r_openat = need("openat");
-    r_openat64 = need("openat64");
+    r_openat64 = need("openat64"); r_poll = need("poll"); r_ppoll = need("ppoll");
     debug = getenv("VMLAB_VSOCK_DEBUG") != NULL;
     const char *n = getenv("VMLAB_VSOCK_NS");
     if (n)
@@ -158,6 +160,7 @@ struct vs {
     int type;                   /* SOCK_STREAM / SOCK_SEQPACKET */
     int bound, listening, connected, pending;
     int err;                    /* asynchronous error for SO_ERROR */
+    int lowat;                  /* SO_RCVLOWAT, honoured by poll()/ppoll() as vsock does */
     uint32_t lcid, lport, pcid, pport;
     unsigned long long buf, buf_min, buf_max;
     struct timeval conn_timeout;
@@ -206,6 +209,7 @@ static struct vs *new_vs(int kind, int type)
     v->type = type;
     v->lcid = VMADDR_CID_ANY;
     v->lport = VMADDR_PORT_ANY;
+    v->lowat = 1;
     v->buf = DEFAULT_BUF;
     v->buf_min = MIN_BUF_DEFAULT;
     v->buf_max = MAX_BUF_DEFAULT;
@@ -369,7 +373,8 @@ static void renew(int fd, struct vs *v)
 {
     int fl = r_fcntl(fd, F_GETFL);
     int fdfl = r_fcntl(fd, F_GETFD);
-    int s = r_socket(AF_UNIX, v->type | SOCK_CLOEXEC, 0);
+    int s = r_socket(AF_UNIX, v->type | SOCK_CLOEXEC, 0);     /* options (SO_RCVLOWAT...) reset */
+    v->lowat = 1;
     if (s < 0)
         return;
     r_dup3(s, fd, (fdfl >= 0 && (fdfl & FD_CLOEXEC)) ? O_CLOEXEC : 0);
@@ -784,6 +789,15 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
 {
     INIT();
     struct vs *v = get(fd);
+    if (v && v->kind == K_SOCK && level == SOL_SOCKET && name == SO_RCVLOWAT) {
+        int r = r_setsockopt(fd, level, name, val, len);
+        if (r == 0 && val && len >= (socklen_t)sizeof(int)) {
+            int lw;
+            memcpy(&lw, val, sizeof lw);
+            v->lowat = lw < 1 ? 1 : lw;
+        }
+        return r;
+    }
     if (!v || v->kind != K_SOCK || level != AF_VSOCK)
         return r_setsockopt(fd, level, name, val, len);
     if (!val)
@@ -892,6 +906,87 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
         return r;
     }
     return r_recvmsg(fd, msg, flags);
+}
+
+/* ---- poll: SO_RCVLOWAT -------------------------------------------------------------------
+ * vsock reports POLLIN only once SO_RCVLOWAT bytes are queued (or the peer shut down); an
+ * AF_UNIX socket reports it for one byte.  When a polled stream fd has a low-water mark, POLLIN
+ * below it is masked and poll waits on in 5 ms steps (only then: no cost otherwise).
+ * select() and epoll are not adjusted (docs/exec.md). */
+static int below_lowat(int fd)
+{
+    struct vs *v = get(fd);
+    if (!v || v->kind != K_SOCK || v->type != SOCK_STREAM || v->lowat <= 1 || !v->connected)
+        return 0;
+    int avail = 0;
+    if (r_ioctl(fd, FIONREAD, &avail) != 0 || avail >= v->lowat)
+        return 0;
+    struct pollfd p = { fd, POLLRDHUP, 0 };
+    if (r_poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+        return 0;                 /* EOF or error: readable whatever the mark */
+    return 1;
+}
+
+static int lowat_fds(struct pollfd *fds, nfds_t n)
+{
+    for (nfds_t i = 0; i < n; i++) {
+        struct vs *v = get(fds[i].fd);
+        if (v && v->kind == K_SOCK && v->lowat > 1 && (fds[i].events & (POLLIN | POLLRDNORM)))
+            return 1;
+    }
+    return 0;
+}
+
+static int mask_lowat(struct pollfd *fds, nfds_t n, int r)
+{
+    if (r <= 0)
+        return r;
+    int count = 0;
+    for (nfds_t i = 0; i < n; i++) {
+        if ((fds[i].revents & (POLLIN | POLLRDNORM)) && below_lowat(fds[i].fd))
+            fds[i].revents &= (short)~(POLLIN | POLLRDNORM);
+        if (fds[i].revents)
+            count++;
+    }
+    return count;
+}
+
+static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms)
+{
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long step = 5;
+        if (timeout_ms >= 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+            long left = timeout_ms - spent;
+            if (left < 0)
+                left = 0;
+            if (left < step)
+                step = left;
+        }
+        int r = mask_lowat(fds, n, r_poll(fds, n, (int)step));
+        if (r != 0 || step == 0)
+            return r;
+    }
+}
+
+EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    INIT();
+    if (!lowat_fds(fds, n))
+        return r_poll(fds, n, timeout);
+    return poll_lowat(fds, n, timeout);
+}
+
+EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+{
+    INIT();
+    if (!lowat_fds(fds, n) || mask)
+        return r_ppoll(fds, n, ts, mask);
+    return poll_lowat(fds, n, ts ? ts->tv_sec * 1000 + ts->tv_nsec / 1000000 : -1);
 }
 
 /* ---- descriptors ---------------------------------------------------------------------- */
