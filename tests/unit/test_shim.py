@@ -307,3 +307,37 @@ def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_pa
 def select_pollin() -> int:
     import select
     return select.POLLIN
+
+
+DUPFORK = r'''
+import os, socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+s.bind((socket.VMADDR_CID_ANY, 6002)); s.listen()
+c, _ = s.accept()
+d = socket.socket(fileno=os.dup(c.fileno()))       # a dup is the same vsock socket
+c.close()
+print("dup", d.family == socket.AF_VSOCK, d.getpeername(), flush=True)
+pid = os.fork()
+if pid == 0:                                       # so is the child's copy after fork
+    print("child", d.getpeername(), d.recv(10), flush=True)
+    os._exit(0)
+os.waitpid(pid, 0)
+fd = os.dup2(d.fileno(), 50)
+print("dup2", socket.socket(fileno=fd).getsockname(), flush=True)
+'''
+
+
+def test_dup_and_fork_keep_the_vsock_socket(target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    proc = HostProcess([sys.executable, "-c", DUPFORK], target, tmp_path / "out.log",
+                       env={"LD_PRELOAD": str(shim)}).start()
+    try:
+        name = f"{target.host_ns}:6002"
+        proc._until(lambda: unix_listening(name), "listener", 20)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        b.connect("\0" + name)
+        b.send(struct.pack("<4sIII", b"VSK1", 9, 4321, 6002) + b"to child")
+        assert proc.wait(20) == 0, proc.output()
+    finally:
+        proc.close()
+    assert proc.output().splitlines() == ["dup True (9, 4321)", "child (9, 4321) b'to child'",
+                                          "dup2 (2, 6002)"]
