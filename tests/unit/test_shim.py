@@ -341,3 +341,15 @@ def test_dup_and_fork_keep_the_vsock_socket(target: LabTarget, shim: Path, tmp_p
         proc.close()
     assert proc.output().splitlines() == ["dup True (9, 4321)", "child (9, 4321) b'to child'",
                                           "dup2 (2, 6002)"]
+
+
+def test_an_fd_closed_behind_the_shims_back_is_not_mistaken_for_vsock(target: LabTarget, shim: Path) -> None:
+    code = ("import ctypes, errno, os, socket\n"
+            "s = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); fd = s.detach()\n"
+            "ctypes.CDLL(None).syscall(3, fd)                 # close(2) without libc's close()\n"
+            "u = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)   # reuses the number\n"
+            "assert u.fileno() == fd, (u.fileno(), fd)\n"
+            "t = socket.socket(fileno=os.dup(fd))\nprint(t.family == socket.AF_UNIX, repr(u.getsockname()))\n")
+    r = run_py(code, target, shim)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["True", "''"], r.stdout

@@ -200,6 +200,27 @@ static void put(int fd, struct vs *v)   /* under lock; v == NULL untracks */
         free(old);
 }
 
+/* A tracked vsock socket, checked against the fd itself: an fd closed behind our back (by libc
+ * internals, or a raw syscall) and reused for something else is untracked here, not misread. */
+static struct vs *sock_of(int fd)
+{
+    struct vs *v = get(fd);
+    if (!v || v->kind != K_SOCK)
+        return NULL;
+    int dom = -1, typ = -1;
+    socklen_t l = sizeof dom;
+    if (r_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &l) == 0 && dom == AF_UNIX) {
+        l = sizeof typ;
+        if (r_getsockopt(fd, SOL_SOCKET, SO_TYPE, &typ, &l) == 0 && typ == v->type)
+            return v;
+    }
+    pthread_mutex_lock(&lock);
+    if (get(fd) == v)
+        put(fd, NULL);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
 static struct vs *new_vs(int kind, int type)
 {
     struct vs *v = calloc(1, sizeof *v);
@@ -490,8 +511,8 @@ static int do_bind(int fd, struct vs *v, uint32_t cid, uint32_t port)
 EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_bind(fd, addr, len);
     const struct sockaddr_vm *a;
     int e = check_addr(addr, len, &a);
@@ -506,8 +527,8 @@ EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
 EXPORT int listen(int fd, int backlog)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_listen(fd, backlog);
     if (!v->bound || v->connected || v->pending)
         return fail(EINVAL);
@@ -553,8 +574,8 @@ static int read_preamble(int fd, int type, uint32_t out[3])
 EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_accept4(fd, addr, len, flags);
     if (!v->listening)
         return fail(EINVAL);
@@ -607,8 +628,8 @@ static const char *vm_path(uint32_t cid)
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_connect(fd, addr, len);
     const struct sockaddr_vm *a;
     int e = check_addr(addr, len, &a);
@@ -688,8 +709,8 @@ out:
 EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_getsockname(fd, addr, len);
     if (!len)
         return fail(EFAULT);
@@ -700,8 +721,8 @@ EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
 EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = sock_of(fd);
+    if (!v)
         return r_getpeername(fd, addr, len);
     if (v->pending)
         settle(fd, v);
@@ -725,8 +746,8 @@ static unsigned long long clamp_buf(struct vs *v, unsigned long long val)
 EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (!v || v->kind != K_SOCK)
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (!v)
         return r_getsockopt(fd, level, name, val, len);
     if (level == AF_VSOCK) {
         if (!len)
@@ -788,8 +809,8 @@ EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
 EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
 {
     INIT();
-    struct vs *v = get(fd);
-    if (v && v->kind == K_SOCK && level == SOL_SOCKET && name == SO_RCVLOWAT) {
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (v && level == SOL_SOCKET && name == SO_RCVLOWAT) {
         int r = r_setsockopt(fd, level, name, val, len);
         if (r == 0 && val && len >= (socklen_t)sizeof(int)) {
             int lw;
@@ -798,7 +819,7 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
         }
         return r;
     }
-    if (!v || v->kind != K_SOCK || level != AF_VSOCK)
+    if (!v || level != AF_VSOCK)
         return r_setsockopt(fd, level, name, val, len);
     if (!val)
         return fail(EFAULT);
