@@ -143,8 +143,10 @@ class Lab:
 
     @property
     def host_ns(self) -> str:
-        """Namespace of the lab-wide host listeners (abstract Unix names) `vmlab exec` binds."""
-        return f"vmlab:{self.run_dir}"
+        """Namespace of the lab-wide host listeners (abstract Unix names) `vmlab exec` binds:
+        short (abstract names have 107 bytes) and unique per runtime dir."""
+        import hashlib
+        return f"vmlab:{self.lab_id}:{hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:12]}"
 
     @property
     def vms(self) -> list[VmHandle]:

@@ -52,7 +52,7 @@ class FakeDevice:
 def lab(tmp_path: Path):
     loop = asyncio.new_event_loop()
     router = Router(loop)
-    ns = f"vmlab-test:{tmp_path}"
+    ns = f"vmlab-test:{abs(hash(str(tmp_path))) % 10**12}"
     hybrid = Hybrid(loop, router, close_timeout=0.2, connect_timeout=2, host_ns=ns)
     router.hybrid = hybrid
     a, b = FakeDevice("a", 3), FakeDevice("b", 4)

@@ -28,7 +28,8 @@ def shim(tmp_path_factory) -> Path:
 
 @pytest.fixture
 def target(tmp_path: Path) -> LabTarget:
-    return LabTarget(lab_id="lab-test", transport="vhost-user", host_ns=f"vmlab-test:{tmp_path}",
+    ns = f"vmlab-test:{os.getpid()}:{abs(hash(str(tmp_path))) % 10**12}"   # abstract names are short
+    return LabTarget(lab_id="lab-test", transport="vhost-user", host_ns=ns,
                      uds_paths={3: str(tmp_path / "a.vsock")})
 
 
@@ -161,7 +162,7 @@ def test_accept_takes_the_peer_from_the_preamble(target: LabTarget, shim: Path, 
                        env={"LD_PRELOAD": str(shim)}).start()
     try:
         name = f"{target.host_ns}:6000"
-        proc._until(lambda: unix_listening(name), "listener", 20)
+        proc._until(lambda: unix_listening(name), "listener", 60)
         typ = getattr(socket, kind)
         b = socket.socket(socket.AF_UNIX, typ)
         b.connect("\0" + name)
@@ -169,7 +170,7 @@ def test_accept_takes_the_peer_from_the_preamble(target: LabTarget, shim: Path, 
         b.send(b"one")
         time.sleep(0.2)
         b.send(b"two")
-        assert proc.wait(20) == 0, proc.output()
+        assert proc.wait(60) == 0, proc.output()
     finally:
         proc.close()
     lines = proc.output().splitlines()
@@ -292,13 +293,13 @@ def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_pa
                        env={"LD_PRELOAD": str(shim)}).start()
     try:
         name = f"{target.host_ns}:6001"
-        proc._until(lambda: unix_listening(name), "listener", 20)
+        proc._until(lambda: unix_listening(name), "listener", 60)
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         b.connect("\0" + name)
         b.send(struct.pack("<4sIII", b"VSK1", 7, 1234, 6001) + b"abc")
         proc.wait_for_output("below", timeout=20)
         b.send(b"defghij")
-        assert proc.wait(20) == 0, proc.output()
+        assert proc.wait(60) == 0, proc.output()
     finally:
         proc.close()
     assert proc.output().split("\n")[:2] == ["below []", f"at [{select_pollin()}]"]
@@ -332,11 +333,11 @@ def test_dup_and_fork_keep_the_vsock_socket(target: LabTarget, shim: Path, tmp_p
                        env={"LD_PRELOAD": str(shim)}).start()
     try:
         name = f"{target.host_ns}:6002"
-        proc._until(lambda: unix_listening(name), "listener", 20)
+        proc._until(lambda: unix_listening(name), "listener", 60)
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         b.connect("\0" + name)
         b.send(struct.pack("<4sIII", b"VSK1", 9, 4321, 6002) + b"to child")
-        assert proc.wait(20) == 0, proc.output()
+        assert proc.wait(60) == 0, proc.output()
     finally:
         proc.close()
     assert proc.output().splitlines() == ["dup True (9, 4321)", "child (9, 4321) b'to child'",

@@ -106,7 +106,7 @@ static void *need(const char *name)
 struct vm { uint32_t cid; char path[108]; };
 static struct vm vms[MAX_VMS];
 static int nvms;
-static char ns[80];
+static char ns[81];               /* the backend allows 80 bytes; "<ns>:<port>" fits 107 */
 static int debug;
 static pthread_once_t once = PTHREAD_ONCE_INIT;
 static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
@@ -127,8 +127,11 @@ static void init(void)
     r_openat64 = need("openat64"); r_poll = need("poll"); r_ppoll = need("ppoll");
     debug = getenv("VMLAB_VSOCK_DEBUG") != NULL;
     const char *n = getenv("VMLAB_VSOCK_NS");
-    if (n)
+    if (n && strlen(n) < sizeof ns)
         snprintf(ns, sizeof ns, "%s", n);
+    else if (n)
+        fprintf(stderr, "vmlab-vsock: VMLAB_VSOCK_NS is longer than %zu bytes; "
+                        "host listeners are disabled\n", sizeof ns - 1);
     const char *v = getenv("VMLAB_VSOCK_VMS");
     while (v && *v && nvms < MAX_VMS) {
         char *end;
