@@ -1,4 +1,4 @@
-"""The `vmlab` command line: run, validate, check, image build/status, console, ls."""
+"""The `vmlab` command line: run, validate, check, image build/status, console, ls, exec."""
 
 from __future__ import annotations
 
@@ -179,6 +179,54 @@ def cmd_ls(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _pick_lab(lab_id: str | None) -> dict | None:
+    from vmlab.runtime import running_labs
+
+    labs = running_labs()
+    if lab_id is not None:
+        match = [lab for lab in labs if Path(lab["run_dir"]).name == lab_id]
+        if not match:
+            _err(f"no running lab {lab_id!r}" + (f" (running: {', '.join(Path(l['run_dir']).name for l in labs)})"
+                                                  if labs else " (start one with `vmlab run SCENARIO --keep`)"))
+            return None
+        return match[0]
+    if not labs:
+        _err("no running lab (start one with `vmlab run SCENARIO --keep`)")
+        return None
+    if len(labs) > 1:
+        _err("several labs are running; pick one with --lab: " + ", ".join(Path(l["run_dir"]).name for l in labs))
+        return None
+    return labs[0]
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from vmlab.shim import LabTarget, ShimError, check_program, shim_env
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        _err("exec: no program given (vmlab exec [--lab ID] -- PROGRAM ARGS...)")
+        return EXIT_USAGE
+    state = _pick_lab(args.lab)
+    if state is None:
+        return EXIT_USAGE
+    target = LabTarget.from_state(state)
+    try:
+        exe = check_program(argv[0], target)
+        env = shim_env(target)
+    except ShimError as exc:
+        _err(f"exec: {exc}")
+        return EXIT_USAGE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(exe, argv, env)
+    except OSError as exc:
+        _err(f"exec: cannot run {exe}: {exc}")
+        return 126
+
+
 def cmd_console(args: argparse.Namespace) -> int:
     from vmlab.runtime import running_labs
 
@@ -291,6 +339,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     ls = sub.add_parser("ls", help="list running labs")
     ls.set_defaults(func=cmd_ls)
+
+    ex = sub.add_parser(
+        "exec", help="run a host AF_VSOCK program against a running lab's guests",
+        usage="vmlab exec [-h] [--lab ID] -- PROGRAM [ARGS...]",
+        description="Run PROGRAM so that its AF_VSOCK sockets reach the lab's guests. On the vhost-user "
+                    "transport an LD_PRELOAD library (compiled on first use, cached) maps them onto the lab's "
+                    "backend: listen() on a port gets guest connections from every VM of the lab, connect() "
+                    "reaches any of its guests by CID. On the vhost transport PROGRAM runs unchanged (the "
+                    "kernel's AF_VSOCK). Statically linked programs cannot be shimmed and are refused.",
+        epilog="exit status: PROGRAM's own; 2 no such lab, no program, or a static binary on vhost-user; "
+               "126 PROGRAM could not be executed. See docs/exec.md.")
+    ex.add_argument("--lab", default=None, help="lab id (from `vmlab ls`); default: the only running lab")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
+                    help="the program and its arguments")
+    ex.set_defaults(func=cmd_exec)
     return parser
 
 

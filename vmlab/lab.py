@@ -142,6 +142,13 @@ class Lab:
         return self.runtime.lab_id if self.runtime else ""
 
     @property
+    def host_ns(self) -> str:
+        """Namespace of the lab-wide host listeners (abstract Unix names) `vmlab exec` binds:
+        short (abstract names have 107 bytes) and unique per runtime dir."""
+        import hashlib
+        return f"vmlab:{self.lab_id}:{hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:12]}"
+
+    @property
     def vms(self) -> list[VmHandle]:
         return list(self._vms.values())
 
@@ -279,6 +286,7 @@ class Lab:
             ],
             "pcap": str(self.options.pcap) if self.options.pcap else None,
             "log": str(self.run_dir / "backend.log"),
+            "host_ns": self.host_ns,
         }
         self.backend = BackendProcess(config, self.run_dir)
         self.backend.start()
@@ -311,6 +319,7 @@ class Lab:
             "scenario": self.scenario.name,
             "source": str(self.scenario.source) if self.scenario.source else None,
             "started": time.time(),
+            "host_ns": self.host_ns,
             "vms": {
                 name: {"cid": vm.cid, "transport": vm.transport,
                        "serial": str(vm.machine.config.serial_socket),
@@ -350,7 +359,8 @@ class Lab:
         """The log files worth keeping: consoles, QMP event logs, qemu stderr, backend log, pcap."""
         if self.runtime is None or not self.run_dir.exists():
             return iter(())
-        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log")
+        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log",
+                    "host-run-*.log")
         return (p for pattern in patterns for p in sorted(self.run_dir.glob(pattern)))
 
     # -- teardown --------------------------------------------------------------------------

@@ -9,6 +9,8 @@ Fixtures
   vsock_listen   listen(port, vm=None, type="stream") -> host listener, either transport
   vsock_connect  connect(vm, port, type="stream") -> host connection, either transport
   guest          guest(vm) -> GuestHelper (the in-guest vmlab-guest helper)
+  host_run       host_run(lab, argv | "shell cmd", background=False) -> HostProcess: a host AF_VSOCK
+                 program run against the lab (under the vmlab exec shim on vhost-user)
 
 Marker
   @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., memory_mib=...)
@@ -275,3 +277,31 @@ def guest() -> Callable[[Any], Any]:
     from vmlab.guest import GuestHelper
 
     return GuestHelper
+
+
+@pytest.fixture
+def host_run(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """host_run(lab, argv_or_shell_command, background=False, timeout=60, env=None, cwd=None)
+    -> vmlab.shim.process.HostProcess. A host program whose AF_VSOCK sockets reach the lab's
+    guests (LD_PRELOAD shim on vhost-user, unchanged on vhost). Not background: waits for the exit
+    (returncode, output()); background: returns at once (wait_listening(port), wait_for_output(rx),
+    wait()). Every program still running is stopped after the test."""
+    from vmlab.shim import LabTarget, command_argv
+    from vmlab.shim.process import HostProcess
+
+    started: list[HostProcess] = []
+
+    def run(lab: Lab, command: Any, background: bool = False, timeout: float = 60.0,
+            env: dict[str, str] | None = None, cwd: str | None = None) -> HostProcess:
+        argv = command_argv(command)
+        log = tmp_path / f"host-run-{len(started)}.log"
+        proc = HostProcess(argv, LabTarget.from_lab(lab), log, env=env, cwd=cwd)
+        started.append(proc)
+        proc.start()
+        if not background:
+            proc.wait(timeout)
+        return proc
+
+    yield run
+    for proc in started:
+        proc.close()

@@ -305,6 +305,30 @@ class FaultStep:
 
 
 @dataclass
+class HostRunStep:
+    """Run a host program against the lab (as `vmlab exec`): its AF_VSOCK sockets reach the
+    guests on either transport. Foreground: wait for the exit and check it. Background: start,
+    wait for readiness (ready_port / ready_output), and check the exit at a later
+    `wait_for: {id, event: exited}`."""
+
+    command: str | list[str]            # a string runs in `sh -c`; a list is argv
+    id: str | None = None               # needed to wait_for a background program
+    expect_exit: int | None = 0         # None / "any": any exit code
+    expect_output: str | None = None    # substring of stdout+stderr
+    expect_regex: str | None = None     # re.search, multiline
+    ready_port: int | None = None       # background: until it listens on this vsock port
+    ready_output: str | None = None     # background: until its output matches this regex
+    env: dict[str, str] | None = None   # extra environment variables
+    cwd: str | None = None              # default: the scenario file's directory
+    location: Location | None = _meta()
+    where: Where = _where()
+
+    def __post_init__(self) -> None:
+        if self.expect_exit == "any":
+            self.expect_exit = None
+
+
+@dataclass
 class SleepStep:
     seconds: float
     location: Location | None = _meta()
@@ -313,7 +337,7 @@ class SleepStep:
 
 StepParams = Union[
     RunStep, HostListenStep, HostConnectStep, GuestListenStep, GuestConnectStep,
-    ExpectStep, WaitForStep, QmpStep, FaultStep, SleepStep,
+    ExpectStep, WaitForStep, QmpStep, FaultStep, HostRunStep, SleepStep,
 ]
 
 ACTION_TYPES: dict[str, type] = {
@@ -326,12 +350,13 @@ ACTION_TYPES: dict[str, type] = {
     "wait_for": WaitForStep,
     "qmp": QmpStep,
     "fault": FaultStep,
+    "host_run": HostRunStep,
     "sleep": SleepStep,
 }
 ACTIONS = tuple(ACTION_TYPES)
 ENDPOINT_ACTIONS = ("host_listen", "host_connect", "guest_listen", "guest_connect")
 LISTEN_ACTIONS = ("host_listen", "guest_listen")
-BACKGROUND_ACTIONS = ("run", "host_connect", "guest_connect") + LISTEN_ACTIONS
+BACKGROUND_ACTIONS = ("run", "host_run", "host_connect", "guest_connect") + LISTEN_ACTIONS
 STEP_COMMON_KEYS = ("name", "timeout", "background")
 META_FIELDS = ("location", "where")
 
@@ -351,6 +376,9 @@ def _describe(action: str, p: Any) -> str:
         return f"sleep {get('seconds')}"
     if action == "run":
         return f"run on {get('vm')}: {get('command')}"[:60]
+    if action == "host_run":
+        cmd = get("command")
+        return f"host_run: {' '.join(map(str, cmd)) if isinstance(cmd, list) else cmd}"[:60]
     if action in ENDPOINT_ACTIONS:
         return f"{action} {get('id')}"
     if action == "expect":
@@ -385,8 +413,8 @@ class Step:
 
     @property
     def id(self) -> str | None:
-        """The endpoint id this step defines (endpoint actions only)."""
-        return getattr(self.params, "id", None) if self.action in ENDPOINT_ACTIONS else None
+        """The endpoint id this step defines (endpoint actions and host_run)."""
+        return getattr(self.params, "id", None) if self.action in ENDPOINT_ACTIONS + ("host_run",) else None
 
 
 @dataclass

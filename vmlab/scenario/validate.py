@@ -52,6 +52,7 @@ EVENTS_BY_ACTION = {  # what each endpoint reports (images/guest/README.md; host
     "guest_listen": ("listening", "accepted", *_STREAM_EVENTS, "exited"),
     "host_connect": ("connected", *_STREAM_EVENTS),
     "guest_connect": ("connected", *_STREAM_EVENTS, "exited"),
+    "host_run": ("exited",),
 }
 QMP_COMMANDS = (
     "stop", "cont", "system_reset", "system_powerdown", "quit", "device_del", "query-status",
@@ -108,6 +109,8 @@ MAX_SEND_MESSAGES = 64  # the guest helper's limit of repeated --send options
 
 class _ScenarioChecks(FieldChecker):
     """The checks themselves, in file order: scenario keys, VMs, then steps."""
+
+    current_step: Step | None = None
 
     def run(self) -> None:
         s = self.s
@@ -216,7 +219,7 @@ class _ScenarioChecks(FieldChecker):
         """Every endpoint id in the file, to tell 'defined later' from 'unknown'."""
         out: dict[str, Location] = {}
         for step in self.s.steps:
-            if isinstance(step, Step) and step.action in ENDPOINT_ACTIONS:
+            if isinstance(step, Step) and step.action in ENDPOINT_ACTIONS + ("host_run",):
                 pid = getattr(step.params, "id", None)
                 if isinstance(pid, str):
                     out.setdefault(pid, self.at(step.params, "id"))
@@ -248,7 +251,9 @@ class _ScenarioChecks(FieldChecker):
             elif not step.background and action in LISTEN_ACTIONS and "background" in step.where.fields:
                 self.error(step, "background", ctx, f"background: {action} always runs in the "
                            "background until the scenario ends; drop `background: false`")
+        self.current_step = step
         getattr(self, "step_" + action)(p, ctx)
+        self.current_step = None
 
     def vm_ref(self, obj: Any, fld: str, ctx: str, need_vsock: bool,
                required: bool = True) -> VmSpec | None:
@@ -365,6 +370,36 @@ class _ScenarioChecks(FieldChecker):
         self.str_field(p, "expect_output", ctx)
         self.regex_field(p, "expect_regex", ctx)
 
+    def step_host_run(self, p: Any, ctx: str) -> None:
+        cmd = p.command
+        if cmd is None:
+            self.required(p, "command", ctx)
+        else:
+            self.typed(p, "command", ctx, (isinstance(cmd, str) and cmd.strip() != "") or (
+                isinstance(cmd, list) and bool(cmd) and all(isinstance(a, str) for a in cmd)),
+                "a shell command string or a non-empty list of strings (argv)")
+        if p.id is not None:
+            self.new_id(p, ctx, "host_run")
+        self.int_field(p, "expect_exit", ctx, 0, 255)
+        self.str_field(p, "expect_output", ctx)
+        self.regex_field(p, "expect_regex", ctx)
+        self.regex_field(p, "ready_output", ctx)
+        if p.ready_port is not None:
+            self.int_field(p, "ready_port", ctx, 0, U32_MAX - 1)
+        if p.env is not None:
+            self.typed(p, "env", ctx, isinstance(p.env, dict) and all(
+                isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in p.env.items()),
+                "a mapping of variable names to strings")
+        self.str_field(p, "cwd", ctx)
+        background = self.current_step is not None and self.current_step.background
+        if not background and (p.ready_port is not None or p.ready_output is not None):
+            field = "ready_port" if p.ready_port is not None else "ready_output"
+            self.error(p, field, ctx, f"{field}: readiness only applies to `background: true` "
+                       "(a foreground host_run waits for the program to exit)")
+        if background and p.id is None:
+            self.warn(p, None, ctx, "a background host_run without an id: nothing can wait for its "
+                      "exit, so its expect_* fields are never checked")
+
     def step_host_listen(self, p: Any, ctx: str) -> None:
         self.new_id(p, ctx, "host_listen")
         self.port(p, ctx, listener=True)
@@ -476,7 +511,10 @@ class _ScenarioChecks(FieldChecker):
                        f"'{dst.name}' (group {dst.group}): the backend routes only within a group")
 
     def step_expect(self, p: Any, ctx: str) -> None:
-        self.id_ref(p, ctx)
+        if self.id_ref(p, ctx) == "host_run":
+            self.error(p, "id", ctx, f"id: '{p.id}' is a host_run program, not a vsock endpoint; its "
+                       "exit and output are checked by its expect_* fields (for a background one at "
+                       "`wait_for: {id, event: exited}`)")
         checks = [f for f in ("message", "messages", "bytes", "sha256", "error")
                   if getattr(p, f, None) is not None]
         if not checks and not any(f in p.where.reported for f in ("message", "messages", "bytes", "sha256", "error")):

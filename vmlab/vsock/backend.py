@@ -7,7 +7,8 @@ SIGTERM/SIGINT reset all connections, unlink every socket and exit 0.
 
 Config (docs/architecture.md): {"vms": [{"name", "cid", "socket", "uds_path", "group"}],
 "pcap": path|null, "log": path, optional "control": path (default: next to the log,
-``backend.ctl``), "buf_alloc": bytes, "close_timeout": s, "log_level": "INFO"}.
+``backend.ctl``), "buf_alloc": bytes, "close_timeout": s, "log_level": "INFO", "host_ns":
+str (lab-wide host listeners for the ``vmlab exec`` shim, see vmlab.vsock.hybrid)}.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ class BackendConfig:
     buf_alloc: int = DEFAULT_BUF_ALLOC
     close_timeout: float = CLOSE_TIMEOUT
     log_level: str = "INFO"
+    host_ns: str | None = None          # lab-wide host listeners (abstract Unix names), see hybrid
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -121,6 +123,11 @@ def parse_config(raw: Any) -> BackendConfig:
         cfg.buf_alloc = b
     if "close_timeout" in raw:
         cfg.close_timeout = float(raw["close_timeout"])
+    if raw.get("host_ns") is not None:
+        ns = raw["host_ns"]
+        if not isinstance(ns, str) or not 1 <= len(ns.encode()) <= 80 or "\0" in ns:
+            raise ConfigError("host_ns: a string of 1..80 bytes without NUL")
+        cfg.host_ns = ns
     if "log_level" in raw:
         cfg.log_level = str(raw["log_level"]).upper()
     return cfg
@@ -144,7 +151,7 @@ class Backend:
         self.loop = loop
         self.router = Router(loop)
         self.hybrid = Hybrid(loop, self.router, buf_alloc=cfg.buf_alloc,
-                             close_timeout=cfg.close_timeout)
+                             close_timeout=cfg.close_timeout, host_ns=cfg.host_ns)
         self.router.hybrid = self.hybrid
         self.devices: dict[str, Any] = {}
         self.control = ControlServer(loop, cfg.control_path, self.handle)
