@@ -37,68 +37,13 @@ def _err(msg: str) -> None:
 # -- run -------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmlab.lab import Lab, LabOptions
-    from vmlab.report import step_line, summary_line, write_junit
-    from vmlab.scenario import ScenarioError, load_scenario
+    from vmlab.run_command import cmd_run as run
+    return run(args)
 
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        _err(f"invalid scenario:\n{exc}")
-        return EXIT_USAGE
-    except OSError as exc:
-        _err(f"cannot read scenario: {exc}")
-        return EXIT_USAGE
-    for warning in scenario.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
 
-    options = LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel,
-                         artifacts_dir=Path(args.artifacts) if args.artifacts else None,
-                         keep_artifacts="always" if args.artifacts else "never",
-                         pcap=Path(args.pcap).resolve() if args.pcap else None,
-                         progress=sys.stderr.isatty(), boot_timeout=args.boot_timeout)
-    started = time.monotonic()
-    results = []
-    setup_error = None
-    lab = Lab(scenario, options)
-    try:
-        print(f"scenario {scenario.name}: {len(scenario.vms)} VM(s), {len(scenario.steps)} step(s)", flush=True)
-        try:
-            lab.start()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported, then torn down below
-            setup_error = f"{type(exc).__name__}: {exc}"
-        for notice in options.notices:
-            print(f"note: {notice}", flush=True)
-        if setup_error is None:
-            booted = ", ".join(f"{vm.name} (cid {vm.cid}, {vm.transport or 'no vsock'})" for vm in lab.vms)
-            print(f"booted in {time.monotonic() - started:.1f}s: {booted}; accel {lab.accel}", flush=True)
-            counter = iter(range(1, 10**6))
-            results = lab.run_steps(reporter=lambda r: print(step_line(next(counter), r), flush=True))
-            if args.keep:
-                _keep_alive(lab)
-        else:
-            print(f"lab setup failed:\n{setup_error}", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted: tearing the lab down", file=sys.stderr, flush=True)
-        lab.failed = True
-        return 130
-    finally:
-        lab.close()
-        if options.artifacts_dir and options.artifacts_dir.exists():
-            print(f"artifacts: {options.artifacts_dir}", flush=True)
-        if options.pcap and options.pcap.exists():
-            print(f"capture: {options.pcap} (open with wireshark or `tshark -r`)", flush=True)
-    elapsed = time.monotonic() - started
-    kernel_errors = lab.kernel_errors()
-    for name, lines in kernel_errors.items():
-        print(f"guest kernel error on {name}: {lines[0]}", file=sys.stderr)
-    print(summary_line(results, elapsed) if setup_error is None else "FAILED: the lab did not come up (see above)", flush=True)
-    if args.junit_xml:
-        write_junit(Path(args.junit_xml), scenario.name, results, elapsed, setup_error=setup_error)
-    ok = setup_error is None and results is not None and all(r.ok for r in results) and not kernel_errors
-    return EXIT_OK if ok else (EXIT_SETUP if setup_error else EXIT_FAILED)
+def cmd_replay(args: argparse.Namespace) -> int:
+    from vmlab.run_command import cmd_replay as replay
+    return replay(args)
 
 
 def _keep_alive(lab) -> None:
@@ -257,9 +202,38 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the steps, keep the VMs up (until Ctrl-C) and print how to reach their consoles")
     run.add_argument("--artifacts", metavar="DIR", help="keep console, QMP, qemu and backend logs in DIR")
     run.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report (one test case per step)")
-    run.add_argument("--pcap", metavar="FILE", help="vhost-user: capture every vsock packet (Wireshark LINKTYPE_VSOCK)")
+    run.add_argument("--pcap", metavar="FILE",
+                     help="vhost-user: capture every vsock packet once (Wireshark LINKTYPE_VSOCK, as "
+                          "vsockmon); FILE may be a FIFO, or - for stdout (the report then goes to "
+                          "stderr): `vmlab run S --pcap - | wireshark -k -i -`")
     run.add_argument("--boot-timeout", type=float, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
+    rep = run.add_argument_group("reproducing (docs/reproducing.md)")
+    rep.add_argument("--seed", type=int, default=None, metavar="N",
+                     help="seed of every random fault decision (default: a random one, printed); "
+                          "run i of a repeat uses N+i-1")
+    rep.add_argument("--repeat", type=int, default=None, metavar="N", help="run the scenario N times")
+    rep.add_argument("--until-fail", action="store_true",
+                     help="run until a run fails (at most --max runs), then stop")
+    rep.add_argument("--max", type=int, default=100, metavar="N", help="--until-fail: at most N runs (default 100)")
+    rep.add_argument("--fresh", action="store_true",
+                     help="boot fresh VMs for every run even when the scenario says `reuse: true`")
+    rep.add_argument("--bundle", metavar="FILE.tar.gz",
+                     help="write a bundle (scenario, seed, versions, logs, pcap, reproduce.sh) of the "
+                          "first failing run, or the last run when all pass")
+    rep.add_argument("--bundle-on-failure", metavar="FILE.tar.gz",
+                     help="like --bundle, but only when a run failed")
+    rep.add_argument("--bundle-kernel", action="store_true", help="put the guest kernel itself into the bundle")
+    rep.add_argument("--gdb", action="store_true",
+                     help="QEMU gdbstub per VM on a Unix socket; prints the gdb line to attach")
     run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", help="rerun a bundle made by `vmlab run --bundle`",
+                            description="Unpack FILE.tar.gz and rerun its scenario with its seed, "
+                                        "transport and (if bundled) kernel; exits like `vmlab run`.")
+    replay.add_argument("bundle", metavar="FILE.tar.gz")
+    replay.add_argument("--dir", default=None, help="unpack here and keep it (default: a temp dir, removed)")
+    replay.add_argument("extra", nargs=argparse.REMAINDER, help="more `vmlab run` options after --")
+    replay.set_defaults(func=cmd_replay)
 
     val = sub.add_parser("validate", help="check scenario files without booting anything")
     val.add_argument("scenarios", nargs="+", metavar="SCENARIO")

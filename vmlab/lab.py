@@ -47,6 +47,8 @@ class LabOptions:
     pcap: Path | None = None            # vhost-user: capture every packet (LINKTYPE_VSOCK)
     qemu: str = "qemu-system-x86_64"
     progress: bool = False              # show image build progress
+    seed: int = 0                       # fault RNG seed (vsock/faults.py), printed in reports
+    gdb: bool = False                   # QEMU gdbstub on <run_dir>/<vm>.gdb (a Unix socket)
     notices: list[str] = field(default_factory=list)
 
 
@@ -264,9 +266,17 @@ class Lab:
                 cid=cids.get(name), transport=transports[name],
                 vhost_user_socket=self.run_dir / f"{name}.vu" if transports[name] == "vhost-user" else None,
                 memory_mib=spec.memory_mib, cpus=spec.cpus, accel=self.accel, cmdline=spec.cmdline,
-                share_dir=spec.share, extra_args=list(spec.qemu_args), lab_id=self.lab_id,
+                share_dir=spec.share, extra_args=list(spec.qemu_args) + self._gdb_args(name),
+                lab_id=self.lab_id,
             )
         return configs
+
+    def _gdb_args(self, name: str) -> list[str]:
+        """`--gdb`: QEMU's gdbstub on a Unix socket in the run dir (no TCP port to collide)."""
+        if not self.options.gdb:
+            return []
+        path = self.run_dir / f"{name}.gdb"
+        return ["-chardev", f"socket,id=gdb0,path={path},server=on,wait=off", "-gdb", "chardev:gdb0"]
 
     def _start_backend(self, transports: dict[str, str | None], cids: dict[str, int]) -> None:
         from vmlab.vsock.process import BackendProcess
@@ -279,6 +289,7 @@ class Lab:
             ],
             "pcap": str(self.options.pcap) if self.options.pcap else None,
             "log": str(self.run_dir / "backend.log"),
+            "seed": self.options.seed,
         }
         self.backend = BackendProcess(config, self.run_dir)
         self.backend.start()
@@ -330,6 +341,33 @@ class Lab:
         if any(not r.ok for r in results):
             self.failed = True
         return results
+
+    def next_run(self, seed: int) -> None:
+        """Make the booted lab ready to run the steps again (`vmlab run --repeat` with
+        `reuse: true`): host endpoints of the last run closed, faults cleared, a new seed."""
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            try:
+                endpoint.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %r", endpoint)
+        self.options.seed = seed
+        self.failed = False
+        if self.backend is not None:
+            reply = self.backend.control({"cmd": "seed", "seed": seed})
+            if not reply.get("ok"):
+                raise LabError(f"backend refused the new seed: {reply}")
+
+    def fault_report(self) -> list[dict]:
+        """The backend's fault rules with their hit counters ([] without a backend)."""
+        if self.backend is None:
+            return []
+        try:
+            reply = self.backend.control({"cmd": "faults"}, timeout=5)
+        except Exception:  # noqa: BLE001 - a report must not fail the run
+            return []
+        return list(reply.get("faults", []))
 
     def pids(self) -> list[int]:
         """Process ids this lab owns (qemu per VM, the backend)."""
