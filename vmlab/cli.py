@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import termios
-import time
 import tty
 from pathlib import Path
 
@@ -44,19 +43,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_replay(args: argparse.Namespace) -> int:
     from vmlab.run_command import cmd_replay as replay
     return replay(args)
-
-
-def _keep_alive(lab) -> None:
-    """Leave the VMs up for debugging until Ctrl-C; consoles are released for `vmlab console`."""
-    lab.release_consoles()
-    print(f"\nlab {lab.lab_id} is up; Ctrl-C here tears it down.", flush=True)
-    for vm in lab.vms:
-        extra = f", host side {vm.uds_path}" if vm.uds_path else ""
-        print(f"  {vm.name}: cid {vm.cid}; console: vmlab console {vm.name} --lab {lab.lab_id}; "
-              f"qmp: {vm.machine.config.qmp_socket}{extra}", flush=True)
-    while any(vm.machine.alive() for vm in lab.vms):
-        time.sleep(0.5)
-    print("all VMs have exited", flush=True)
 
 
 # -- validate / check / image --------------------------------------------------------------------
@@ -121,6 +107,61 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for lab in labs:
         vms = ", ".join(f"{n} (cid {v['cid']})" for n, v in lab["vms"].items())
         print(f"{Path(lab['run_dir']).name}: {lab['scenario']} pid {lab['pid']}: {vms}")
+    return EXIT_OK
+
+
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, find_vm, qmp_command
+
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else None
+        if arguments is not None and not isinstance(arguments, dict):
+            raise ValueError("must be a JSON object")
+    except ValueError as exc:
+        _err(f"ARGS-JSON {args.arguments!r}: {exc}")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        result = qmp_command(vm.get("qmp_tools") or "", args.command, arguments)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_exec_guest(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, exec_guest, find_vm
+
+    command = [a for a in args.cmd if a != "--"] if args.cmd and args.cmd[0] == "--" else args.cmd
+    if not command:
+        _err("exec-guest: give the command after --, e.g. `vmlab exec-guest a -- uname -r`")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        rc, out = exec_guest(vm["serial"], " ".join(command), args.timeout)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_SETUP
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return rc
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, capture, find_lab
+
+    if args.write is None and sys.stdout.isatty():
+        _err("capture: stdout is a terminal; pipe it (`| wireshark -k -i -`) or use -w FILE")
+        return EXIT_USAGE
+    try:
+        lab = find_lab(args.lab)
+        print(f"capturing lab {Path(lab['run_dir']).name} ({lab['scenario']}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        capture(lab, sys.stdout.fileno(), Path(args.write) if args.write else None)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -203,9 +244,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--artifacts", metavar="DIR", help="keep console, QMP, qemu and backend logs in DIR")
     run.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report (one test case per step)")
     run.add_argument("--pcap", metavar="FILE",
-                     help="vhost-user: capture every vsock packet once (Wireshark LINKTYPE_VSOCK, as "
-                          "vsockmon); FILE may be a FIFO, or - for stdout (the report then goes to "
-                          "stderr): `vmlab run S --pcap - | wireshark -k -i -`")
+                     help="capture every vsock packet once (Wireshark LINKTYPE_VSOCK): vhost-user in "
+                          "the backend, vhost on a vsockmon link (needs root and the vsockmon module); "
+                          "FILE may be a FIFO, or - for stdout (the report then goes to stderr): "
+                          "`vmlab run S --pcap - | wireshark -k -i -`")
     run.add_argument("--boot-timeout", type=float, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
     rep = run.add_argument_group("reproducing (docs/reproducing.md)")
     rep.add_argument("--seed", type=int, default=None, metavar="N",
@@ -262,6 +304,31 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("vm", help="VM name")
     console.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
     console.set_defaults(func=cmd_console)
+
+    qmp = sub.add_parser("qmp", help="send a QMP command to a kept VM's QEMU",
+                         description="e.g. `vmlab qmp a query-status`, "
+                                     "`vmlab qmp a human-monitor-command '{\"command-line\": \"info qtree\"}'`")
+    qmp.add_argument("vm", help="VM name")
+    qmp.add_argument("command", help="QMP command (query-status, stop, cont, system_reset, ...)")
+    qmp.add_argument("arguments", nargs="?", default=None, metavar="ARGS-JSON", help="its arguments, a JSON object")
+    qmp.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    qmp.set_defaults(func=cmd_qmp)
+
+    ex = sub.add_parser("exec-guest", help="run a shell command in a kept VM (exit status is the command's)",
+                        description="e.g. `vmlab exec-guest a -- cat /proc/net/vsock`; runs over the serial "
+                                    "console, so not while `vmlab console` is attached to that VM.")
+    ex.add_argument("vm", help="VM name")
+    ex.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    ex.add_argument("--timeout", type=float, default=60.0, metavar="SEC", help="default 60")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command")
+    ex.set_defaults(func=cmd_exec_guest)
+
+    cap = sub.add_parser("capture", help="live pcap of a kept lab's vsock traffic (vhost-user backend)",
+                         description="Attach a capture to the backend of a lab kept by `vmlab run --keep`: "
+                                     "`vmlab capture --lab ID | wireshark -k -i -`, or -w FILE.")
+    cap.add_argument("--lab", default=None, help="lab id (from `vmlab ls`); default: the only running lab")
+    cap.add_argument("-w", "--write", default=None, metavar="FILE", help="write FILE instead of stdout")
+    cap.set_defaults(func=cmd_capture)
 
     ls = sub.add_parser("ls", help="list running labs")
     ls.set_defaults(func=cmd_ls)

@@ -116,6 +116,7 @@ class Lab:
         self._leases: list[Any] = []
         self._closed = False
         self._endpoints: list[Any] = []  # host listeners/connections opened by steps, closed with the lab
+        self._vsockmon: Any = None       # --pcap on the vhost transport (vmlab.vsockmon)
         self._lock = threading.Lock()
 
     # -- context manager ----------------------------------------------------------------
@@ -181,6 +182,8 @@ class Lab:
         configs = self._vm_configs(transports, cids)
         if any(t == "vhost-user" for t in transports.values()):
             self._start_backend(transports, cids)
+        if opts.pcap and any(t == "vhost" for t in transports.values()):
+            self._start_vsockmon(opts.pcap)
         self._write_state()
         machines = []
         for spec in self.scenario.vms:
@@ -266,10 +269,17 @@ class Lab:
                 cid=cids.get(name), transport=transports[name],
                 vhost_user_socket=self.run_dir / f"{name}.vu" if transports[name] == "vhost-user" else None,
                 memory_mib=spec.memory_mib, cpus=spec.cpus, accel=self.accel, cmdline=spec.cmdline,
-                share_dir=spec.share, extra_args=list(spec.qemu_args) + self._gdb_args(name),
+                share_dir=spec.share,
+                extra_args=list(spec.qemu_args) + self._tool_args(name) + self._gdb_args(name),
                 lab_id=self.lab_id,
             )
         return configs
+
+    def _tool_args(self, name: str) -> list[str]:
+        """A second QMP monitor for `vmlab qmp` (the lab keeps the first one connected)."""
+        path = self.run_dir / f"{name}.qmp-tools"
+        return ["-chardev", f"socket,id=qmptools,path={path},server=on,wait=off",
+                "-mon", "chardev=qmptools,mode=control"]
 
     def _gdb_args(self, name: str) -> list[str]:
         """`--gdb`: QEMU's gdbstub on a Unix socket in the run dir (no TCP port to collide)."""
@@ -277,6 +287,19 @@ class Lab:
             return []
         path = self.run_dir / f"{name}.gdb"
         return ["-chardev", f"socket,id=gdb0,path={path},server=on,wait=off", "-gdb", "chardev:gdb0"]
+
+    def _start_vsockmon(self, pcap: Path) -> None:
+        from vmlab.vsockmon import VsockmonCapture, VsockmonError
+
+        if any(t == "vhost-user" for t in self._resolve_transports().values()):
+            raise LabError("--pcap with VMs on both transports: the backend and vsockmon would "
+                           "both write the capture; pick one transport")
+        cap = VsockmonCapture(pcap)
+        try:
+            cap.start(self.run_dir / "vsockmon.log")
+        except VsockmonError as exc:
+            raise LabError(str(exc)) from None
+        self._vsockmon = cap
 
     def _start_backend(self, transports: dict[str, str | None], cids: dict[str, int]) -> None:
         from vmlab.vsock.process import BackendProcess
@@ -326,6 +349,7 @@ class Lab:
                 name: {"cid": vm.cid, "transport": vm.transport,
                        "serial": str(vm.machine.config.serial_socket),
                        "qmp": str(vm.machine.config.qmp_socket),
+                       "qmp_tools": str(self.run_dir / f"{name}.qmp-tools"),
                        "uds_path": str(vm.uds_path) if vm.uds_path else None,
                        "pid": vm.machine.pid}
                 for name, vm in self._vms.items()
@@ -409,6 +433,11 @@ class Lab:
         if machines:
             with ThreadPoolExecutor(max_workers=len(machines), thread_name_prefix="halt") as pool:
                 list(pool.map(lambda m: m.shutdown(), machines))
+        if self._vsockmon is not None:
+            try:
+                self._vsockmon.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the vsockmon capture")
         if self.backend is not None:
             try:
                 self.backend.stop()

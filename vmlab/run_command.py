@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import subprocess
 import sys
 import tempfile
 import time
@@ -208,7 +209,6 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
                 printer(f"guest kernel error on {name}: {lines[0]}")
             failed = not all(r.ok for r in outcome.results) or bool(outcome.kernel_errors)
             if args.keep and (last or (failed and args.until_fail)):
-                from vmlab.cli import _keep_alive
                 _keep_alive(lab)
         else:
             printer(f"lab setup failed:\n{outcome.setup_error}", always=True)
@@ -240,6 +240,22 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
     return outcome, (None if close else lab)
 
 
+def _keep_alive(lab) -> None:
+    """Leave the VMs up for debugging until Ctrl-C; consoles are released for `vmlab console`."""
+    lab.release_consoles()
+    print(f"\nlab {lab.lab_id} is up; Ctrl-C here tears it down.", flush=True)
+    for vm in lab.vms:
+        extra = f", host side {vm.uds_path}" if vm.uds_path else ""
+        print(f"  {vm.name}: cid {vm.cid}; console: vmlab console {vm.name} --lab {lab.lab_id}; "
+              f"vmlab qmp {vm.name} query-status --lab {lab.lab_id}; "
+              f"vmlab exec-guest {vm.name} --lab {lab.lab_id} -- CMD{extra}", flush=True)
+    if lab.backend is not None:
+        print(f"  capture: vmlab capture --lab {lab.lab_id} | wireshark -k -i -", flush=True)
+    while any(vm.machine.alive() for vm in lab.vms):
+        time.sleep(0.5)
+    print("all VMs have exited", flush=True)
+
+
 def _print_gdb(lab, printer: Printer) -> None:
     for vm in lab.vms:
         sock = lab.run_dir / f"{vm.name}.gdb"
@@ -252,7 +268,10 @@ def _write_bundle(dest: Path, scenario, args, target: Outcome, base_seed: int, r
                   lab, work: Path | None, pcap: Path | None, out: TextIO) -> None:
     from vmlab.bundle import BundleError, RunRecord, copy_logs, write_bundle
 
-    logs = copy_logs(work / f"run-{target.iteration}") if work is not None else []
+    logs: list[Path] = []
+    if work is not None:   # reused VMs keep the logs of the run that booted them (run-1)
+        dirs = [work / f"run-{i}" for i in range(target.iteration, 0, -1)]
+        logs = copy_logs(next((d for d in dirs if d.is_dir()), work / "run-1"))
     if pcap is None and work is not None:         # the capture made for the bundle
         runs = [work / f"run-{target.iteration}.pcap", work / "run-1.pcap"]
         pcap = next((p for p in runs if p.exists()), None)
@@ -298,12 +317,11 @@ def cmd_replay(args: argparse.Namespace) -> int:
     for i, a in enumerate(replay):
         if a.startswith(("scenario/", "kernel/")):
             replay[i] = str(top / a)
-    from vmlab.cli import main
-    old = os.getcwd()
-    try:
-        os.chdir(top)
-        return main(replay + list(args.extra or []))
+    extra = [a for a in (args.extra or []) if a != "--"]
+    try:                                         # a fresh process, as on another machine
+        return subprocess.call([sys.executable, "-m", "vmlab", *replay, *extra], cwd=top)
+    except KeyboardInterrupt:
+        return 130
     finally:
-        os.chdir(old)
         if not args.dir:
             remove_tree(into)
