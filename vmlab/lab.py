@@ -49,6 +49,7 @@ class LabOptions:
     progress: bool = False              # show image build progress
     seed: int = 0                       # fault RNG seed (vsock/faults.py), printed in reports
     gdb: bool = False                   # QEMU gdbstub on <run_dir>/<vm>.gdb (a Unix socket)
+    pcap_required: bool = True          # False: a vhost lab that cannot capture runs without
     notices: list[str] = field(default_factory=list)
 
 
@@ -183,7 +184,12 @@ class Lab:
         if any(t == "vhost-user" for t in transports.values()):
             self._start_backend(transports, cids)
         if opts.pcap and any(t == "vhost" for t in transports.values()):
-            self._start_vsockmon(opts.pcap)
+            try:
+                self._start_vsockmon(opts.pcap)
+            except LabError as exc:
+                if opts.pcap_required:
+                    raise
+                opts.notices.append(f"no capture: {exc}")
         self._write_state()
         machines = []
         for spec in self.scenario.vms:

@@ -36,6 +36,7 @@ class Outcome:
     lines: list[str] = field(default_factory=list)
     failure: str = ""
     kernel_errors: dict = field(default_factory=dict)
+    transport: str | None = None
 
 
 class Printer:
@@ -91,7 +92,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     bundle = Path(args.bundle).resolve() if args.bundle else None
     want_bundle = bundle is not None or args.bundle_on_failure is not None
     work = Path(tempfile.mkdtemp(prefix="vmlab-run-")) if want_bundle else None
-    auto_pcap = want_bundle and pcap is None and args.transport != "vhost"
+    auto_pcap = want_bundle and pcap is None       # a bundle carries the capture when it can
     base_seed = args.seed if args.seed is not None else secrets.randbelow(2**32)
     artifacts = Path(args.artifacts) if args.artifacts else None
 
@@ -105,6 +106,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                           gdb=args.gdb,
                           artifacts_dir=art, keep_artifacts="always" if art else "never",
                           pcap=work / f"run-{i}.pcap" if auto_pcap and work else pcap,
+                          pcap_required=not auto_pcap,
                           progress=sys.stderr.isatty(),
                           boot_timeout=args.boot_timeout, seed=(base_seed + i - 1) % 2**32)
 
@@ -198,6 +200,7 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
         else:
             lab.next_run(opts.seed)
         if outcome.setup_error is None:
+            outcome.transport = lab.transport
             counter = iter(range(1, 10**6))
             outcome.results = lab.run_steps(
                 reporter=lambda r: printer(step_line(next(counter), r)))
@@ -284,7 +287,8 @@ def _write_bundle(dest: Path, scenario, args, target: Outcome, base_seed: int, r
         kernel = Path(args.kernel) if args.kernel else ensure_image().kernel
     except Exception:  # noqa: BLE001 - a bundle without a kernel identity is still useful
         pass
-    transport = args.transport or (scenario.transport if scenario.transport != "auto" else None)
+    transport = target.transport or args.transport or (
+        scenario.transport if scenario.transport != "auto" else None)
     rec = RunRecord(scenario_path=Path(args.scenario), seed=target.seed, base_seed=base_seed,
                     iteration=target.iteration, reused=reuse, transport=transport,
                     accel=args.accel, kernel=kernel, ok=target.ok, failure=target.failure,

@@ -18,22 +18,12 @@ from vmlab.vsock.faults import stream_seed
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-P_FAIL = 0.3
+FLAKY = REPO / "scenarios" / "flaky" / "connect-drop.yaml"
 
-FLAKY = f"""\
-# fails when the seeded drop takes the guest's connection request (probability {P_FAIL})
-name: flaky
-transport: vhost-user
-reuse: true
-vms:
-  - {{name: guest, cid: 3}}
-steps:
-  - host_listen: {{id: srv, port: 9999}}
-  - fault: {{vm: guest, kind: drop, direction: tx, op: request, probability: {P_FAIL}, count: 1}}
-  - guest_connect: {{id: cli, vm: guest, cid: host, port: 9999, send: "hi"}}
-    timeout: 15
-  - expect: {{id: srv, message: "hi", timeout: 5}}
-"""
+
+def fault_probability() -> float:
+    from vmlab.scenario import load_scenario
+    return next(s.params.probability for s in load_scenario(FLAKY).steps if s.action == "fault")
 
 
 def vmlab(*args: str, cwd: Path, timeout: float = 900, **kw) -> subprocess.CompletedProcess:
@@ -44,8 +34,9 @@ def vmlab(*args: str, cwd: Path, timeout: float = 900, **kw) -> subprocess.Compl
 
 def first_failing_run(seed: int, runs: int) -> int | None:
     """What the fault's RNG stream (keyed by seed and its step, step 2) decides, run by run."""
+    p = fault_probability()
     for i in range(1, runs + 1):
-        if random.Random(stream_seed(seed + i - 1, "step2")).random() < P_FAIL:
+        if random.Random(stream_seed(seed + i - 1, "step2")).random() < p:
             return i
     return None
 
@@ -54,7 +45,7 @@ def test_until_fail_stops_at_the_seeded_failure_and_the_bundle_replays_it(tmp_pa
     seed = next(s for s in range(1000) if first_failing_run(s, 6) == 3)
     work = tmp_path / "here"
     work.mkdir()
-    (work / "flaky.yaml").write_text(FLAKY)
+    shutil.copy(FLAKY, work / "flaky.yaml")
     bundle = tmp_path / "flaky-bundle.tar.gz"
     proc = vmlab("run", "flaky.yaml", "--until-fail", "--max", "6", "--seed", str(seed),
                  "--bundle-on-failure", str(bundle), cwd=work, text=True)
