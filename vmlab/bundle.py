@@ -177,7 +177,14 @@ def extract_bundle(path: Path, into: Path) -> tuple[Path, dict[str, Any]]:
             tops = {n.split("/", 1)[0] for n in names}
             if len(tops) != 1:
                 raise BundleError(f"{path}: not a vmlab bundle (expected one top directory)")
-            tar.extractall(into, filter="data")
+            if hasattr(tarfile, "data_filter"):
+                tar.extractall(into, filter="data")
+            else:                                  # Python without extraction filters
+                for m in tar.getmembers():
+                    if m.name.startswith("/") or ".." in m.name.split("/") or not (
+                            m.isfile() or m.isdir()):
+                        raise BundleError(f"{path}: unsafe member {m.name!r}")
+                tar.extractall(into)
     except (OSError, tarfile.TarError) as exc:
         raise BundleError(f"cannot read bundle {path}: {exc}") from exc
     top = into / tops.pop()
