@@ -142,9 +142,11 @@ def write_bundle(dest: Path, scenario: Any, rec: RunRecord, include_kernel: bool
         "result": "passed" if rec.ok else "failed", "failure": rec.failure,
         "argv": rec.argv, "replay_args": args, "not_bundled": missing,
     }
+    how = (f"runs 1..{rec.iteration} from seed {rec.base_seed} on reused VMs, as recorded"
+           if rec.reused and rec.iteration > 1 else "one run, as recorded")
     script = ("#!/bin/sh\n"
-              f"# Reruns scenario {scenario.name!r} as recorded: seed {rec.seed}"
-              f"{', the bundled kernel' if kernel_rel else ''}.\n"
+              f"# Reruns scenario {scenario.name!r} with seed {rec.seed} ({how})"
+              f"{' on the bundled kernel' if kernel_rel else ''}.\n"
               f"# Recorded result: {manifest['result']}"
               f"{': ' + rec.failure.splitlines()[0] if rec.failure else ''}\n"
               'cd "$(dirname "$0")" || exit 2\n'

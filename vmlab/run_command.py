@@ -180,6 +180,7 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
 
     started = time.monotonic()
     outcome = Outcome(i, opts.seed, False, 0.0)
+    finished = False
     try:
         if lab is None:
             lab = Lab(scenario, opts)
@@ -224,9 +225,10 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
             outcome.failure = "lab setup failed: " + outcome.setup_error.splitlines()[0]
         elif outcome.kernel_errors:
             outcome.failure = "guest kernel error"
-    finally:
-        close = lab is not None and (not reuse or last or not outcome.ok and args.until_fail
-                                     or outcome.setup_error is not None)
+        finished = True
+    finally:                             # an exception (Ctrl-C) always tears the lab down here
+        close = lab is not None and (not finished or not reuse or last or (
+            not outcome.ok and args.until_fail) or outcome.setup_error is not None)
         if close:
             lab.close()
     outcome.seconds = time.monotonic() - started
@@ -329,3 +331,5 @@ def cmd_replay(args: argparse.Namespace) -> int:
     finally:
         if not args.dir:
             remove_tree(into)
+            print("(the bundle was unpacked in a temporary directory, now removed; "
+                  "`vmlab replay --dir DIR` keeps it)", flush=True)

@@ -186,7 +186,8 @@ class Router:
         are valid only during the call: whatever is kept for later is copied."""
         kind = rule.kind
         self.stats[f"fault_{kind}"] += 1
-        log.debug("fault %s (rule %s, hit %d): %s", kind, rule.key, rule.hits, hdr.describe())
+        (log.info if rule.hits <= 10 else log.debug)(      # the first hits go into the bundle's log
+            "fault %s (rule %s, hit %d): %s", kind, rule.key, rule.hits, hdr.describe())
         if kind == "drop":
             return
         if kind == "rst":
