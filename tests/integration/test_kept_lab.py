@@ -26,30 +26,32 @@ def vmlab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def read_until(proc: subprocess.Popen, pattern: str, timeout: float) -> str:
-    seen = ""
+    """Read the run's output (unbuffered: select() must see every byte) until pattern shows."""
+    seen = b""
     end = time.monotonic() + timeout
+    fd = proc.stdout.fileno()
     while time.monotonic() < end:
-        ready, _, _ = select.select([proc.stdout], [], [], 1)
+        ready, _, _ = select.select([fd], [], [], 1)
         if ready:
-            line = proc.stdout.readline()
-            if not line:
+            data = os.read(fd, 65536)
+            if not data:
                 break
-            seen += line
-            if re.search(pattern, seen):
-                return seen
-    raise AssertionError(f"never saw {pattern!r}:\n{seen}")
+            seen += data
+            if re.search(pattern, seen.decode(errors="replace")):
+                return seen.decode(errors="replace")
+    raise AssertionError(f"never saw {pattern!r}:\n{seen.decode(errors='replace')}")
 
 
 def test_kept_lab_answers_qmp_exec_guest_and_capture(tmp_path: Path) -> None:
     run = subprocess.Popen([sys.executable, "-m", "vmlab", "run", "scenarios/hello.yaml", "--keep",
                             "--gdb"], cwd=REPO, env=ENV, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
+                           stderr=subprocess.STDOUT)
     try:
-        out = read_until(run, r"lab (\S+) is up", 900)
+        out = read_until(run, r"capture: vmlab capture", 900)
         lab_id = re.search(r"lab (\S+) is up", out).group(1)
         gdb = re.search(r"gdb for guest: gdb -ex 'target remote (\S+)' vmlinux", out)
         assert gdb and Path(gdb.group(1)).is_socket(), out
-        assert f"vmlab qmp guest query-status --lab {lab_id}" in read_until(run, "capture:", 30)
+        assert f"vmlab qmp guest query-status --lab {lab_id}" in out
 
         r = vmlab("qmp", "guest", "query-status", "--lab", lab_id)
         assert r.returncode == 0 and '"status": "running"' in r.stdout, r.stdout + r.stderr
