@@ -133,7 +133,27 @@ def cmd_qmp(args: argparse.Namespace) -> int:
 def cmd_exec_guest(args: argparse.Namespace) -> int:
     from vmlab.attach import AttachError, exec_guest, find_vm
 
-    command = [a for a in args.cmd if a != "--"] if args.cmd and args.cmd[0] == "--" else args.cmd
+    # REMAINDER also swallows options given after VM (`exec-guest a --lab X -- cmd`): take them back
+    rest = list(args.cmd or [])
+    if "--" in rest:
+        head, command = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+        while head:
+            opt = head.pop(0)
+            key, _, value = opt.partition("=")
+            if key not in ("--lab", "--timeout") or (not value and not head):
+                _err(f"exec-guest: unexpected {opt!r} before --")
+                return EXIT_USAGE
+            value = value or head.pop(0)
+            if key == "--lab":
+                args.lab = value
+            else:
+                try:
+                    args.timeout = float(value)
+                except ValueError:
+                    _err(f"exec-guest: --timeout {value!r} is not a number")
+                    return EXIT_USAGE
+    else:
+        command = rest
     if not command:
         _err("exec-guest: give the command after --, e.g. `vmlab exec-guest a -- uname -r`")
         return EXIT_USAGE
