@@ -11,7 +11,6 @@ import signal
 import socket
 import sys
 import termios
-import time
 import tty
 from pathlib import Path
 
@@ -37,81 +36,13 @@ def _err(msg: str) -> None:
 # -- run -------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmlab.lab import Lab, LabOptions
-    from vmlab.report import step_line, summary_line, write_junit
-    from vmlab.scenario import ScenarioError, load_scenario
-
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        _err(f"invalid scenario:\n{exc}")
-        return EXIT_USAGE
-    except OSError as exc:
-        _err(f"cannot read scenario: {exc}")
-        return EXIT_USAGE
-    for warning in scenario.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-
-    options = LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel,
-                         artifacts_dir=Path(args.artifacts) if args.artifacts else None,
-                         keep_artifacts="always" if args.artifacts else "never",
-                         pcap=Path(args.pcap).resolve() if args.pcap else None,
-                         progress=sys.stderr.isatty(), boot_timeout=args.boot_timeout)
-    started = time.monotonic()
-    results = []
-    setup_error = None
-    lab = Lab(scenario, options)
-    try:
-        print(f"scenario {scenario.name}: {len(scenario.vms)} VM(s), {len(scenario.steps)} step(s)", flush=True)
-        try:
-            lab.start()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported, then torn down below
-            setup_error = f"{type(exc).__name__}: {exc}"
-        for notice in options.notices:
-            print(f"note: {notice}", flush=True)
-        if setup_error is None:
-            booted = ", ".join(f"{vm.name} (cid {vm.cid}, {vm.transport or 'no vsock'})" for vm in lab.vms)
-            print(f"booted in {time.monotonic() - started:.1f}s: {booted}; accel {lab.accel}", flush=True)
-            counter = iter(range(1, 10**6))
-            results = lab.run_steps(reporter=lambda r: print(step_line(next(counter), r), flush=True))
-            if args.keep:
-                _keep_alive(lab)
-        else:
-            print(f"lab setup failed:\n{setup_error}", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted: tearing the lab down", file=sys.stderr, flush=True)
-        lab.failed = True
-        return 130
-    finally:
-        lab.close()
-        if options.artifacts_dir and options.artifacts_dir.exists():
-            print(f"artifacts: {options.artifacts_dir}", flush=True)
-        if options.pcap and options.pcap.exists():
-            print(f"capture: {options.pcap} (open with wireshark or `tshark -r`)", flush=True)
-    elapsed = time.monotonic() - started
-    kernel_errors = lab.kernel_errors()
-    for name, lines in kernel_errors.items():
-        print(f"guest kernel error on {name}: {lines[0]}", file=sys.stderr)
-    print(summary_line(results, elapsed) if setup_error is None else "FAILED: the lab did not come up (see above)", flush=True)
-    if args.junit_xml:
-        write_junit(Path(args.junit_xml), scenario.name, results, elapsed, setup_error=setup_error)
-    ok = setup_error is None and results is not None and all(r.ok for r in results) and not kernel_errors
-    return EXIT_OK if ok else (EXIT_SETUP if setup_error else EXIT_FAILED)
+    from vmlab.run_command import cmd_run as run
+    return run(args)
 
 
-def _keep_alive(lab) -> None:
-    """Leave the VMs up for debugging until Ctrl-C; consoles are released for `vmlab console`."""
-    lab.release_consoles()
-    print(f"\nlab {lab.lab_id} is up; Ctrl-C here tears it down.", flush=True)
-    for vm in lab.vms:
-        extra = f", host side {vm.uds_path}" if vm.uds_path else ""
-        print(f"  {vm.name}: cid {vm.cid}; console: vmlab console {vm.name} --lab {lab.lab_id}; "
-              f"qmp: {vm.machine.config.qmp_socket}{extra}", flush=True)
-    while any(vm.machine.alive() for vm in lab.vms):
-        time.sleep(0.5)
-    print("all VMs have exited", flush=True)
+def cmd_replay(args: argparse.Namespace) -> int:
+    from vmlab.run_command import cmd_replay as replay
+    return replay(args)
 
 
 # -- validate / check / image --------------------------------------------------------------------
@@ -225,6 +156,79 @@ def cmd_exec(args: argparse.Namespace) -> int:
     except OSError as exc:
         _err(f"exec: cannot run {exe}: {exc}")
         return 126
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, find_vm, qmp_command
+
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else None
+        if arguments is not None and not isinstance(arguments, dict):
+            raise ValueError("must be a JSON object")
+    except ValueError as exc:
+        _err(f"ARGS-JSON {args.arguments!r}: {exc}")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        result = qmp_command(vm.get("qmp_tools") or "", args.command, arguments)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_exec_guest(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, exec_guest, find_vm
+
+    # REMAINDER also swallows options given after VM (`exec-guest a --lab X -- cmd`): take them back
+    rest = list(args.cmd or [])
+    if "--" in rest:
+        head, command = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+        while head:
+            opt = head.pop(0)
+            key, _, value = opt.partition("=")
+            if key not in ("--lab", "--timeout") or (not value and not head):
+                _err(f"exec-guest: unexpected {opt!r} before --")
+                return EXIT_USAGE
+            value = value or head.pop(0)
+            if key == "--lab":
+                args.lab = value
+            else:
+                try:
+                    args.timeout = float(value)
+                except ValueError:
+                    _err(f"exec-guest: --timeout {value!r} is not a number")
+                    return EXIT_USAGE
+    else:
+        command = rest
+    if not command:
+        _err("exec-guest: give the command after --, e.g. `vmlab exec-guest a -- uname -r`")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        rc, out = exec_guest(vm["serial"], " ".join(command), args.timeout)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_SETUP
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return rc
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, capture, find_lab
+
+    if args.write is None and sys.stdout.isatty():
+        _err("capture: stdout is a terminal; pipe it (`| wireshark -k -i -`) or use -w FILE")
+        return EXIT_USAGE
+    try:
+        lab = find_lab(args.lab)
+        print(f"capturing lab {Path(lab['run_dir']).name} ({lab['scenario']}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        capture(lab, sys.stdout.fileno(), Path(args.write) if args.write else None)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 def cmd_console(args: argparse.Namespace) -> int:
@@ -305,9 +309,39 @@ def build_parser() -> argparse.ArgumentParser:
                      help="after the steps, keep the VMs up (until Ctrl-C) and print how to reach their consoles")
     run.add_argument("--artifacts", metavar="DIR", help="keep console, QMP, qemu and backend logs in DIR")
     run.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report (one test case per step)")
-    run.add_argument("--pcap", metavar="FILE", help="vhost-user: capture every vsock packet (Wireshark LINKTYPE_VSOCK)")
+    run.add_argument("--pcap", metavar="FILE",
+                     help="capture every vsock packet once (Wireshark LINKTYPE_VSOCK): vhost-user in "
+                          "the backend, vhost on a vsockmon link (needs root and the vsockmon module); "
+                          "FILE may be a FIFO, or - for stdout (the report then goes to stderr): "
+                          "`vmlab run S --pcap - | wireshark -k -i -`")
     run.add_argument("--boot-timeout", type=float, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
+    rep = run.add_argument_group("reproducing (docs/reproducing.md)")
+    rep.add_argument("--seed", type=int, default=None, metavar="N",
+                     help="seed of every random fault decision (default: a random one, printed); "
+                          "run i of a repeat uses N+i-1")
+    rep.add_argument("--repeat", type=int, default=None, metavar="N", help="run the scenario N times")
+    rep.add_argument("--until-fail", action="store_true",
+                     help="run until a run fails (at most --max runs), then stop")
+    rep.add_argument("--max", type=int, default=100, metavar="N", help="--until-fail: at most N runs (default 100)")
+    rep.add_argument("--fresh", action="store_true",
+                     help="boot fresh VMs for every run even when the scenario says `reuse: true`")
+    rep.add_argument("--bundle", metavar="FILE.tar.gz",
+                     help="write a bundle (scenario, seed, versions, logs, pcap, reproduce.sh) of the "
+                          "first failing run, or the last run when all pass")
+    rep.add_argument("--bundle-on-failure", metavar="FILE.tar.gz",
+                     help="like --bundle, but only when a run failed")
+    rep.add_argument("--bundle-kernel", action="store_true", help="put the guest kernel itself into the bundle")
+    rep.add_argument("--gdb", action="store_true",
+                     help="QEMU gdbstub per VM on a Unix socket; prints the gdb line to attach")
     run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", help="rerun a bundle made by `vmlab run --bundle`",
+                            description="Unpack FILE.tar.gz and rerun its scenario with its seed, "
+                                        "transport and (if bundled) kernel; exits like `vmlab run`.")
+    replay.add_argument("bundle", metavar="FILE.tar.gz")
+    replay.add_argument("--dir", default=None, help="unpack here and keep it (default: a temp dir, removed)")
+    replay.add_argument("extra", nargs=argparse.REMAINDER, help="more `vmlab run` options after --")
+    replay.set_defaults(func=cmd_replay)
 
     val = sub.add_parser("validate", help="check scenario files without booting anything")
     val.add_argument("scenarios", nargs="+", metavar="SCENARIO")
@@ -336,6 +370,31 @@ def build_parser() -> argparse.ArgumentParser:
     console.add_argument("vm", help="VM name")
     console.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
     console.set_defaults(func=cmd_console)
+
+    qmp = sub.add_parser("qmp", help="send a QMP command to a kept VM's QEMU",
+                         description="e.g. `vmlab qmp a query-status`, "
+                                     "`vmlab qmp a human-monitor-command '{\"command-line\": \"info qtree\"}'`")
+    qmp.add_argument("vm", help="VM name")
+    qmp.add_argument("command", help="QMP command (query-status, stop, cont, system_reset, ...)")
+    qmp.add_argument("arguments", nargs="?", default=None, metavar="ARGS-JSON", help="its arguments, a JSON object")
+    qmp.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    qmp.set_defaults(func=cmd_qmp)
+
+    ex = sub.add_parser("exec-guest", help="run a shell command in a kept VM (exit status is the command's)",
+                        description="e.g. `vmlab exec-guest a -- cat /proc/net/vsock`; runs over the serial "
+                                    "console, so not while `vmlab console` is attached to that VM.")
+    ex.add_argument("vm", help="VM name")
+    ex.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    ex.add_argument("--timeout", type=float, default=60.0, metavar="SEC", help="default 60")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command")
+    ex.set_defaults(func=cmd_exec_guest)
+
+    cap = sub.add_parser("capture", help="live pcap of a kept lab's vsock traffic (vhost-user backend)",
+                         description="Attach a capture to the backend of a lab kept by `vmlab run --keep`: "
+                                     "`vmlab capture --lab ID | wireshark -k -i -`, or -w FILE.")
+    cap.add_argument("--lab", default=None, help="lab id (from `vmlab ls`); default: the only running lab")
+    cap.add_argument("-w", "--write", default=None, metavar="FILE", help="write FILE instead of stdout")
+    cap.set_defaults(func=cmd_capture)
 
     ls = sub.add_parser("ls", help="list running labs")
     ls.set_defaults(func=cmd_ls)

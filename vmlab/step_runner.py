@@ -176,10 +176,13 @@ class StepRunner:
     def _do_fault(self, step: Step, p: FaultStep) -> str:
         if self.lab.backend is None:
             raise StepFailed("fault injection needs the vhost-user transport (our backend); this lab has none")
-        reply = self.lab.backend.control({
-            "cmd": "fault", "vm": p.vm, "kind": p.kind, "probability": p.probability,
-            "delay_ms": p.delay_ms, "direction": p.direction, "duration": p.duration,
-        })
+        req = {"cmd": "fault", "vm": p.vm, "kind": p.kind, "probability": p.probability,
+               "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "direction": p.direction,
+               "duration": p.duration, "op": p.op, "port": p.port, "after": p.after,
+               "count": p.count, "window": p.window, "field": p.field, "stall_ms": p.stall_ms,
+               # the rule's RNG stream is keyed by its step: same seed, same decisions
+               "key": f"step{self._step_number}"}
+        reply = self.lab.backend.control({k: v for k, v in req.items() if v is not None})
         if not reply.get("ok", False):
             raise StepFailed(f"backend refused the fault: {reply.get('error', reply)}")
         return f"{p.kind} on {p.vm}"

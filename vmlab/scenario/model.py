@@ -292,14 +292,25 @@ class QmpStep:
 
 @dataclass
 class FaultStep:
-    """Fault injection in the vhost-user backend's router for one VM."""
+    """Fault injection in the vhost-user backend's router for one VM (vsock/faults.py).
+
+    Selectors: direction, op, port, then `after` (skip the first N selected packets) and
+    `count` (act on at most M). Random choices come from the run's seed (`vmlab run --seed`)."""
 
     vm: str
     kind: str
     probability: float = 1.0
     delay_ms: int | None = None  # kind delay only (required there)
+    jitter_ms: int | None = None  # kind delay: + uniform(0, jitter_ms), seeded
     direction: str = "both"
     duration: float | None = None  # seconds; None: until the scenario ends
+    op: str | None = None  # request, response, rst, shutdown, rw, credit_update, credit_request
+    port: int | None = None  # src or dst port
+    after: int | None = None
+    count: int | None = None
+    window: int | None = None  # reorder: packets per reversed window (default 2)
+    field: str | None = None  # corrupt: header field to flip bits in (default type)
+    stall_ms: int | None = None  # credit_stall: how long credit is held back (required there)
     location: Location | None = _meta()
     where: Where = _where()
 
@@ -427,6 +438,7 @@ class Scenario:
     vms: list[VmSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     timeout: float = DEFAULT_SCENARIO_TIMEOUT
+    reuse: bool = False  # `vmlab run --repeat`: run again on the booted VMs (unless --fresh)
     source: Path | None = None
     warnings: list[Problem] = field(default_factory=list)
     location: Location | None = _meta()

@@ -35,7 +35,7 @@ from vmlab.scenario.check import describe, suggest
 from vmlab.scenario.validate import check
 from vmlab.scenario.yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
 
-TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "vms", "steps")
+TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "reuse", "vms", "steps")
 DEFAULT_KEYS = ("memory", "cpus", "kernel", "initrd", "cmdline")
 VM_KEYS = ("name", "cid", "memory", "cpus", "kernel", "initrd", "cmdline", "transport", "group",
            "files", "share", "vsock", "qemu_args")
@@ -105,7 +105,7 @@ class _Parser:
         top = self.keys(root, TOP_KEYS, "")
         where = self.where(top)
         kw: dict[str, Any] = {"name": default_name}
-        for key in ("name", "description", "transport", "timeout"):
+        for key in ("name", "description", "transport", "timeout", "reuse"):
             if key in top:
                 kw[key] = top[key].plain()
         kw.setdefault("description", "")

@@ -62,7 +62,12 @@ RUN_STATES = (
     "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog",
     "guest-panicked", "colo",
 )
-FAULT_KINDS = ("drop", "delay", "rst", "transport_reset")
+FAULT_KINDS = ("drop", "delay", "rst", "duplicate", "reorder", "credit_stall", "corrupt",
+               "transport_reset")
+FAULT_OPS = ("request", "response", "rst", "shutdown", "rw", "credit_update", "credit_request")
+CORRUPT_FIELDS = ("type", "op", "dst_port", "src_port", "dst_cid", "src_cid")
+_KIND_ONLY = {"delay_ms": "delay", "jitter_ms": "delay", "window": "reorder", "field": "corrupt",
+              "stall_ms": "credit_stall"}
 DIRECTIONS = ("tx", "rx", "both")
 MAX_CPUS = 255
 MAX_CHUNK = 1 << 20
@@ -120,6 +125,7 @@ class _ScenarioChecks(FieldChecker):
         self.str_field(s, "description", "")
         self.choice_field(s, "transport", "", TRANSPORTS, required=True)
         self.number_field(s, "timeout", "", 0, positive=True, required=True)
+        self.bool_field(s, "reuse", "")
         self.vms_by_name: dict[str, VmSpec] = {}
         if self.typed(s, "vms", "", isinstance(s.vms, list), "a list of VMs"):
             if not s.vms and not self.skip(s, "vms"):
@@ -577,8 +583,20 @@ class _ScenarioChecks(FieldChecker):
         self.number_field(p, "probability", ctx, 0, 1, required=True)
         if kind_ok and p.kind == "delay":
             self.int_field(p, "delay_ms", ctx, 0, required=True)
-        elif kind_ok and p.delay_ms is not None:
-            self.error(p, "delay_ms", ctx, "delay_ms: only used with kind: delay")
+        if kind_ok and p.kind == "credit_stall":
+            self.int_field(p, "stall_ms", ctx, 1, required=True)
+        for fld, kind in _KIND_ONLY.items():
+            if kind_ok and p.kind != kind and getattr(p, fld) is not None:
+                self.error(p, fld, ctx, f"{fld}: only used with kind: {kind}")
+        self.int_field(p, "jitter_ms", ctx, 0)
+        self.int_field(p, "window", ctx, 2, 64)
+        self.choice_field(p, "field", ctx, CORRUPT_FIELDS, what="header field")
+        if isinstance(p.op, str):
+            p.op = p.op.lower()
+        self.choice_field(p, "op", ctx, FAULT_OPS, what="vsock op")
+        self.int_field(p, "port", ctx, 0, 0xFFFFFFFE)
+        self.int_field(p, "after", ctx, 0)
+        self.int_field(p, "count", ctx, 1)
         self.choice_field(p, "direction", ctx, DIRECTIONS, required=True)
         self.number_field(p, "duration", ctx, 0, positive=True)
 
