@@ -1,0 +1,139 @@
+"""Boot time to the guest's ready marker: bare QEMU vs vmlab, stock vs minimal kernel.
+
+For each kernel (the stock distribution kernel and vmlab's minimal build), in one run:
+  bare     qemu-system-x86_64 -kernel K -initrd I with vmlab's machine options, serial on a pipe,
+           from fork to the VMLAB-READY line (no vsock device, no QMP, no vmlab code at all);
+  lab      vmlab.lab.Lab(...).start() for one VM with its vsock device (vhost-user backend
+           process, QMP, console, shell handshake): from the call to a guest that answers;
+  run      the whole `vmlab run` command for a one-step scenario (`true`), python start-up,
+           boot, step, teardown included.
+overhead = lab / bare - 1 (the issue's target: <= 10%). Medians of --runs runs; the load average
+is printed because other processes on the machine change TCG boot times a lot.
+
+    python benchmarks/boot.py [--runs N] [--minimal build:NAME] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from vmlab.image import ensure_image  # noqa: E402
+from vmlab.kernel import store  # noqa: E402
+from vmlab.kernel.spec import resolve  # noqa: E402
+from vmlab.lab import Lab, LabOptions  # noqa: E402
+from vmlab.qemu.argv import VmConfig, accel_args, kernel_cmdline, memory_args  # noqa: E402
+from vmlab.scenario import Scenario, VmSpec  # noqa: E402
+
+MARKER = b"VMLAB-READY"
+
+
+def bare_boot(kernel: Path, initrd: Path, timeout: float = 300) -> float:
+    """Seconds from fork to the ready marker on the serial port (stdout pipe)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = VmConfig(name="bench", kernel=kernel, initrd=initrd, qmp_socket=Path(tmp) / "q",
+                       serial_socket=Path(tmp) / "s", console_log=Path(tmp) / "c", transport=None)
+        argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
+                *accel_args(cfg), *memory_args(cfg), "-smp", "1", "-kernel", str(kernel),
+                "-initrd", str(initrd), "-append", kernel_cmdline(cfg), "-serial", "stdio"]
+        start = time.monotonic()
+        proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+        seen = b""
+        try:
+            assert proc.stdout is not None
+            while MARKER not in seen:
+                chunk = os.read(proc.stdout.fileno(), 65536)
+                if not chunk:
+                    raise RuntimeError(f"qemu exited before the ready marker: {seen[-500:]!r}")
+                seen = seen[-4096:] + chunk
+                if time.monotonic() - start > timeout:
+                    raise TimeoutError("no ready marker")
+            return time.monotonic() - start
+        finally:
+            proc.kill()
+            proc.wait()
+
+
+def lab_boot(kernel_ref: str) -> float:
+    """Seconds for Lab.start() of one VM with a vsock device (image already cached)."""
+    start = time.monotonic()
+    lab = Lab(Scenario.inline(vms=[VmSpec(name="bench", cid=3)]), LabOptions(kernel=kernel_ref, accel="tcg"))
+    try:
+        lab.start()
+        return time.monotonic() - start
+    finally:
+        lab.close()
+
+
+def run_command(kernel_ref: str, scenario: Path) -> float:
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "vmlab", "run", str(scenario), "--kernel", kernel_ref,
+                        "--accel", "tcg"], capture_output=True, text=True)
+    if r.returncode != 0:
+        raise RuntimeError(f"vmlab run failed:\n{r.stdout}\n{r.stderr}")
+    return time.monotonic() - start
+
+
+def default_minimal() -> str | None:
+    builds = [b for b in store.all_builds() if b.meta.build_cmd is None and b.meta.config_hash]
+    return f"build:{builds[-1].meta.name}" if builds else None
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--minimal", default=None, help="minimal kernel reference (default: newest vmlab build)")
+    ap.add_argument("--stock", default=None, help="stock kernel (default: the distribution's, as the image uses)")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args()
+
+    kernels: list[tuple[str, str]] = [("stock", args.stock or str(ensure_image().kernel))]
+    minimal = args.minimal or default_minimal()
+    if minimal:
+        kernels.append(("minimal", minimal))
+    else:
+        print("no minimal kernel build found (vmlab kernel build); measuring the stock kernel only", file=sys.stderr)
+    rows = []
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        scen = Path(tmp) / "boot.yaml"
+        scen.write_text("name: boot\nvms:\n  - name: bench\n    cid: 3\nsteps:\n  - run: {vm: bench, command: 'true'}\n")
+        for label, ref in kernels:
+            resolved = resolve(ref)
+            image = ensure_image(kernel=resolved.path)
+            lab_boot(ref)  # warm the caches (initramfs for this kernel, page cache)
+            bare = [bare_boot(image.kernel, image.initrd) for _ in range(args.runs)]
+            labs = [lab_boot(ref) for _ in range(args.runs)]
+            runs = [run_command(ref, scen) for _ in range(args.runs)]
+            rows.append({"kernel": label, "describe": resolved.description,
+                         "initrd_kb": image.initrd.stat().st_size // 1024,
+                         "bare_s": statistics.median(bare), "lab_s": statistics.median(labs),
+                         "run_s": statistics.median(runs), "bare_all": bare, "lab_all": labs, "run_all": runs,
+                         "overhead": statistics.median(labs) / statistics.median(bare) - 1})
+    info = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "cpus": os.cpu_count(),
+            "loadavg_before": round(load_before, 2), "loadavg_after": round(os.getloadavg()[0], 2),
+            "runs": args.runs}
+    if args.json:
+        print(json.dumps({"info": info, "rows": rows}, indent=1))
+        return 0
+    print(f"boot to ready marker under TCG, median of {args.runs}; {info['date']}, {info['cpus']} CPUs, "
+          f"load {info['loadavg_before']} -> {info['loadavg_after']}")
+    print(f"{'kernel':8s} {'initrd':>8s} {'bare qemu':>10s} {'vmlab Lab':>10s} {'vmlab run':>10s} {'overhead':>9s}")
+    for r in rows:
+        print(f"{r['kernel']:8s} {r['initrd_kb']:>6d}kB {r['bare_s']:>9.2f}s {r['lab_s']:>9.2f}s "
+              f"{r['run_s']:>9.2f}s {r['overhead'] * 100:>8.1f}%")
+    for r in rows:
+        print(f"  {r['kernel']}: {r['describe']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
