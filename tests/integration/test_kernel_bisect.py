@@ -62,7 +62,17 @@ def stock_root() -> Path:
     return ksrc.vmlinuz.parent.parent
 
 
-def test_bisect_finds_the_first_bad_commit(tmp_path):
+@pytest.fixture
+def forget_builds(tmp_path):
+    """The stub builds land in the real kernel store; remove them afterwards."""
+    yield
+    from vmlab.kernel import store
+    for build in store.all_builds():
+        if build.meta.source.startswith(str(tmp_path)):
+            store.remove(build)
+
+
+def test_bisect_finds_the_first_bad_commit(tmp_path, forget_builds):
     repo = tmp_path / "linux"
     commits = make_tree(repo)
     scenario = tmp_path / "loopback.yaml"

@@ -69,10 +69,10 @@ def test_merged_fragment_puts_the_user_last_and_hash_ignores_comments():
 @pytest.mark.parametrize("value, ref", [
     ("build:fast", KernelRef("build", "fast")),
     ("package:linux-image-6.1.0-57-amd64", KernelRef("package", "linux-image-6.1.0-57-amd64")),
-    ("source:../linux", KernelRef("source", "/s/../linux")),
+    ("source:../linux", KernelRef("source", "/linux")),
     ("vmlinuz", KernelRef("path", "/s/vmlinuz")),
     ("/boot/vmlinuz", KernelRef("path", "/boot/vmlinuz")),
-    ({"source": "../linux", "config": "kasan.config"}, KernelRef("source", "/s/../linux", "/s/kasan.config")),
+    ({"source": "../linux", "config": "kasan.config"}, KernelRef("source", "/linux", "/s/kasan.config")),
     ({"package": "linux-image-6.1.0-57-amd64"}, KernelRef("package", "linux-image-6.1.0-57-amd64")),
     ({"build": "x"}, KernelRef("build", "x")),
 ])
@@ -146,3 +146,28 @@ def test_non_git_tree_identity_changes_when_a_file_does(tmp_path):
     assert identify(src).identity != first.identity
     with pytest.raises(Exception, match="not a Linux source tree"):
         identify(tmp_path)
+
+
+def test_scenario_kernel_accepts_references_and_names_bad_ones(tmp_path):
+    from vmlab.scenario import ScenarioError, load_scenario
+
+    (tmp_path / "linux").mkdir()
+    (tmp_path / "vmlinuz").write_bytes(b"x")
+    good = tmp_path / "good.yaml"
+    good.write_text("vms:\n  - {name: a, cid: 3, kernel: vmlinuz}\n"
+                    "  - {name: b, cid: 4, kernel: {source: linux}}\n"
+                    "  - {name: c, cid: 5, kernel: 'package:linux-image-6.1.0-57-amd64'}\n")
+    vms = load_scenario(good).vms
+    assert vms[0].kernel == tmp_path / "vmlinuz"
+    assert vms[1].kernel == KernelRef("source", str(tmp_path / "linux"))
+    assert vms[2].kernel == KernelRef("package", "linux-image-6.1.0-57-amd64")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("vms:\n  - {name: a, cid: 3, kernel: {source: nope}}\n"
+                   "  - {name: b, cid: 4, kernel: 'build:no-such-build-here'}\n"
+                   "  - {name: c, cid: 5, kernel: {package: vim, config: x}}\n")
+    with pytest.raises(ScenarioError) as err:
+        load_scenario(bad)
+    text = str(err.value)
+    assert f"bad.yaml:2:" in text and f"source {tmp_path / 'nope'} is not a directory" in text
+    assert "bad.yaml:3:" in text and "no kernel build named 'no-such-build-here'" in text
+    assert "bad.yaml:4:" in text and "config is only for source" in text

@@ -13,6 +13,7 @@ config hash), used by the run report and the JUnit XML.
 from __future__ import annotations
 
 import hashlib
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -37,7 +38,7 @@ class KernelRef:
 
 def _rel(value: str, base: Path | None) -> str:
     p = Path(value).expanduser()
-    return str(p if p.is_absolute() or base is None else (base / p))
+    return os.path.normpath(p if p.is_absolute() or base is None else (base / p))
 
 
 def parse_ref(value: Any, base: Path | None = None) -> KernelRef:
