@@ -31,7 +31,7 @@ from vmlab.kernel import store  # noqa: E402
 from vmlab.kernel.spec import resolve  # noqa: E402
 from vmlab.lab import Lab, LabOptions  # noqa: E402
 from vmlab.qemu.argv import VmConfig, accel_args, kernel_cmdline, memory_args  # noqa: E402
-from vmlab.scenario import Scenario, VmSpec  # noqa: E402
+from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 
 MARKER = b"VMLAB-READY"
 
@@ -65,7 +65,7 @@ def bare_boot(kernel: Path, initrd: Path, timeout: float = 300) -> float:
 def lab_boot(kernel_ref: str) -> float:
     """Seconds for Lab.start() of one VM with a vsock device (image already cached)."""
     start = time.monotonic()
-    lab = Lab(Scenario.inline(vms=[VmSpec(name="bench", cid=3)]), LabOptions(kernel=kernel_ref, accel="tcg"))
+    lab = Lab(inline_scenario(vms=[VmSpec(name="bench", cid=3)], name="bench-boot"), LabOptions(kernel=kernel_ref, accel="tcg"))
     try:
         lab.start()
         return time.monotonic() - start

@@ -79,6 +79,7 @@ class _Progress:
         self.count = 0
         self.last = ""
         self.start = time.monotonic()
+        self._printed = self.start
         self._status = None
         self._console = None
         if enabled:
@@ -95,6 +96,11 @@ class _Progress:
             if self._status is not None and self.count % 5 == 0:
                 self._status.update(f"{self.title}: {self.count} steps, {time.monotonic() - self.start:.0f}s "
                                     f"[dim]{self.last[:60]}[/dim]")
+            now = time.monotonic()
+            if self._console is not None and not self._console.is_terminal and now - self._printed > 30:
+                self._printed = now  # CI logs: a plain line every 30 s instead of a spinner
+                self._console.print(f"  {self.title}: {self.count} steps, {now - self.start:.0f}s", markup=False,
+                                    highlight=False)
 
     def done(self, ok: bool) -> None:
         if self._status is not None:
@@ -230,7 +236,8 @@ def _build_locked(req: BuildRequest, tree: SourceTree, frag: Fragment, key: str,
     log_path = tmp / "build.log"
     ok = False
     try:
-        with open(log_path, "wb") as log:
+        # one build at a time per work dir (two configs of one tree share it)
+        with open(log_path, "wb") as log, locked(cache, f"kwork-{work.name}"):
             try:
                 if req.build_cmd:
                     kernel_rel = _command_recipe(tree, req.build_cmd, tmp, log, prog)

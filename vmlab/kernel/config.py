@@ -28,6 +28,11 @@ def vmlab_fragment() -> str:
     return vmlab_fragment_path().read_text()
 
 
+def fast_fragment() -> str:
+    """Boot-speed preferences (vmlab-fast.config): applied, but not required."""
+    return (Path(__file__).resolve().parent / "vmlab-fast.config").read_text()
+
+
 def parse_config(text: str, where: str = "config") -> dict[str, str]:
     """CONFIG_X=value and `# CONFIG_X is not set` (as "n") lines; other comments skipped.
 
@@ -83,8 +88,10 @@ class Fragment:
 
 
 def merged_fragment(user: Fragment) -> str:
-    """What is appended to the tinyconfig .config: vmlab's options, then the user's (which win)."""
-    parts = ["# --- vmlab required options", vmlab_fragment().rstrip()]
+    """What is appended to the tinyconfig .config: vmlab's options, its boot-speed choices, then the
+    user's fragment (later lines win in Kconfig)."""
+    parts = ["# --- vmlab required options", vmlab_fragment().rstrip(),
+             "# --- vmlab boot-speed choices", fast_fragment().rstrip()]
     if user.text.strip():
         parts += [f"# --- user fragment {user.origin}", user.text.rstrip()]
     return "\n".join(parts) + "\n"
