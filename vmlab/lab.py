@@ -177,9 +177,11 @@ class Lab:
         self.runtime = RuntimeDir.create()
         transports = self._resolve_transports()
         cids = self._assign_cids(transports)
-        configs = self._vm_configs(transports, cids)
         if any(t == "vhost-user" for t in transports.values()):
-            self._start_backend(transports, cids)
+            self._start_backend(transports, cids)  # starts up while the images are prepared
+        configs = self._vm_configs(transports, cids)
+        if self.backend is not None:
+            self.backend.wait_ready()
         self._write_state()
         machines = []
         for spec in self.scenario.vms:
@@ -292,7 +294,7 @@ class Lab:
             "log": str(self.run_dir / "backend.log"),
         }
         self.backend = BackendProcess(config, self.run_dir)
-        self.backend.start()
+        self.backend.spawn()
 
     def _boot_all(self, machines: list[Machine]) -> None:
         """Wait for every guest in parallel; the first failure is raised after all have settled.

@@ -120,5 +120,9 @@ def describe_path(path: Path, origin: str | None = None) -> str:
         ksrc = from_path(path, "describe")
     except Exception as exc:  # noqa: BLE001 - a description must not fail the run
         return f"{path} ({exc})"
+    if origin is None:  # a distribution package unpacked in the cache names itself
+        pkg = next((p for p in ksrc.vmlinuz.parents if p.name.startswith("linux-image-")
+                    and (p / ".complete").exists()), None)
+        origin = f"package {pkg.name}" if pkg is not None else str(ksrc.vmlinuz)
     digest = hashlib.sha256(ksrc.vmlinuz.read_bytes()).hexdigest()[:12]
-    return f"{ksrc.version} {origin or ksrc.vmlinuz} sha256 {digest}"
+    return f"{ksrc.version} {origin} sha256 {digest}"
