@@ -13,6 +13,7 @@ is printed because other processes on the machine change TCG boot times a lot, a
 busy machine they show what the boot costs when it does not have to wait for a CPU.
 
     python benchmarks/boot.py [--runs N] [--minimal build:NAME] [--json]
+    python benchmarks/boot.py --explore     # one option changed at a time, bare qemu, minimal kernel
 """
 from __future__ import annotations
 
@@ -40,11 +41,13 @@ from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 MARKER = b"VMLAB-READY"
 
 
-def bare_boot(kernel: Path, initrd: Path, timeout: float = 300) -> tuple[float, float]:
+def bare_boot(kernel: Path, initrd: Path, timeout: float = 300, machine: str = "pc", memory_mib: int = 256,
+              cmdline: str = "") -> tuple[float, float]:
     """(wall seconds from fork to the ready marker on the serial port, qemu CPU seconds by then)."""
     with tempfile.TemporaryDirectory() as tmp:
         cfg = VmConfig(name="bench", kernel=kernel, initrd=initrd, qmp_socket=Path(tmp) / "q",
-                       serial_socket=Path(tmp) / "s", console_log=Path(tmp) / "c", transport=None)
+                       serial_socket=Path(tmp) / "s", console_log=Path(tmp) / "c", transport=None,
+                       machine=machine, memory_mib=memory_mib, cmdline=cmdline)
         argv = ["qemu-system-x86_64", "-nodefaults", "-no-user-config", "-display", "none",
                 *accel_args(cfg), *memory_args(cfg), "-smp", "1", "-kernel", str(kernel),
                 "-initrd", str(initrd), "-append", kernel_cmdline(cfg), "-serial", "stdio"]
@@ -91,6 +94,25 @@ def run_command(kernel_ref: str, scenario: Path) -> float:
     return time.monotonic() - start
 
 
+def explore(kernel: Path, initrd: Path, runs: int) -> list[tuple[str, float, float]]:
+    """Bare boots of one kernel with one thing changed at a time: where does the time go?"""
+    import zlib
+
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "initrd.cpio"
+        # the base archive is one gzip member plus zero padding (and maybe a user archive after it)
+        raw.write_bytes(zlib.decompressobj(wbits=31).decompress(initrd.read_bytes()))
+        variants = [("vmlab's options (pc, 256M)", {}), ("-machine q35", {"machine": "q35"}),
+                    ("-m 128M", {"memory_mib": 128}), ("cmdline quiet", {"cmdline": "quiet"}),
+                    ("uncompressed initramfs", {"initrd": raw})]
+        out = []
+        for label, kw in variants:
+            rd = kw.pop("initrd", initrd)
+            got = [bare_boot(kernel, rd, **kw) for _ in range(runs)]
+            out.append((label, statistics.median(g[0] for g in got), statistics.median(g[1] for g in got)))
+        return out
+
+
 def default_minimal() -> str | None:
     builds = [b for b in store.all_builds() if b.meta.build_cmd is None and b.meta.config_hash]
     return f"build:{builds[-1].meta.name}" if builds else None
@@ -102,7 +124,19 @@ def main() -> int:
     ap.add_argument("--minimal", default=None, help="minimal kernel reference (default: newest vmlab build)")
     ap.add_argument("--stock", default=None, help="stock kernel (default: the distribution's, as the image uses)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--explore", action="store_true",
+                    help="instead: bare boots of the minimal kernel with one option changed at a time")
     args = ap.parse_args()
+    if args.explore:
+        ref = args.minimal or default_minimal()
+        if ref is None:
+            print("no minimal kernel build (vmlab kernel build)", file=sys.stderr)
+            return 1
+        image = ensure_image(kernel=resolve(ref).path)
+        print(f"bare qemu to ready marker, {ref}, median of {args.runs}; load {os.getloadavg()[0]:.1f}")
+        for label, wall, cpu in explore(image.kernel, image.initrd, args.runs):
+            print(f"  {label:30s} {wall:6.2f}s wall  {cpu:6.2f}s qemu cpu")
+        return 0
 
     kernels: list[tuple[str, str]] = [("stock", args.stock or str(ensure_image().kernel))]
     minimal = args.minimal or default_minimal()
