@@ -183,6 +183,8 @@ def distro_source(cache: Path, step: Callable[[str], None] = lambda s: None) -> 
                     raise SourceError(f"apt-get download {pkg}={version} failed: {r.stderr.strip()[-400:]}"
                                       " (no network or stale lists? try: apt-get update)")
                 debs = list(tmpd.glob("*.deb"))
+                if not debs:
+                    raise SourceError(f"apt-get download {pkg}={version} left no .deb in {tmpd}")
                 step(f"unpacking {debs[0].name}")
                 r = _run(["dpkg-deb", "-x", str(debs[0]), str(tmpd / "deb")])
                 if r.returncode != 0:
