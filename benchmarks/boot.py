@@ -123,6 +123,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--minimal", default=None, help="minimal kernel reference (default: newest vmlab build)")
     ap.add_argument("--stock", default=None, help="stock kernel (default: the distribution's, as the image uses)")
+    ap.add_argument("--no-stock", action="store_true", help="measure the minimal kernel only")
     ap.add_argument("--json", action="store_true")
     ap.add_argument("--explore", action="store_true",
                     help="instead: bare boots of the minimal kernel with one option changed at a time")
@@ -138,7 +139,7 @@ def main() -> int:
             print(f"  {label:30s} {wall:6.2f}s wall  {cpu:6.2f}s qemu cpu")
         return 0
 
-    kernels: list[tuple[str, str]] = [("stock", args.stock or str(ensure_image().kernel))]
+    kernels: list[tuple[str, str]] = [] if args.no_stock else [("stock", args.stock or str(ensure_image().kernel))]
     minimal = args.minimal or default_minimal()
     if minimal:
         kernels.append(("minimal", minimal))
