@@ -230,6 +230,8 @@ def cmd_kernel_rm(args: argparse.Namespace) -> int:
 def cmd_bisect(args: argparse.Namespace) -> int:
     from vmlab.kernel.bisect import BisectError, BisectOptions, run_bisect
 
+    if args.scenario and args.scenario[0] == "--":
+        args.scenario = args.scenario[1:]
     if not args.scenario:
         _err("bisect needs a scenario after --: vmlab bisect GOOD BAD -- SCENARIO [vmlab run options]")
         return EXIT_USAGE
@@ -242,6 +244,9 @@ def cmd_bisect(args: argparse.Namespace) -> int:
     except BisectError as exc:
         _err(f"bisect: {exc}")
         return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("bisect interrupted; the tree was reset (git bisect reset)")
+        return 130
     return EXIT_OK if result.first_bad else EXIT_FAILED
 
 

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -105,17 +106,25 @@ def run_bisect(opts: BisectOptions, out: Callable[[str], None] = print) -> Bisec
     output = ""
     try:
         _git(src, "bisect", "start", bad, good)
+        # own session: on Ctrl-C/SIGTERM the whole git bisect run tree is stopped (the step turns
+        # SIGTERM into its own teardown: make's process group, the running `vmlab run`)
         proc = subprocess.Popen(["git", "-C", str(src), "bisect", "run", sys.executable, "-m",
                                  "vmlab.kernel.bisect", str(state_file)],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
         assert proc.stdout is not None
-        with open(logs / "bisect.log", "w") as blog:
-            for line in proc.stdout:
-                blog.write(line)
-                output += line
-                if line.startswith("vmlab-bisect:"):
-                    out(line.rstrip()[len("vmlab-bisect: "):])
-        rc = proc.wait()
+        try:
+            with open(logs / "bisect.log", "w") as blog:
+                for line in proc.stdout:
+                    blog.write(line)
+                    blog.flush()
+                    output += line
+                    if line.startswith("vmlab-bisect:"):
+                        out(line.rstrip()[len("vmlab-bisect: "):])
+            rc = proc.wait()
+        except BaseException:
+            _stop_group(proc)
+            raise
         (logs / "git-bisect-log.txt").write_text(_git(src, "bisect", "log", check=False) + "\n")
     finally:
         subprocess.run(["git", "-C", str(src), "bisect", "reset"], stdout=subprocess.DEVNULL,
@@ -132,6 +141,20 @@ def run_bisect(opts: BisectOptions, out: Callable[[str], None] = print) -> Bisec
     out(f"first bad commit: {sha} ({subject})")
     out(f"its logs: {kept if kept.is_dir() else logs}")
     return BisectResult(sha, subject, steps, logs)
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the bisect's process group, SIGKILL what is left after 30 s."""
+    for sig, wait in ((signal.SIGTERM, 30), (signal.SIGKILL, 5)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue
 
 
 def _read_steps(logs: Path) -> list[dict]:
@@ -186,7 +209,16 @@ def bisect_step(state_file: Path) -> int:
         argv = [sys.executable, "-m", "vmlab", "run", state["scenario"], "--kernel", kernel,
                 "--artifacts", str(d / f"run-{i}"), "--junit-xml", str(d / f"run-{i}.xml"), *state["run_args"]]
         with open(d / f"run-{i}.out", "w") as f:
-            rc = subprocess.run(argv, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd()).returncode
+            run = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=os.getcwd())
+            try:
+                rc = run.wait()
+            except BaseException:
+                run.terminate()  # vmlab run tears its lab down on SIGTERM
+                try:
+                    run.wait(60)
+                except subprocess.TimeoutExpired:
+                    run.kill()
+                raise
         if rc == 2:
             record("abort", f"vmlab run says the scenario is invalid (see {d / f'run-{i}.out'})", build.meta.describe())
             return ABORT
@@ -201,7 +233,12 @@ def bisect_step(state_file: Path) -> int:
     return 0
 
 
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, _interrupt)  # so make and vmlab run are torn down, not orphaned
     if len(sys.argv) != 2:
         print("usage: python -m vmlab.kernel.bisect STATE.json (run by `vmlab bisect`)", file=sys.stderr)
         sys.exit(ABORT)
