@@ -12,6 +12,7 @@ config hash), used by the run report and the JUnit XML.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from dataclasses import dataclass
@@ -124,5 +125,11 @@ def describe_path(path: Path, origin: str | None = None) -> str:
         pkg = next((p for p in ksrc.vmlinuz.parents if p.name.startswith("linux-image-")
                     and (p / ".complete").exists()), None)
         origin = f"package {pkg.name}" if pkg is not None else str(ksrc.vmlinuz)
-    digest = hashlib.sha256(ksrc.vmlinuz.read_bytes()).hexdigest()[:12]
-    return f"{ksrc.version} {origin} sha256 {digest}"
+    st = ksrc.vmlinuz.stat()
+    return f"{ksrc.version} {origin} sha256 {_digest(str(ksrc.vmlinuz), st.st_mtime_ns, st.st_size)}"
+
+
+@functools.lru_cache(maxsize=32)
+def _digest(path: str, mtime_ns: int, size: int) -> str:
+    """sha256 prefix of a kernel file, once per (path, mtime, size) in a process."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:12]
