@@ -1,4 +1,5 @@
-"""The `vmlab` command line: run, validate, check, image build/status, console, ls, exec."""
+"""The `vmlab` command line: run, replay, validate, check, image build/status, kernel build/ls/rm,
+bisect, console, ls, exec, qmp, exec-guest, capture."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import termios
 import tty
 from pathlib import Path
@@ -94,6 +96,87 @@ def cmd_image_status(args: argparse.Namespace) -> int:
 
     print(json.dumps(image_status(kernel=args.kernel), indent=2, default=str))
     return EXIT_OK
+
+
+# -- kernel ----------------------------------------------------------------------------------------
+
+def cmd_kernel_build(args: argparse.Namespace) -> int:
+    from vmlab.kernel import BuildError, BuildRequest, ConfigError, SourceError, build_kernel
+
+    req = BuildRequest(src=Path(args.src) if args.src else None,
+                       fragment=Path(args.config) if args.config else None, jobs=args.jobs,
+                       force=args.force, name=args.name, build_cmd=args.build_cmd)
+    started = time.monotonic()
+    try:
+        build = build_kernel(req, progress=sys.stderr.isatty() or args.progress)
+    except (BuildError, ConfigError, SourceError) as exc:
+        _err(f"kernel build failed: {exc}")
+        return EXIT_FAILED if isinstance(exc, BuildError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("kernel build interrupted")
+        return 130
+    m = build.meta
+    print(f"{'reused' if build.reused else 'built'} build:{m.name} ({m.describe()})"
+          + (f" in {time.monotonic() - started:.1f}s" if build.reused else f" in {m.seconds:.0f}s with -j{m.jobs}"))
+    print(f"kernel: {build.kernel}")
+    return EXIT_OK
+
+
+def cmd_kernel_ls(args: argparse.Namespace) -> int:
+    from vmlab.kernel import store
+
+    builds = store.all_builds()
+    if args.json:
+        from dataclasses import asdict
+        print(json.dumps([{**asdict(b.meta), "path": str(b.kernel)} for b in builds], indent=1))
+        return EXIT_OK
+    if not builds:
+        print(f"no kernel builds in {store.builds_dir()} (make one with `vmlab kernel build`)")
+        return EXIT_OK
+    for b in builds:
+        m = b.meta
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.built))
+        print(f"build:{m.name}  {m.version}  {when}  {b.size() / 1e6:.1f} MB  {m.describe()}")
+    return EXIT_OK
+
+
+def cmd_kernel_rm(args: argparse.Namespace) -> int:
+    from vmlab.kernel import StoreError, store
+
+    status = EXIT_OK
+    for ref in args.builds:
+        try:
+            b = store.find(ref[len("build:"):] if ref.startswith("build:") else ref)
+        except StoreError as exc:
+            _err(str(exc))
+            status = EXIT_USAGE
+            continue
+        store.remove(b)
+        print(f"removed build:{b.meta.name} ({b.path})")
+    return status
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from vmlab.kernel.bisect import BisectError, BisectOptions, run_bisect
+
+    if args.scenario and args.scenario[0] == "--":
+        args.scenario = args.scenario[1:]
+    if not args.scenario:
+        _err("bisect needs a scenario after --: vmlab bisect GOOD BAD -- SCENARIO [vmlab run options]")
+        return EXIT_USAGE
+    opts = BisectOptions(good=args.good, bad=args.bad, scenario=Path(args.scenario[0]),
+                         run_args=list(args.scenario[1:]), src=Path(args.src), repeat=args.repeat,
+                         build_cmd=args.build_cmd, config=Path(args.config) if args.config else None,
+                         jobs=args.jobs, logs=Path(args.logs) if args.logs else None)
+    try:
+        result = run_bisect(opts, out=lambda line: print(line, flush=True))
+    except BisectError as exc:
+        _err(f"bisect: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("bisect interrupted; the tree was reset (git bisect reset)")
+        return 130
+    return EXIT_OK if result.first_bad else EXIT_FAILED
 
 
 # -- console / ls ----------------------------------------------------------------------------------
@@ -302,7 +385,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", choices=("auto", "vhost", "vhost-user"), default=None,
                      help="vsock transport for VMs the scenario leaves at auto (a transport the scenario "
                           "pins is kept)")
-    run.add_argument("--kernel", default=None, help="guest kernel (vmlinuz) for VMs that do not pin one")
+    run.add_argument("--kernel", default=None,
+                     help="guest kernel for VMs that do not pin one: a vmlinuz path, build:NAME (vmlab kernel ls), "
+                          "source:DIR (built on demand) or package:linux-image-...")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="auto uses KVM only where it really works, else TCG")
     run.add_argument("--keep", action="store_true",
@@ -365,6 +450,57 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--kernel", default=None)
     status.set_defaults(func=cmd_image_status)
     image.set_defaults(func=lambda a: (image.print_help(), EXIT_USAGE)[1])
+
+    kernel = sub.add_parser("kernel", help="guest kernels built from source: build, ls, rm")
+    kernel_sub = kernel.add_subparsers(dest="kernel_command", metavar="KERNEL_COMMAND")
+    kb = kernel_sub.add_parser(
+        "build", help="build a bootable, module-free guest kernel from a Linux source tree",
+        description="Build a guest kernel: tinyconfig + the options vmlab needs built in (virtio-pci, "
+                    "vsock + virtio transport + loopback + vsockmon, 9p, virtiofs, virtio-net, ACPI "
+                    "power button, PCI hotplug, ...) + your fragment. Without SRC, the distribution's "
+                    "linux-source package is downloaded and unpacked into the cache. Builds are cached "
+                    "by source content (git commit + diff, package version or tree hash) and config.",
+        epilog="The kernel is then usable as build:<name> (scenario `kernel:`, `vmlab run --kernel`). "
+               "See docs/kernels.md.")
+    kb.add_argument("src", nargs="?", default=None, help="Linux source tree (default: the distribution's linux-source)")
+    kb.add_argument("--config", metavar="FRAGMENT", help="extra Kconfig fragment (e.g. CONFIG_KASAN=y); it wins "
+                    "over vmlab's options, but those must stay =y")
+    kb.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="make -jN (default: CPU count)")
+    kb.add_argument("--force", action="store_true", help="rebuild even when the same build is cached")
+    kb.add_argument("--name", default=None, help="name of the build (default: <tree>-<commit>-<key>)")
+    kb.add_argument("--build-cmd", default=None, metavar="CMD",
+                    help="your own build recipe, run in SRC with $VMLAB_KERNEL_OUT: it must leave a bzImage, "
+                         "vmlinuz* or boot/vmlinuz-* (+ lib/modules) there")
+    kb.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    kb.set_defaults(func=cmd_kernel_build)
+    kl = kernel_sub.add_parser("ls", help="list cached kernel builds")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=cmd_kernel_ls)
+    kr = kernel_sub.add_parser("rm", help="remove cached kernel builds")
+    kr.add_argument("builds", nargs="+", metavar="NAME", help="build name (or build:NAME, or a key prefix)")
+    kr.set_defaults(func=cmd_kernel_rm)
+    kernel.set_defaults(func=lambda a: (kernel.print_help(), EXIT_USAGE)[1])
+
+    bis = sub.add_parser(
+        "bisect", help="find the kernel commit that breaks a scenario (git bisect run + build + vmlab run)",
+        usage="vmlab bisect [options] GOOD BAD -- SCENARIO [vmlab run options]",
+        description="In a kernel git tree: git bisect between GOOD and BAD, building each commit "
+                    "(vmlab kernel build, or --build-cmd) and running SCENARIO on it. A build failure "
+                    "skips the commit (exit 125), a failing or non-booting scenario marks it bad, a pass good.",
+        epilog="exit status: 0 a first bad commit was found; 1 bisect ended without one; 2 usage error. "
+               "Logs of every step (build log, run artifacts) are kept under --logs.")
+    bis.add_argument("good", metavar="GOOD", help="a commit where the scenario passes")
+    bis.add_argument("bad", metavar="BAD", help="a commit where it fails")
+    bis.add_argument("scenario", nargs=argparse.REMAINDER, metavar="-- SCENARIO",
+                     help="scenario file, then options passed to `vmlab run`")
+    bis.add_argument("--src", default=".", help="the kernel git tree (default: current directory)")
+    bis.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run the scenario N times per commit; bad if any run fails (flaky bugs)")
+    bis.add_argument("--build-cmd", default=None, metavar="CMD", help="build recipe instead of vmlab's (see kernel build)")
+    bis.add_argument("--config", metavar="FRAGMENT", help="Kconfig fragment for every build")
+    bis.add_argument("--jobs", "-j", type=int, default=None, metavar="N")
+    bis.add_argument("--logs", metavar="DIR", help="where each step's logs go (default: ./vmlab-bisect-<time>)")
+    bis.set_defaults(func=cmd_bisect)
 
     console = sub.add_parser("console", help="attach to a kept VM's serial console (Ctrl-] detaches)")
     console.add_argument("vm", help="VM name")

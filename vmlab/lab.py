@@ -116,6 +116,7 @@ class Lab:
         self._vms: dict[str, VmHandle] = {}
         self._leases: list[Any] = []
         self._closed = False
+        self.kernels: dict[str, str] = {}  # VM name -> exact kernel description (version, commit, config)
         self._endpoints: list[Any] = []  # host listeners/connections opened by steps, closed with the lab
         self._vsockmon: Any = None       # --pcap on the vhost transport (vmlab.vsockmon)
         self._lock = threading.Lock()
@@ -187,9 +188,8 @@ class Lab:
         self.runtime = RuntimeDir.create()
         transports = self._resolve_transports()
         cids = self._assign_cids(transports)
-        configs = self._vm_configs(transports, cids)
         if any(t == "vhost-user" for t in transports.values()):
-            self._start_backend(transports, cids)
+            self._start_backend(transports, cids)  # starts up while the images are prepared
         if opts.pcap and any(t == "vhost" for t in transports.values()):
             try:
                 self._start_vsockmon(opts.pcap)
@@ -197,6 +197,9 @@ class Lab:
                 if opts.pcap_required:
                     raise
                 opts.notices.append(f"no capture: {exc}")
+        configs = self._vm_configs(transports, cids)
+        if self.backend is not None:
+            self.backend.wait_ready()
         self._write_state()
         machines = []
         for spec in self.scenario.vms:
@@ -260,14 +263,24 @@ class Lab:
 
     def _image_for(self, spec: VmSpec) -> tuple[Path, Path]:
         from vmlab.image import ensure_image
+        from vmlab.kernel.spec import describe_path, resolve
 
-        kernel = spec.kernel or self.options.kernel
+        ref = spec.kernel or self.options.kernel
+        kernel, description = None, None
+        if ref is not None:
+            # a path, build:<name>, source:<dir> (built on demand) or package:<name>
+            resolved = resolve(ref, progress=self.options.progress)
+            kernel, description = resolved.path, resolved.description
         if spec.initrd is not None:
             if kernel is None:
-                image = ensure_image(progress=self.options.progress)
-                return image.kernel, spec.initrd
-            return Path(kernel), spec.initrd
+                kpath = ensure_image(progress=self.options.progress).kernel
+            else:
+                from vmlab.image.kernel import from_path
+                kpath = from_path(Path(kernel), "kernel").vmlinuz  # a package root -> its vmlinuz
+            self.kernels[spec.name] = description or describe_path(kpath)
+            return kpath, spec.initrd
         image = ensure_image(kernel=kernel, extra_files=spec.files or None, progress=self.options.progress)
+        self.kernels[spec.name] = description or describe_path(image.kernel)
         return image.kernel, image.initrd
 
     def _vm_configs(self, transports: dict[str, str | None], cids: dict[str, int]) -> dict[str, VmConfig]:
@@ -329,7 +342,7 @@ class Lab:
             "seed": self.options.seed,
         }
         self.backend = BackendProcess(config, self.run_dir)
-        self.backend.start()
+        self.backend.spawn()
 
     def _boot_all(self, machines: list[Machine]) -> None:
         """Wait for every guest in parallel; the first failure is raised after all have settled.

@@ -48,7 +48,8 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmlab", "vmlab: VM labs for AF_VSOCK tests")
     group.addoption("--vmlab-transport", choices=("auto", "vhost", "vhost-user"), default=None,
                     help="vsock transport for VMs whose scenario leaves it at auto (scenarios that pin one keep it)")
-    group.addoption("--vmlab-kernel", default=None, help="guest kernel (vmlinuz) for labs that do not pin one")
+    group.addoption("--vmlab-kernel", default=None,
+                    help="guest kernel for labs that do not pin one: a vmlinuz path, build:NAME, source:DIR or package:NAME")
     group.addoption("--vmlab-accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     group.addoption("--vmlab-keep-on-failure", action="store_true",
                     help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")

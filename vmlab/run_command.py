@@ -37,6 +37,7 @@ class Outcome:
     failure: str = ""
     kernel_errors: dict = field(default_factory=dict)
     transport: str | None = None
+    kernels: dict = field(default_factory=dict)   # VM name -> exact kernel description
 
 
 class Printer:
@@ -166,7 +167,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if args.junit_xml:
         from vmlab.report import write_junit
         write_junit(Path(args.junit_xml), scenario.name, target.results, target.seconds,
-                    setup_error=target.setup_error)
+                    setup_error=target.setup_error,
+                    properties={f"kernel.{name}": k for name, k in target.kernels.items()})
     if target.setup_error is not None:
         return EXIT_SETUP
     return EXIT_FAILED if failed else EXIT_OK
@@ -196,12 +198,15 @@ def _run_one(scenario, opts, i: int, lab, reuse: bool, printer: Printer, args,
                 booted = ", ".join(f"{vm.name} (cid {vm.cid}, {vm.transport or 'no vsock'})"
                                    for vm in lab.vms)
                 printer(f"booted in {time.monotonic() - started:.1f}s: {booted}; accel {lab.accel}")
+                for name, kernel in lab.kernels.items():
+                    printer(f"kernel {name}: {kernel}")
                 if args.gdb:
                     _print_gdb(lab, printer)
         else:
             lab.next_run(opts.seed)
         if outcome.setup_error is None:
             outcome.transport = lab.transport
+            outcome.kernels = dict(lab.kernels)
             counter = iter(range(1, 10**6))
             outcome.results = lab.run_steps(
                 reporter=lambda r: printer(step_line(next(counter), r)))

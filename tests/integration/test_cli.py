@@ -20,7 +20,8 @@ def vmlab(*args, timeout=300):
 
 @pytest.mark.parametrize("args", [[], ["run"], ["check"], ["image", "build"], ["image", "status"],
                                   ["console"], ["ls"], ["validate"], ["replay"], ["qmp"],
-                                  ["exec-guest"], ["capture"], ["exec"]])
+                                  ["exec-guest"], ["capture"], ["exec"],
+                                  ["kernel"], ["kernel", "build"], ["kernel", "ls"], ["kernel", "rm"], ["bisect"]])
 def test_every_command_has_help(args):
     proc = vmlab(*args, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: vmlab"), proc.stderr

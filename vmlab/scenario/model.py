@@ -116,7 +116,7 @@ class VmSpec:
     cid: int | None = None
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = 1
-    kernel: Path | None = None
+    kernel: Any = None              # Path, or a vmlab.kernel.spec.KernelRef (build:/source:/package:)
     initrd: Path | None = None
     cmdline: str = ""
     transport: str = "auto"

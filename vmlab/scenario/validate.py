@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 from typing import Any
 
 from vmlab.scenario.check import FieldChecker, describe, is_int, suggest
@@ -176,7 +177,7 @@ class _ScenarioChecks(FieldChecker):
             self.error(vm, "memory_mib", ctx, f"memory: {vm.memory_mib}M is too small; the minimum is "
                        f"{MIN_MEMORY_MIB}M")
         self.int_field(vm, "cpus", ctx, 1, MAX_CPUS, required=True)
-        self.path_field(vm, "kernel", ctx, "file")
+        self.check_kernel(vm, ctx)
         self.path_field(vm, "initrd", ctx, "file")
         self.str_field(vm, "cmdline", ctx, required=True)
         self.choice_field(vm, "transport", ctx, TRANSPORTS, required=True)
@@ -188,6 +189,31 @@ class _ScenarioChecks(FieldChecker):
         if self.bool_field(vm, "vsock", ctx) and not vm.vsock and is_int(vm.cid):
             self.warn(vm, "cid", ctx, "cid: ignored, the VM has no vsock device (vsock: false)")
         self.check_qemu_args(vm, ctx)
+
+    def check_kernel(self, vm: VmSpec, ctx: str) -> None:
+        """A kernel path (vmlinuz or package root), or a reference (see vmlab.kernel.spec)."""
+        from vmlab.kernel.spec import KernelRef
+
+        ref = vm.kernel
+        if not isinstance(ref, KernelRef):
+            self.path_field(vm, "kernel", ctx, "any")
+            return
+        if self.skip(vm, "kernel"):
+            return
+        if ref.kind == "source":
+            if not Path(ref.value).is_dir():
+                self.error(vm, "kernel", ctx, f"kernel: source {ref.value} is not a directory")
+            elif ref.config is not None and not Path(ref.config).is_file():
+                self.error(vm, "kernel", ctx, f"kernel: config fragment {ref.config} does not exist")
+        elif ref.kind == "package" and not ref.value.startswith("linux-image-"):
+            self.error(vm, "kernel", ctx, f"kernel: package {ref.value!r} is not a kernel package "
+                       "(expected linux-image-..., e.g. linux-image-6.1.0-57-amd64)")
+        elif ref.kind == "build":
+            from vmlab.kernel.store import StoreError, find
+            try:
+                find(ref.value)
+            except StoreError as exc:
+                self.error(vm, "kernel", ctx, f"kernel: {exc}")
 
     def check_files(self, vm: VmSpec, ctx: str) -> None:
         if not self.typed(vm, "files", ctx, isinstance(vm.files, dict),
