@@ -1,0 +1,83 @@
+#!/usr/bin/env python3
+"""Fuzz the backend's guest-facing parsers with hypothesis: >= 100,000 cases, figures printed.
+
+    python3 benchmarks/fuzz.py [--cases N] [--seed S] [--only TARGET ...]
+
+Runs the targets of tests/fuzz/fuzz_targets.py (virtqueue walker, vhost-user session, device data
+path, router) with the given total split by weight; prints cases, time and outcome counters per
+target. Exit status 1 if any property broke (the failing case is printed by hypothesis).
+Shrinking is off (a failure is reported as found); re-run it in tests/fuzz to shrink.
+"""
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(ROOT), str(ROOT / "tests" / "fuzz")]
+
+from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
+
+import fuzz_targets  # noqa: E402
+
+# share of the cases per target: the cheap, dense parsers get more
+WEIGHTS = {"virtqueue": 0.35, "vhost_user": 0.25, "router": 0.25, "device": 0.15}
+
+
+def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None]:
+    strategy, target = fuzz_targets.TARGETS[name]
+    count = [0]
+
+    @seed(rng_seed)
+    @settings(max_examples=n, deadline=None, database=None, phases=[Phase.generate],
+              suppress_health_check=list(HealthCheck))
+    @given(strategy)
+    def run(case):
+        count[0] += 1
+        target(case)
+
+    start = time.perf_counter()
+    error = None
+    try:
+        run()
+    except Exception as exc:                    # a property broke: report it, go on
+        error = f"{type(exc).__name__}: {exc}"
+    return count[0], time.perf_counter() - start, error
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    ap.add_argument("--cases", type=int, default=100_000, help="total cases (default 100000)")
+    ap.add_argument("--seed", type=int, default=13, help="hypothesis seed (default 13)")
+    ap.add_argument("--only", nargs="*", choices=sorted(WEIGHTS), help="run only these targets")
+    args = ap.parse_args()
+    names = args.only or list(WEIGHTS)
+    total_w = sum(WEIGHTS[n] for n in names)
+    print(f"fuzz: {args.cases} cases, seed {args.seed}, {platform.node()} "
+          f"({platform.machine()}, python {platform.python_version()}), "
+          f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
+    all_cases, all_time, failed = 0, 0.0, []
+    for name in names:
+        n = max(1, round(args.cases * WEIGHTS[name] / total_w))
+        cases, secs, error = run_target(name, n, args.seed)
+        all_cases += cases
+        all_time += secs
+        status = "ok" if error is None else f"FAILED: {error.splitlines()[0][:200]}"
+        print(f"  {name:<11} {cases:>7} cases  {secs:8.1f} s  {cases / secs:7.0f}/s  {status}",
+              flush=True)
+        if error is not None:
+            failed.append((name, error))
+    print(f"total: {all_cases} cases in {all_time:.1f} s, {len(failed)} targets failed")
+    print("outcomes:")
+    for key, value in sorted(fuzz_targets.OUTCOMES.items()):
+        print(f"  {key:<34} {value}")
+    for name, error in failed:
+        print(f"\n--- {name} ---\n{error}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
