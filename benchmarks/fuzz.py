@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Fuzz the backend's guest-facing parsers with hypothesis: >= 100,000 cases, figures printed.
 
-    python3 benchmarks/fuzz.py [--cases N] [--seed S] [--only TARGET ...]
+    python3 benchmarks/fuzz.py [--cases N] [--seed S] [--jobs J] [--only TARGET ...]
 
 Runs the targets of tests/fuzz/fuzz_targets.py (virtqueue walker, vhost-user session, device data
 path, router) with the given total split by weight; prints cases, time and outcome counters per
@@ -11,6 +11,7 @@ Shrinking is off (a failure is reported as found); re-run it in tests/fuzz to sh
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import platform
 import sys
 import time
@@ -27,8 +28,9 @@ import fuzz_targets  # noqa: E402
 WEIGHTS = {"virtqueue": 0.35, "vhost_user": 0.25, "router": 0.25, "device": 0.15}
 
 
-def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None]:
+def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None, dict]:
     strategy, target = fuzz_targets.TARGETS[name]
+    fuzz_targets.OUTCOMES.clear()           # a worker process may run several targets
     count = [0]
 
     @seed(rng_seed)
@@ -45,7 +47,7 @@ def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None
         run()
     except Exception as exc:                    # a property broke: report it, go on
         error = f"{type(exc).__name__}: {exc}"
-    return count[0], time.perf_counter() - start, error
+    return count[0], time.perf_counter() - start, error, dict(fuzz_targets.OUTCOMES)
 
 
 def main() -> int:
@@ -53,6 +55,7 @@ def main() -> int:
     ap.add_argument("--cases", type=int, default=100_000, help="total cases (default 100000)")
     ap.add_argument("--seed", type=int, default=13, help="hypothesis seed (default 13)")
     ap.add_argument("--only", nargs="*", choices=sorted(WEIGHTS), help="run only these targets")
+    ap.add_argument("--jobs", type=int, default=1, help="targets run in parallel processes")
     args = ap.parse_args()
     names = args.only or list(WEIGHTS)
     total_w = sum(WEIGHTS[n] for n in names)
@@ -60,9 +63,23 @@ def main() -> int:
           f"({platform.machine()}, python {platform.python_version()}), "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     all_cases, all_time, failed = 0, 0.0, []
+    outcomes: dict[str, int] = {}
+    started = time.perf_counter()
+    with concurrent.futures.ProcessPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        futures = {name: pool.submit(run_target, name,
+                                     max(1, round(args.cases * WEIGHTS[name] / total_w)),
+                                     args.seed) for name in names}
+        results = {}
+        for fut in concurrent.futures.as_completed(futures.values()):
+            name = next(n for n, f in futures.items() if f is fut)
+            results[name] = fut.result()
+            cases, secs, error, _ = results[name]
+            print(f"  ... {name} done: {cases} cases in {secs:.1f} s", flush=True)
+    print("per target:")
     for name in names:
-        n = max(1, round(args.cases * WEIGHTS[name] / total_w))
-        cases, secs, error = run_target(name, n, args.seed)
+        cases, secs, error, got = results[name]
+        for key, value in got.items():
+            outcomes[key] = outcomes.get(key, 0) + value
         all_cases += cases
         all_time += secs
         status = "ok" if error is None else f"FAILED: {error.splitlines()[0][:200]}"
@@ -70,9 +87,11 @@ def main() -> int:
               flush=True)
         if error is not None:
             failed.append((name, error))
-    print(f"total: {all_cases} cases in {all_time:.1f} s, {len(failed)} targets failed")
+    print(f"total: {all_cases} cases, {all_time:.1f} s of target time "
+          f"({time.perf_counter() - started:.1f} s wall, {args.jobs} jobs), "
+          f"{len(failed)} targets failed")
     print("outcomes:")
-    for key, value in sorted(fuzz_targets.OUTCOMES.items()):
+    for key, value in sorted(outcomes.items()):
         print(f"  {key:<34} {value}")
     for name, error in failed:
         print(f"\n--- {name} ---\n{error}")
