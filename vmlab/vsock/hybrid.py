@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import stat
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -37,6 +38,17 @@ MAX_CONNS_PER_VM = 4096             # host-terminated connections per VM (each h
 GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
 _CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\r?\n?")
 _FIRST_HOST_PORT = 1 << 30          # ephemeral host ports for host-initiated connections
+
+
+def _is_plain_socket(path: str) -> bool:
+    """A socket file itself (lstat): a symlink in the run dir is never followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISLNK(mode):
+        log.warning("%s is a symlink: not following it (guest connect refused)", path)
+    return stat.S_ISSOCK(mode)
 
 
 def seqpacket_path(uds_path: str) -> str:
@@ -247,6 +259,9 @@ class Hybrid:
             self._refuse(vm_name, hdr)
             return
         path = f"{vm.uds_path}_{hdr.dst_port}"
+        if not _is_plain_socket(path):          # nothing there, or planted: never follow it
+            self._refuse(vm_name, hdr)
+            return
         kind = socket.SOCK_SEQPACKET if hdr.type == Type.SEQPACKET else socket.SOCK_STREAM
         s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:

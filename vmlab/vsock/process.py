@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vmlab import proc as children
+from vmlab.runtime import open_private
 
 
 class BackendError(RuntimeError):
@@ -53,7 +54,8 @@ class BackendProcess:
         if self.proc is not None:
             raise BackendError("backend already started")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config, indent=2))
+        with open_private(self.config_path, "w") as f:        # never through a planted link
+            f.write(json.dumps(self.config, indent=2))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
