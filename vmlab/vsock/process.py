@@ -41,6 +41,7 @@ class BackendProcess:
         self.control_path = Path(self.config["control"])
         self.config_path = self.run_dir / "backend.json"
         self.proc: subprocess.Popen[bytes] | None = None
+        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -48,6 +49,16 @@ class BackendProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def death(self) -> str | None:
+        """Why the started backend is gone (None while it runs, or if it was never started or
+        stopped by us): every VM it served has lost its vsock device."""
+        p = self.proc
+        if p is None or self._stopping or p.poll() is None:
+            return None
+        rc = p.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        return f"the vsock backend (pid {p.pid}) died: {how}; see {self.log_path}"
 
     def start(self, timeout: float = 10) -> None:
         """Spawn the backend and wait for its READY line; raise BackendError with the log tail."""
@@ -102,6 +113,7 @@ class BackendProcess:
         p = self.proc
         if p is None:
             return
+        self._stopping = True
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             try:
