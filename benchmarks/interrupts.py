@@ -27,6 +27,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def _default_sigint() -> None:
+    """A shell's background job inherits SIGINT ignored, and Python keeps it so: undo that,
+    or the Ctrl-C rounds would test nothing."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def phase(out: str) -> str:
     """What vmlab was doing when the signal came, from what it had printed."""
     if "PASSED" in out or "FAILED" in out:
@@ -87,7 +93,7 @@ def main() -> int:
         with open(out_path, "w") as out:
             p = subprocess.Popen([sys.executable, "-m", "vmlab", "run", args.scenario],
                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
-                                 start_new_session=True)
+                                 start_new_session=True, preexec_fn=_default_sigint)
         delay = rng.uniform(0, args.max_delay)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         try:
