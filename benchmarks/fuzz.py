@@ -30,6 +30,7 @@ WEIGHTS = {"virtqueue": 0.35, "vhost_user": 0.25, "router": 0.25, "device": 0.15
 
 def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None, dict]:
     strategy, target = fuzz_targets.TARGETS[name]
+    start = time.perf_counter()
     fuzz_targets.OUTCOMES.clear()           # a worker process may run several targets
     count = [0]
 
@@ -39,9 +40,11 @@ def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None
     @given(strategy)
     def run(case):
         count[0] += 1
+        if count[0] % 1000 == 0:
+            print(f"  ... {name}: {count[0]} cases, {time.perf_counter() - start:.0f} s",
+                  flush=True)
         target(case)
 
-    start = time.perf_counter()
     error = None
     try:
         run()
