@@ -2,7 +2,7 @@
 """SIGINT/SIGTERM at random moments of `vmlab run`: nothing may be left behind.
 
     python3 benchmarks/interrupts.py [--count 20] [--scenario scenarios/hello.yaml]
-                                     [--max-delay 90] [--seed 13]
+                                     [--min-delay 0] [--max-delay 90] [--seed 13]
 
 Each round starts `vmlab run SCENARIO`, waits a random time, then sends SIGINT to its process
 group (as Ctrl-C does) or SIGTERM to vmlab, and checks after it exits: qemu/backend processes
@@ -72,6 +72,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--scenario", default=str(ROOT / "scenarios" / "hello.yaml"))
+    ap.add_argument("--min-delay", type=float, default=0.0, help="earliest signal moment (s)")
     ap.add_argument("--max-delay", type=float, default=90.0, help="latest signal moment (s)")
     ap.add_argument("--seed", type=int, default=13)
     args = ap.parse_args()
@@ -83,7 +84,7 @@ def main() -> int:
     env = dict(os.environ, XDG_RUNTIME_DIR=str(base), VMLAB_CID_LOCK_DIR=str(locks),
                PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     print(f"interrupts: {args.count} rounds of `vmlab run {args.scenario}`, signal within "
-          f"0..{args.max_delay:g} s, seed {args.seed}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+          f"{args.min_delay:g}..{args.max_delay:g} s, seed {args.seed}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
           flush=True)
     totals = {"processes": 0, "run_dirs": 0, "sockets": 0, "leases": 0}
     phases: dict[str, int] = {}
@@ -94,7 +95,7 @@ def main() -> int:
             p = subprocess.Popen([sys.executable, "-m", "vmlab", "run", args.scenario],
                                  stdout=out, stderr=subprocess.STDOUT, env=env, cwd=ROOT,
                                  start_new_session=True, preexec_fn=_default_sigint)
-        delay = rng.uniform(0, args.max_delay)
+        delay = rng.uniform(args.min_delay, args.max_delay)
         sig = rng.choice([signal.SIGINT, signal.SIGTERM])
         try:
             p.wait(delay)
