@@ -37,7 +37,48 @@ def _err(msg: str) -> None:
 
 # -- run -------------------------------------------------------------------------------------
 
+def _positive_seconds(text: str) -> float:
+    """argparse type: a number of seconds > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text}")
+    return value
+
+
+def _output_problem(args: argparse.Namespace) -> str | None:
+    """Checked before anything boots: output paths that could never be written (a run must not
+    fail at its very end, or leave its capture nowhere)."""
+    for opt, value in (("--junit-xml", args.junit_xml), ("--pcap", args.pcap)):
+        if not value:
+            continue
+        path = Path(value)
+        if path.is_dir():
+            return f"{opt} {value}: is a directory, expected a file name"
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"{opt} {value}: cannot create its directory: {exc.strerror or exc}"
+        if not os.access(path.parent, os.W_OK):
+            return f"{opt} {value}: directory {path.parent} is not writable"
+    if args.artifacts:
+        path = Path(args.artifacts)
+        if path.exists() and not path.is_dir():
+            return f"--artifacts {args.artifacts}: exists and is not a directory"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            return f"--artifacts {args.artifacts}: cannot create it: {exc.strerror or exc}"
+    return None
+
+
 def cmd_run(args: argparse.Namespace) -> int:
+    problem = _output_problem(args)
+    if problem is not None:
+        _err(problem)
+        return EXIT_USAGE
     from vmlab.run_command import cmd_run as run
     return run(args)
 
@@ -399,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
                           "the backend, vhost on a vsockmon link (needs root and the vsockmon module); "
                           "FILE may be a FIFO, or - for stdout (the report then goes to stderr): "
                           "`vmlab run S --pcap - | wireshark -k -i -`")
-    run.add_argument("--boot-timeout", type=float, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
+    run.add_argument("--boot-timeout", type=_positive_seconds, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
     rep = run.add_argument_group("reproducing (docs/reproducing.md)")
     rep.add_argument("--seed", type=int, default=None, metavar="N",
                      help="seed of every random fault decision (default: a random one, printed); "

@@ -15,6 +15,8 @@ import threading
 from pathlib import Path
 from typing import IO, Sequence
 
+from vmlab.runtime import open_private
+
 PR_SET_PDEATHSIG = 1
 
 _spawn_lock = threading.Lock()
@@ -39,7 +41,7 @@ def spawn(argv: Sequence[str], log_path: Path, *, stdout: int | IO | None = None
     thread (the main thread): the lab boots VMs in parallel but forks them all from one thread.
     """
     parent = os.getpid()
-    with _spawn_lock, open(log_path, "ab") as log:
+    with _spawn_lock, open_private(log_path, "ab") as log:
         return subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,

@@ -14,6 +14,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 STATE_FILE = "lab.json"
+_PRIVATE = os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def open_private(path: str | Path, mode: str = "ab", buffering: int = -1):
+    """Open a log/state file for writing, created 0600, never through a symlink (ELOOP): a
+    link planted in the runtime dir must not make vmlab write someone else's file.
+    mode: "ab"/"a" append, "wb"/"w" truncate."""
+    flags = _PRIVATE | os.O_WRONLY | (os.O_APPEND if mode.startswith("a") else os.O_TRUNC)
+    fd = os.open(path, flags, 0o600)
+    try:
+        return os.fdopen(fd, mode, buffering)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def runtime_base() -> Path:
@@ -49,7 +63,8 @@ class RuntimeDir:
     def write_state(self, state: dict) -> None:
         """Describe the running lab for `vmlab console` / `vmlab ls` in another terminal."""
         tmp = self.path / (STATE_FILE + ".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
+        with open_private(tmp, "w") as f:
+            f.write(json.dumps(state, indent=2))
         tmp.replace(self.path / STATE_FILE)
 
     def remove(self) -> None:

@@ -90,6 +90,10 @@ class StepRunner:
             ok, detail = False, str(exc)
         except Exception as exc:  # noqa: BLE001 - a broken step is a failed step, with its reason
             ok, detail = False, f"{type(exc).__name__}: {exc}"
+        backend = getattr(self.lab, "backend", None)
+        death = backend.death() if backend is not None else None
+        if death is not None:       # whatever the step saw, this is the reason: say it
+            ok, detail = False, death + (f" ({detail})" if detail else "")
         return StepResult(step.name, step.action, ok, time.monotonic() - started, detail, where)
 
     def _check_kernels(self) -> None:

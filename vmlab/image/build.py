@@ -136,38 +136,77 @@ def _base_path(root: Path, key: str) -> Path:
     return root / "images" / key[:24] / "initrd.img"
 
 
+def _cached_base_problem(out: Path, key: str) -> str | None:
+    """Why a cached base archive must not be used (None: it is intact). The manifest records
+    the archive's sha256; an entry without one (older vmlab) is checked as gzip instead."""
+    if not out.is_file():
+        return "missing"
+    try:
+        manifest = json.loads(out.with_name("manifest.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"unreadable manifest ({exc})"
+    if not isinstance(manifest, dict) or manifest.get("key") != key:
+        return "manifest is for another key"
+    want = manifest.get("sha256")
+    if want is None:
+        try:
+            gzip.decompress(out.read_bytes())
+        except (OSError, EOFError, ValueError) as exc:
+            return f"not a complete gzip archive ({exc})"
+        return None
+    if file_sha256(out) != want:
+        return "sha256 does not match its manifest (truncated or modified)"
+    return None
+
+
 def _build_base(inp: _Inputs, root: Path, rep: Reporter, force: bool = False) -> Path:
     """Build under the key's lock; files are replaced by rename, never deleted first, so a
-    QEMU about to open the previous initrd (force=True) still finds a complete file."""
+    QEMU about to open the previous initrd (force=True) still finds a complete file. A cached
+    entry is used only if it is intact; a corrupt one is rebuilt."""
     out = _base_path(root, inp.key)
     with locked(root, f"image-{inp.key[:24]}"):
-        if out.is_file() and not force:
-            return out
+        if not force:
+            problem = _cached_base_problem(out, inp.key)
+            if problem is None:
+                return out
+            if problem != "missing":
+                rep.note(f"cached image {out} is corrupt: {problem}; rebuilding", style="yellow")
         with rep.step("compiling vmlab-guest"):
             helper = build_guest_helper(root)
         with rep.step(f"building initramfs for {inp.ksrc.version}"):
             blob = gzip_bytes(write_cpio(_base_entries(inp, helper)))
+            atomic_write(out, blob)
             atomic_write(out.with_name("manifest.json"), json.dumps({
                 "key": inp.key, "kernel": str(inp.ksrc.vmlinuz), "kernel_version": inp.ksrc.version,
                 "origin": inp.ksrc.origin, "modules": inp.plan.groups,
-                "busybox": str(inp.busybox)}, indent=1).encode() + b"\n")
-            atomic_write(out, blob)
+                "busybox": str(inp.busybox), "sha256": hashlib.sha256(blob).hexdigest()},
+                indent=1).encode() + b"\n")
     return out
 
 
 # ------------------------------------------------------------------ user files
 
 def _walk(guest: str, host: Path) -> list[Entry]:
+    """Entries for a host file or directory tree. Only regular files and directories: a FIFO
+    or device would block or never end. A file that vanishes meanwhile is an ImageError."""
     host = Path(host)
-    if not host.exists():
-        raise ImageError(f"extra file {host} (for {guest}) does not exist")
-    st = host.stat()
-    if stat.S_ISDIR(st.st_mode):
-        out = [Entry.dir(guest, stat.S_IMODE(st.st_mode))]
-        for child in sorted(host.iterdir()):
-            out += _walk(f"{guest.rstrip('/')}/{child.name}", child)
-        return out
-    return [Entry.file(guest, host.read_bytes(), stat.S_IMODE(st.st_mode))]
+    try:
+        st = host.stat()
+        if stat.S_ISDIR(st.st_mode):
+            out = [Entry.dir(guest, stat.S_IMODE(st.st_mode))]
+            for child in sorted(host.iterdir()):
+                out += _walk(f"{guest.rstrip('/')}/{child.name}", child)
+            return out
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageError(f"extra file {host} (for {guest}) is not a regular file or "
+                             "directory")
+        with open(host, "rb") as f:
+            return [Entry.file(guest, f.read(), stat.S_IMODE(st.st_mode))]
+    except FileNotFoundError:
+        raise ImageError(f"extra file {host} (for {guest}) does not exist (any more)") from None
+    except OSError as exc:
+        raise ImageError(f"extra file {host} (for {guest}) cannot be read: "
+                         f"{exc.strerror or exc}") from None
 
 
 def extra_archive(extra_files: Mapping[str, Path | str]) -> tuple[str, bytes]:
@@ -186,10 +225,21 @@ def _with_extras(base: Path, key: str, extra_files: Mapping[str, Path | str], ro
                  force: bool = False) -> Path:
     ekey, blob = extra_archive(extra_files)
     out = base.with_name(f"initrd-{ekey[:16]}.img")
-    if out.is_file() and not force:
+
+    def intact() -> bool:           # exactly the current base followed by this archive
+        try:
+            size = out.stat().st_size
+            if size != base.stat().st_size + len(blob):
+                return False
+            with open(out, "rb") as f:
+                f.seek(size - len(blob))
+                return f.read() == blob
+        except OSError:
+            return False
+    if not force and intact():
         return out
     with locked(root, f"extra-{key[:16]}-{ekey[:16]}"):
-        if force or not out.is_file():
+        if force or not intact():
             atomic_write(out, base.read_bytes() + blob)
     return out
 

@@ -14,6 +14,7 @@ from vmlab import proc
 from vmlab.qemu.argv import VmConfig, build_argv, format_argv
 from vmlab.qemu.console import Console
 from vmlab.qemu.qmp import Qmp, QmpFailure
+from vmlab.runtime import open_private
 
 log = logging.getLogger("vmlab.machine")
 
@@ -50,7 +51,7 @@ class Machine:
 
     def launch(self) -> None:
         """Fork QEMU and connect console and QMP (QEMU waits for the console before booting)."""
-        with open(self.qemu_log, "a") as f:
+        with open_private(self.qemu_log, "a") as f:
             f.write(f"# {format_argv(self.argv)}\n")
         try:
             self._proc = proc.spawn(self.argv, self.qemu_log)

@@ -18,6 +18,8 @@ from typing import Any, Callable, Mapping
 
 from qemu.qmp import ConnectError, ExecuteError, QMPClient, QMPError
 
+from vmlab.runtime import open_private
+
 log = logging.getLogger("vmlab.qmp")
 
 
@@ -38,7 +40,7 @@ class Qmp:
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"qmp-{name}", daemon=True)
         self._client: QMPClient | None = None
         self._event_task: asyncio.Future | None = None
-        self._logfile = open(log_path, "a", buffering=1)
+        self._logfile = open_private(log_path, "a", buffering=1)
         self._thread.start()
 
     # -- plumbing -------------------------------------------------------------------------

@@ -79,14 +79,19 @@ def _syntax_error(exc: yaml.YAMLError, text: str) -> YamlSyntaxError:
     return YamlSyntaxError(1, 1, f"YAML syntax error: {exc}")
 
 
+MAX_EXPANDED = 100_000   # values a document may expand to through aliases (no "billion laughs")
+
+
 class _Builder:
-    """Walks composed yaml nodes into `Node`s; shares converted aliases and refuses recursion."""
+    """Walks composed yaml nodes into `Node`s; shares converted aliases and refuses recursion
+    and alias bombs (a few lines whose aliases expand to billions of values)."""
 
     def __init__(self, loader: yaml.SafeLoader) -> None:
         self.loader = loader
         self.issues: list[YamlIssue] = []
         self.done: dict[int, Node] = {}
         self.active: set[int] = set()
+        self.sizes: dict[int, int] = {}         # id(Node) -> values it expands to
 
     def issue(self, ynode: yaml.Node, message: str) -> None:
         line, col = _mark(ynode.start_mark)
@@ -112,6 +117,16 @@ class _Builder:
                 node = Node(SCALAR, self._scalar(ynode), line, col)
         finally:
             self.active.discard(key)
+        if node.kind == SEQ:
+            size = 1 + sum(self.sizes.get(id(v), 1) for v in node.value)
+        elif node.kind == MAP:
+            size = 1 + sum(self.sizes.get(id(v), 1) for v in node.value.values())
+        else:
+            size = 1
+        if size > MAX_EXPANDED:                 # fatal: nothing after it would be readable
+            raise YamlSyntaxError(line, col, f"YAML aliases expand this value to more than "
+                                  f"{MAX_EXPANDED} values (an alias bomb?)")
+        self.sizes[id(node)] = size
         self.done[key] = node
         return node
 

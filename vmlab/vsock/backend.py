@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmlab.runtime import open_private
 from vmlab.vsock.connection import CLOSE_TIMEOUT, DEFAULT_BUF_ALLOC
 from vmlab.vsock.control import ControlServer
 from vmlab.vsock.hybrid import Hybrid
@@ -302,7 +303,8 @@ def _setup_logging(cfg: BackendConfig) -> None:
     root = logging.getLogger()
     root.handlers.clear()
     handler: logging.Handler
-    handler = logging.FileHandler(cfg.log) if cfg.log else logging.StreamHandler(sys.stderr)
+    handler = (logging.StreamHandler(open_private(cfg.log, "a", buffering=1)) if cfg.log
+               else logging.StreamHandler(sys.stderr))
     handler.setFormatter(logging.Formatter(
         "%(asctime)s.%(msecs)03d %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
     root.addHandler(handler)

@@ -13,6 +13,8 @@ import os
 import socket
 from typing import Any, Callable
 
+from vmlab.vsock.unixsock import listen_unix
+
 log = logging.getLogger(__name__)
 
 MAX_REQUEST = 64 * 1024
@@ -28,13 +30,7 @@ class ControlServer:
         self.clients: dict[socket.socket, bytearray] = {}
 
     def start(self) -> None:
-        if os.path.exists(self.path):
-            os.unlink(self.path)
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK
-                          | socket.SOCK_CLOEXEC)
-        s.bind(self.path)
-        os.chmod(self.path, 0o600)
-        s.listen(16)
+        s = listen_unix(self.path, backlog=16)     # 0600, leftover socket replaced, no symlink
         self.sock = s
         self.loop.add_reader(s.fileno(), self._accept)
 

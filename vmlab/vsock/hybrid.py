@@ -21,6 +21,8 @@ import os
 import re
 import socket
 import struct
+import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,7 +38,9 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_LINE = 64                       # "CONNECT 4294967295\n" is 19 bytes
-HANDSHAKE_TIMEOUT = 10.0
+HANDSHAKE_TIMEOUT = 10.0            # a host client must send its CONNECT line within this
+MAX_HANDSHAKES_PER_VM = 128         # host clients that have not sent CONNECT yet, per VM
+MAX_CONNS_PER_VM = 4096             # host-terminated connections per VM (each has a Unix socket)
 GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
 _CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})(?: ([0-9]{1,10}))?\r?\n?")
 PREAMBLE = struct.Struct("<4sIII")  # magic, peer (guest) cid, peer port, local (host) port
@@ -47,6 +51,17 @@ def host_listener_name(host_ns: str, port: int) -> str:
     """The abstract Unix address of a lab-wide host listener on vsock port `port`."""
     return f"\0{host_ns}:{port}"
 _FIRST_HOST_PORT = 1 << 30          # ephemeral host ports for host-initiated connections
+
+
+def _is_plain_socket(path: str) -> bool:
+    """A socket file itself (lstat): a symlink in the run dir is never followed."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return False
+    if stat.S_ISLNK(mode):
+        log.warning("%s is a symlink: not following it (guest connect refused)", path)
+    return stat.S_ISSOCK(mode)
 
 
 def seqpacket_path(uds_path: str) -> str:
@@ -74,13 +89,21 @@ class Hybrid:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, router: "Router", *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC, close_timeout: float = CLOSE_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT, host_ns: str | None = None) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, host_ns: str | None = None,
+                 handshake_timeout: float = HANDSHAKE_TIMEOUT,
+                 max_conns_per_vm: int = MAX_CONNS_PER_VM,
+                 max_handshakes_per_vm: int = MAX_HANDSHAKES_PER_VM) -> None:
         self.loop = loop
         self.host_ns = host_ns
         self.router = router
         self.buf_alloc = buf_alloc
         self.close_timeout = close_timeout
         self.connect_timeout = connect_timeout
+        self.handshake_timeout = handshake_timeout
+        self.max_conns_per_vm = max_conns_per_vm
+        self.max_handshakes_per_vm = max_handshakes_per_vm
+        self.conns_per_vm: Counter[str] = Counter()
+        self.handshakes_per_vm: Counter[str] = Counter()
         self.vms: dict[str, HybridVm] = {}
         self.conns: dict[ConnKey, Connection] = {}
         self.lingering: set[Connection] = set()
@@ -134,17 +157,25 @@ class Hybrid:
             except OSError as e:
                 log.warning("%s: accept failed: %s", vm.name, e)
                 return
+            if self.handshakes_per_vm[vm.name] >= self.max_handshakes_per_vm:
+                self.stats["handshake_overflow"] += 1     # silent clients: refuse, don't hoard fds
+                log.warning("%s: %d host clients have not sent CONNECT: refusing another",
+                            vm.name, self.handshakes_per_vm[vm.name])
+                s.close()
+                continue
             s.setblocking(False)
             hs = _Handshake(vm, s, typ)
-            hs.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._drop_handshake, hs,
+            hs.timer = self.loop.call_later(self.handshake_timeout, self._drop_handshake, hs,
                                             "handshake timeout")
             self.handshakes.add(hs)
+            self.handshakes_per_vm[vm.name] += 1
             self.loop.add_reader(s.fileno(), self._on_handshake, hs)
 
     def _drop_handshake(self, hs: _Handshake, why: str, close: bool = True) -> None:
         if hs not in self.handshakes:
             return
         self.handshakes.discard(hs)
+        self.handshakes_per_vm[hs.vm.name] -= 1
         if hs.timer is not None:
             hs.timer.cancel()
         try:
@@ -183,6 +214,12 @@ class Hybrid:
         self._drop_handshake(hs, "", close=False)
         port = int(m.group(1))
         vm = hs.vm
+        if self.conns_per_vm[vm.name] >= self.max_conns_per_vm:
+            self.stats["conn_limit"] += 1
+            log.warning("%s: %d connections: host connect refused (limit)", vm.name,
+                        self.conns_per_vm[vm.name])
+            hs.sock.close()
+            return
         hport = int(m.group(2)) if m.group(2) is not None else None
         if hport is None or (VMADDR_CID_HOST, hport, vm.cid, port) in self.conns:
             hport = self._alloc_port(vm.cid, port)
@@ -211,6 +248,7 @@ class Hybrid:
         conn.credit.buf_alloc = self.buf_alloc
         conn.on_close = self._on_conn_destroyed
         self.conns[key] = conn
+        self.conns_per_vm[vm.name] += 1
         return conn
 
     # --- guest -> host --------------------------------------------------------------------
@@ -237,12 +275,20 @@ class Hybrid:
         vm = self.vms.get(vm_name)
         if vm is None:
             return
+        if self.conns_per_vm[vm_name] >= self.max_conns_per_vm:
+            self.stats["conn_limit"] += 1        # a guest flooding connections gets RST
+            log.warning("%s: %d connections: guest connect refused (limit)", vm_name,
+                        self.conns_per_vm[vm_name])
+            self._refuse(vm_name, hdr)
+            return
         kind = socket.SOCK_SEQPACKET if hdr.type == Type.SEQPACKET else socket.SOCK_STREAM
         targets = [f"{vm.uds_path}_{hdr.dst_port}"]
         if self.host_ns:
             targets.append(host_listener_name(self.host_ns, hdr.dst_port))
         s = None
         for path in targets:
+            if not path.startswith("\0") and not _is_plain_socket(path):
+                continue                        # nothing there, or planted: never follow it
             s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 s.connect(path)
@@ -292,6 +338,7 @@ class Hybrid:
     def release(self, conn: Connection) -> None:
         if self.conns.get(conn.key) is conn:
             del self.conns[conn.key]
+            self.conns_per_vm[conn.vm] -= 1
         self.router.forget(conn.vm, conn)
         if conn.lingering or conn.out_bytes:
             self.lingering.add(conn)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vmlab import proc as children
+from vmlab.runtime import open_private
 
 
 class BackendError(RuntimeError):
@@ -41,6 +42,7 @@ class BackendProcess:
         self.config_path = self.run_dir / "backend.json"
         self.proc: subprocess.Popen[bytes] | None = None
         self.command_prefix: list[str] = []   # benchmarks: e.g. valgrind --tool=callgrind
+        self._stopping = False
 
     @property
     def pid(self) -> int | None:
@@ -48,6 +50,16 @@ class BackendProcess:
 
     def running(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
+
+    def death(self) -> str | None:
+        """Why the started backend is gone (None while it runs, or if it was never started or
+        stopped by us): every VM it served has lost its vsock device."""
+        p = self.proc
+        if p is None or self._stopping or p.poll() is None:
+            return None
+        rc = p.returncode
+        how = f"killed by {signal.Signals(-rc).name}" if rc < 0 else f"exited with status {rc}"
+        return f"the vsock backend (pid {p.pid}) died: {how}; see {self.log_path}"
 
     def start(self, timeout: float = 10) -> None:
         """Spawn the backend and wait for its READY line; raise BackendError with the log tail."""
@@ -59,7 +71,8 @@ class BackendProcess:
         if self.proc is not None:
             raise BackendError("backend already started")
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.config_path.write_text(json.dumps(self.config, indent=2))
+        with open_private(self.config_path, "w") as f:        # never through a planted link
+            f.write(json.dumps(self.config, indent=2))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         pkg_root = str(Path(__file__).resolve().parents[2])
@@ -109,6 +122,7 @@ class BackendProcess:
         p = self.proc
         if p is None:
             return
+        self._stopping = True
         if p.poll() is None:
             p.send_signal(signal.SIGTERM)
             try:

@@ -42,8 +42,11 @@ def is_stale_socket(path: str) -> bool:
 
 def listen_unix(path: str, kind: int = socket.SOCK_STREAM, backlog: int = 128,
                 replace: Callable[[str], bool] = is_socket_file) -> socket.socket:
-    """A non-blocking, close-on-exec listening socket at `path`; a leftover file at `path` is
-    removed first when `replace(path)` says so."""
+    """A non-blocking, close-on-exec listening socket at `path`, mode 0600; a leftover file at
+    `path` is removed first when `replace(path)` says so. A symlink there is refused: someone
+    planted it (bind never follows one, but nothing here should look as if it did)."""
+    if os.path.islink(path):
+        raise OSError(errno.ELOOP, f"refusing to listen at {path}: it is a symlink")
     if replace(path):
         try:
             os.unlink(path)
@@ -52,6 +55,7 @@ def listen_unix(path: str, kind: int = socket.SOCK_STREAM, backlog: int = 128,
     s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
     try:
         s.bind(path)
+        os.chmod(path, 0o600)               # only our user (QEMU, tests) may connect
         s.listen(backlog)
     except OSError:
         s.close()

@@ -261,6 +261,15 @@ class MessageReader:
 
     def read(self, max_messages: int = 64) -> list[Message]:
         out: list[Message] = []
+        try:
+            self._read_into(out, max_messages)
+        except BaseException:
+            for msg in out:             # complete messages before the bad one: their fds too
+                close_fds(msg.fds)
+            raise
+        return out
+
+    def _read_into(self, out: list[Message], max_messages: int) -> None:
         while len(out) < max_messages and not self.eof:
             try:
                 data, anc, msg_flags, _ = self.sock.recvmsg(
@@ -291,7 +300,6 @@ class MessageReader:
             self._buf.clear()
             self._header = None
             self._want = HEADER.size
-        return out
 
     def _take_fds(self, anc: list[tuple[int, int, bytes]]) -> None:
         for level, kind, data in anc:

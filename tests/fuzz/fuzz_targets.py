@@ -1,0 +1,952 @@
+"""Fuzz targets for the guest-facing parsers, shared by tests/fuzz/test_fuzz.py (CI: bounded,
+fixed seed) and benchmarks/fuzz.py (>= 100,000 cases, prints count and time).
+
+Each target is a plain function taking hypothesis-drawn data; it raises AssertionError (or any
+unexpected exception) when a property breaks:
+
+* virtqueue: a chain is popped exactly when a reference walker of the virtio rules accepts it,
+  and then its views hold exactly the bytes at the guest-physical ranges the descriptors name
+  (so nothing outside the mapped regions is ever reached); everything else is VirtqueueError.
+* vhost_user: no exception but ProtocolError handling escapes the session, whatever the
+  frontend sends (any request, flags, size, fd count, memory table); no fd is leaked.
+* device: a real VsockDevice with a correct setup gets garbage rings and kicks; nothing escapes,
+  a broken device is marked broken and the router told, the other VM's device goes on.
+* router: arbitrary packets (every op/type/flag, spoofed CIDs, len vs buffer, unknown ports)
+  leave the router without errors, and its accounting (queued bytes, control queue, credit)
+  never goes negative or past its limits.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import os
+import random
+import socket
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass
+
+from hypothesis import strategies as st
+
+from vmlab.vsock import vhost_user as vu
+from vmlab.vsock.device import VsockDevice
+from vmlab.vsock.hybrid import Hybrid
+from vmlab.vsock.memory import GuestMemory, RegionSpec
+from vmlab.vsock.packet import HEADER, Header, Op, Type
+from vmlab.vsock.router import MAX_CONTROL_QUEUE, MAX_RELAY_BYTES, Router
+from vmlab.vsock.virtqueue import (DEFAULT_MAX_CHAIN_BYTES, VRING_DESC_F_INDIRECT,
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Virtqueue,
+                                   VirtqueueError)
+
+KiB = 1 << 10
+U64_MAX = (1 << 64) - 1
+U32_MAX = (1 << 32) - 1
+
+
+# --- errors logged by the backend count as escaped exceptions ----------------------------
+class ErrorLog(logging.Handler):
+    """Collects ERROR records of vmlab.vsock: a log.exception() is an exception we caught."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.ERROR)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+
+    def check(self) -> None:
+        if self.records:
+            r = self.records[0]
+            raise AssertionError(f"backend logged an error: {r.getMessage()}\n"
+                                 f"{logging.Formatter().formatException(r.exc_info) if r.exc_info else ''}")
+
+
+ERRORS = ErrorLog()
+OUTCOMES: Counter[str] = Counter()          # what the cases reached (printed by benchmarks/fuzz.py)
+logging.getLogger("vmlab.vsock").addHandler(ERRORS)
+
+
+def open_fds() -> set[str]:
+    return set(os.listdir("/proc/self/fd"))
+
+
+def check_loop_exceptions(loop: asyncio.AbstractEventLoop) -> list:
+    seen: list = []
+    loop.set_exception_handler(lambda _loop, ctx: seen.append(ctx))
+    return seen
+
+
+# --- hypothesis draws bytes; a provider turns them into structure -------------------------
+class P:
+    """Decodes a case from bytes (as atheris' FuzzedDataProvider). Hypothesis draws a short head
+    (the first, most structural decisions: it mutates and shrinks those) and a seed; the rest
+    comes from a PRNG with that seed. Per-byte hypothesis draws would cost ~20 ms a case."""
+
+    def __init__(self, head: bytes, seed: int = 0) -> None:
+        self.data = head
+        self.pos = 0
+        self.rng = random.Random(seed)
+
+    def raw(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += n
+        if len(out) < n:
+            out += self.rng.randbytes(n - len(out))
+        return out
+
+    def int(self, lo: int, hi: int) -> int:
+        span = hi - lo
+        if span <= 0:
+            return lo
+        return lo + int.from_bytes(self.raw((span.bit_length() + 7) // 8), "little") % (span + 1)
+
+    def bool(self) -> bool:
+        return bool(self.raw(1)[0] & 1)
+
+    def pick(self, seq):
+        return seq[self.int(0, len(seq) - 1)]
+
+    def mix(self, edges, lo: int, hi: int) -> int:
+        """An interesting value half of the time, else anything in [lo, hi]."""
+        return self.pick(edges) if self.raw(1)[0] < 128 else self.int(lo, hi)
+
+    def bytes(self, max_len: int) -> bytes:
+        return self.raw(self.int(0, max_len))
+
+    def list(self, max_len: int, fn, min_len: int = 0) -> list:
+        return [fn() for _ in range(self.int(min_len, max_len))]
+
+
+def cases(gen) -> st.SearchStrategy[dict]:
+    return st.tuples(st.binary(max_size=48), st.integers(0, U32_MAX)).map(
+        lambda t: gen(P(t[0], t[1])))
+
+
+# ==========================================================================================
+# 1. split virtqueue walker against the in-memory guest memory model
+# ==========================================================================================
+RAM = 128 * KiB
+GPA0 = 0x100000
+UVA0 = 0x7F0000000000
+DESC, AVAIL, USED, DATA = 0x0, 0x2000, 0x4000, 0x8000   # offsets in region 0 (rings fit 512)
+
+
+@dataclass
+class Layout:
+    """Two 128 KiB regions of one memfd: adjacent in guest-physical space or with a gap."""
+
+    gap: int
+
+    @property
+    def gpa1(self) -> int:
+        return GPA0 + RAM + self.gap
+
+    def regions(self) -> list[RegionSpec]:
+        return [RegionSpec(GPA0, RAM, UVA0, 0), RegionSpec(self.gpa1, RAM, UVA0 + RAM, RAM)]
+
+    def raw_off(self, gpa: int) -> int | None:
+        """Offset in the memfd of guest-physical gpa, None outside both regions."""
+        if GPA0 <= gpa < GPA0 + RAM:
+            return gpa - GPA0
+        if self.gpa1 <= gpa < self.gpa1 + RAM:
+            return RAM + gpa - self.gpa1
+        return None
+
+    def inside(self, gpa: int, length: int, split_ok: bool) -> bool:
+        """[gpa, gpa+length) is guest memory (crossing into an adjacent region if split_ok)."""
+        if length == 0:
+            return True
+        for start, end in ((GPA0, GPA0 + RAM), (self.gpa1, self.gpa1 + RAM)):
+            if start <= gpa and gpa + length <= end:
+                return True
+        if split_ok and self.gap == 0:
+            return GPA0 <= gpa and gpa + length <= self.gpa1 + RAM
+        return False
+
+
+def _addr(p: P, gap: int) -> int:
+    gpa1 = GPA0 + RAM + gap
+    edges = [0, GPA0 - 1, GPA0, GPA0 + DATA, GPA0 + RAM - 44, GPA0 + RAM - 1, GPA0 + RAM,
+             gpa1 - 16, gpa1, gpa1 + RAM - 64, gpa1 + RAM - 1, gpa1 + RAM, U64_MAX, U64_MAX - 15,
+             1 << 63]
+    k = p.int(0, 3)
+    if k == 0:
+        return p.pick(edges)
+    if k == 1:
+        return p.int(GPA0 + DATA, GPA0 + RAM - 1)
+    if k == 2:
+        return p.int(gpa1, gpa1 + RAM - 1)
+    return p.int(0, U64_MAX)
+
+
+_LEN_EDGES = [0, 1, 15, 16, 32, 44, 48, 64, 4096, 4140, RAM, RAM + 1, U32_MAX, 16 * 129]
+
+
+def _length(p: P) -> int:
+    return p.mix(_LEN_EDGES, 0, 2 * RAM) if p.bool() else p.int(0, U32_MAX)
+
+
+def _flags(p: P) -> int:
+    return p.mix([0, 1, 2, 3, 4, 5, 6, 7], 0, 0xFFFF)
+
+
+def virtqueue_case(p: P) -> dict:
+    gap = p.pick([0, 0, 0x10000, 1 << 32])
+    size = p.pick([1, 2, 4, 8, 16, 128, 256])
+    # descriptors as a pool of likely-valid and random ones; tables may point at each other
+    ndesc = p.int(1, min(size, 24))
+    plausible = p.raw(1)[0] < 160           # most cases: chains a driver could write
+    descs = []
+    for i in range(ndesc):
+        if plausible and p.raw(1)[0] < 220:
+            descs.append((GPA0 + DATA + p.int(0, 0x4000), p.pick([0, 1, 16, 44, 100, 4096]),
+                          p.pick([0, 1, 2, 3, 3, 1, 4]), (i + 1) % size if p.bool()
+                          else p.int(0, size)))
+        else:
+            descs.append((_addr(p, gap), _length(p), _flags(p),
+                          p.int(0, size + 1) if p.bool() else p.int(0, 0xFFFF)))
+    # one indirect table (in region 0 after DATA) the descriptors may point to
+    ind = p.list(18, lambda: (_addr(p, gap), _length(p), _flags(p), p.int(0, 20)))
+    heads = p.list(min(size, 16), lambda: p.int(0, ndesc) if p.raw(1)[0] < 220
+                   else p.int(0, 0xFFFF))
+    start = p.mix([0, 0xFFFF, 0xFFFE, 0xFFF0, 0x8000], 0, 0xFFFF)
+    # avail idx: usually start+len(heads), sometimes a jump past the queue size
+    avail_idx = (start + len(heads)) & 0xFFFF if p.raw(1)[0] < 200 else p.int(0, 0xFFFF)
+    return dict(gap=gap, size=size, descs=descs, ind=ind, heads=heads, start=start,
+                avail_idx=avail_idx, event_idx=p.bool(), indirect=p.bool(),
+                notify_on_empty=p.bool(), used_event=p.int(0, 0xFFFF),
+                avail_flags=p.int(0, 0xFFFF), used_idx=p.mix([0], 0, 0xFFFF),
+                written=p.list(4, lambda: p.int(0, U32_MAX)),
+                ind_at=p.pick([GPA0 + DATA + 0x800, GPA0 + RAM - 64, GPA0 + RAM - 8]))
+
+
+def ref_walk(layout: Layout, raw: bytes, size: int, indirect: bool, head: int):
+    """The virtio rules, written independently of virtqueue.py: a list of (gpa, len, writable)
+    or the string 'error'."""
+    if head >= size:
+        return "error"
+
+    def desc_at(table_off: int, i: int):
+        return struct.unpack_from("<QIHH", raw, table_off + 16 * i)
+
+    table_off, limit, i, count, nested, seen_w = DESC, size, head, 0, False, False
+    total, out = 0, []
+    while True:
+        count += 1
+        if count > limit:
+            return "error"
+        addr, length, flags, nxt = desc_at(table_off, i)
+        if flags & VRING_DESC_F_INDIRECT:
+            if not indirect or nested or flags & VRING_DESC_F_NEXT:
+                return "error"
+            if length == 0 or length % 16 or length // 16 > size:
+                return "error"
+            if not layout.inside(addr, length, split_ok=False):
+                return "error"
+            table_off, limit, i, count, nested = layout.raw_off(addr), length // 16, 0, 0, True
+            continue
+        writable = bool(flags & VRING_DESC_F_WRITE)
+        if not writable and seen_w:
+            return "error"
+        seen_w = seen_w or writable
+        if length:
+            if length > 64 << 20 or not layout.inside(addr, length, split_ok=True):
+                return "error"
+            out.append((addr, length, writable))
+            total += length
+        if total > DEFAULT_MAX_CHAIN_BYTES:
+            return "error"
+        if not flags & VRING_DESC_F_NEXT:
+            return out
+        i = nxt
+        if i >= limit:
+            return "error"
+
+
+def _bytes_at(layout: Layout, raw: bytes, gpa: int, length: int) -> bytes:
+    out = b""
+    while length:
+        off = layout.raw_off(gpa)
+        region_end = RAM if off < RAM else 2 * RAM
+        k = min(length, region_end - off)
+        out += raw[off:off + k]
+        gpa += k
+        length -= k
+    return out
+
+
+class VqGuest:
+    """One memfd with two regions and a Virtqueue over it."""
+
+    def __init__(self, gap: int) -> None:
+        self.layout = Layout(gap)
+        self.fd = os.memfd_create("fuzz-vq")
+        os.ftruncate(self.fd, 2 * RAM)
+        self.raw = mmap.mmap(self.fd, 2 * RAM)
+        self.mem = GuestMemory()
+        self.mem.map(self.layout.regions(), [os.dup(self.fd), os.dup(self.fd)])
+
+    def close(self) -> None:
+        self.mem.close()
+        self.raw.close()
+        os.close(self.fd)
+
+
+def fuzz_virtqueue(case: dict) -> None:
+    g = VqGuest(case["gap"])
+    call = os.eventfd(0, os.EFD_NONBLOCK)
+    vq = None
+    try:
+        size, raw, layout = case["size"], g.raw, g.layout
+        for i, (a, ln, fl, nx) in enumerate(case["descs"]):
+            struct.pack_into("<QIHH", raw, DESC + 16 * i, a, ln, fl, nx)
+        ind_off = layout.raw_off(case["ind_at"])
+        for i, (a, ln, fl, nx) in enumerate(case["ind"]):
+            if ind_off + 16 * (i + 1) <= RAM:
+                struct.pack_into("<QIHH", raw, ind_off + 16 * i, a, ln, fl, nx)
+        # make the first descriptor, if indirect, point at the table (often a valid one)
+        if case["descs"] and case["descs"][0][2] & VRING_DESC_F_INDIRECT:
+            n = max(1, len(case["ind"]))
+            struct.pack_into("<QIHH", raw, DESC, case["ind_at"], 16 * n,
+                             case["descs"][0][2] & 0xFFFF, 0)
+        start = case["start"]
+        for k, head in enumerate(case["heads"]):
+            struct.pack_into("<H", raw, AVAIL + 4 + 2 * ((start + k) % size), head)
+        struct.pack_into("<HH", raw, AVAIL, case["avail_flags"], case["avail_idx"])
+        struct.pack_into("<H", raw, AVAIL + 4 + 2 * size, case["used_event"])
+        struct.pack_into("<H", raw, USED + 2, case["used_idx"])
+        vq = Virtqueue(g.mem, size, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
+                       event_idx=case["event_idx"], indirect=case["indirect"],
+                       notify_on_empty=case["notify_on_empty"], next_avail=start, call_fd=call)
+        snapshot = bytes(raw)
+        jump = ((case["avail_idx"] - start) & 0xFFFF) > size
+        popped = 0
+        for k in range(len(case["heads"]) + 1):
+            slot_head = struct.unpack_from("<H", snapshot, AVAIL + 4 + 2 * ((start + k) % size))[0]
+            expect_more = not jump and k < ((case["avail_idx"] - start) & 0xFFFF)
+            try:
+                chain = vq.pop()
+            except VirtqueueError:
+                OUTCOMES["virtqueue: refused"] += 1
+                assert jump or ref_walk(layout, snapshot, size, case["indirect"], slot_head) \
+                    == "error", "walker refused a chain the virtio rules allow"
+                break
+            if chain is None:
+                assert not expect_more, "no chain although the avail idx says there is one"
+                break
+            assert not jump, "avail idx jump past the queue size not refused"
+            assert expect_more, "chain popped beyond the avail idx"
+            ref = ref_walk(layout, snapshot, size, case["indirect"], slot_head)
+            assert ref != "error", f"walker accepted a chain the rules forbid (head {slot_head})"
+            # contents as memory is now: a guest buffer may overlap the used ring we wrote
+            mem_now = bytes(raw)
+            want_r = b"".join(_bytes_at(layout, mem_now, a, n) for a, n, w in ref if not w)
+            want_w = b"".join(_bytes_at(layout, mem_now, a, n) for a, n, w in ref if w)
+            assert chain.read_len == len(want_r) and chain.write_len == len(want_w)
+            assert b"".join(bytes(v) for v in chain.readable) == want_r
+            assert b"".join(bytes(v) for v in chain.writable) == want_w
+            OUTCOMES["virtqueue: chain popped"] += 1
+            vq.push(chain.head, case["written"][k % len(case["written"])]
+                    if case["written"] else 0)
+            chain.release()
+            popped += 1
+            if k % 3 == 2:
+                try:
+                    vq.flush()
+                except VirtqueueError:
+                    assert case["notify_on_empty"] and not case["event_idx"]
+        try:                     # both may read a (bad) avail idx: VirtqueueError is fine
+            vq.enable_notification()
+        except VirtqueueError:
+            pass
+        try:
+            vq.flush()
+        except VirtqueueError:
+            pass
+        used_idx = struct.unpack_from("<H", raw, USED + 2)[0]
+        assert used_idx == (case["used_idx"] + popped) & 0xFFFF
+        # the device wrote nothing outside the used ring (flags, idx, ring, avail_event)
+        used_end = USED + 4 + 8 * size + 2
+        now = bytes(raw)
+        assert now[:USED] == snapshot[:USED] and now[used_end:] == snapshot[used_end:]
+    finally:
+        if vq is not None:
+            vq.release()
+        os.close(call)
+        g.close()
+
+
+# ==========================================================================================
+# 2. vhost-user messages against a real session + VsockDevice
+# ==========================================================================================
+GUEST_RAM = 64 * KiB
+FUZZ_UVA = 0x7F1200000000
+REQUESTS = sorted(vu.REQUEST_NAMES)
+
+
+class _NullHandler:
+    def on_tx_packet(self, dev, header, payload) -> None: ...
+    def on_rx_ready(self, dev) -> None: ...
+    def on_device_reset(self, dev, reason) -> None: ...
+
+
+def _u64(p: P) -> int:
+    return p.mix([0, 1, 2, 3, 0xFF, 0x100, 0x101, 0x102, 0x103, vu.DEVICE_FEATURES, 1 << 63,
+                  U64_MAX], 0, U64_MAX)
+
+
+def _u32(p: P) -> int:
+    return p.mix([0, 1, 2, 3, 128, 256, 32768, 65535, 65536, U32_MAX], 0, U32_MAX)
+
+
+def _uva(p: P) -> int:
+    return p.mix([FUZZ_UVA, FUZZ_UVA + 0x1000, FUZZ_UVA + 1, FUZZ_UVA + GUEST_RAM,
+                  FUZZ_UVA + GUEST_RAM - 16, 0, U64_MAX], 0, U64_MAX)
+
+
+def _region(p: P) -> tuple:
+    return (p.mix([0, 0x1000, GUEST_RAM, GUEST_RAM // 2, U64_MAX - 0xFFF], 0, U64_MAX),
+            p.mix([0, 1, 0x1000, GUEST_RAM, GUEST_RAM * 2, U64_MAX], 0, U64_MAX),
+            _uva(p), p.mix([0, 1, 0x1000, GUEST_RAM, U64_MAX], 0, U64_MAX))
+
+
+FD_KINDS = ["eventfd", "memfd", "small-memfd", "devnull", "pipe"]
+
+
+def vhost_message(p: P) -> tuple:
+    req = p.pick(REQUESTS) if p.raw(1)[0] < 200 else _u32(p)
+    flags = (p.pick([vu.VERSION, vu.VERSION | vu.FLAG_NEED_REPLY]) if p.raw(1)[0] < 230
+             else _u32(p))
+    kind = p.pick(["u64", "state", "addr", "mem", "config", "raw", "empty"])
+    if kind == "u64":
+        payload = struct.pack("<Q", _u64(p))
+    elif kind == "state":
+        payload = struct.pack("<II", p.int(0, 4) if p.bool() else _u32(p), _u32(p))
+    elif kind == "addr":
+        payload = vu.VRING_ADDR.pack(p.int(0, 4) if p.bool() else _u32(p), _u32(p), _uva(p),
+                                     _uva(p), _uva(p), _u64(p))
+    elif kind == "mem":
+        regions = p.list(9, lambda: _region(p))
+        count = len(regions) if p.bool() else _u32(p)
+        payload = struct.pack("<II", count, 0) + b"".join(vu.MEM_REGION.pack(*r) for r in regions)
+    elif kind == "config":
+        payload = vu.CONFIG_HDR.pack(_u32(p), _u32(p), _u32(p)) + p.bytes(300)
+    elif kind == "raw":
+        payload = p.bytes(300)
+    else:
+        payload = b""
+    if p.int(0, 31) == 0:
+        payload = payload[:p.int(0, len(payload))]                 # truncated payload
+    size = len(payload) if p.raw(1)[0] < 245 else p.int(0, 5000)
+    fds = p.list(10, lambda: p.pick(FD_KINDS)) if p.raw(1)[0] < 64 else []
+    return req, flags, size, payload, fds
+
+
+def _valid_setup() -> list:
+    """A correct frontend sequence (rings in GUEST_RAM) the fuzzed messages are spliced into."""
+    f = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 1)
+    out = [(vu.GET_FEATURES, b"", []), (vu.SET_PROTOCOL_FEATURES,
+                                        struct.pack("<Q", 1 << vu.PROTOCOL_F_REPLY_ACK), []),
+           (vu.SET_OWNER, b"", []), (vu.SET_FEATURES, struct.pack("<Q", f), []),
+           (vu.SET_MEM_TABLE, vu.encode_mem_table([RegionSpec(0, GUEST_RAM, FUZZ_UVA, 0)]),
+            ["memfd"])]
+    for q, base in ((0, 0), (1, 0x4000)):
+        out += [(vu.SET_VRING_NUM, struct.pack("<II", q, 16), []),
+                (vu.SET_VRING_BASE, struct.pack("<II", q, 0), []),
+                (vu.SET_VRING_ADDR, vu.VRING_ADDR.pack(q, 0, FUZZ_UVA + base,
+                                                       FUZZ_UVA + base + 0x2000,
+                                                       FUZZ_UVA + base + 0x1000, 0), []),
+                (vu.SET_VRING_KICK, struct.pack("<Q", q), ["eventfd"]),
+                (vu.SET_VRING_CALL, struct.pack("<Q", q), ["eventfd"]),
+                (vu.SET_VRING_ENABLE, struct.pack("<II", q, 1), [])]
+    return out
+
+
+SETUP = _valid_setup()
+
+
+def vhost_session_case(p: P) -> dict:
+    prefix = p.int(0, len(SETUP))
+    return dict(prefix=prefix, msgs=p.list(8, lambda: vhost_message(p), min_len=1),
+                close=p.bool(), kick=p.bool(),
+                garbage=p.bytes(64) if p.raw(1)[0] < 64 else b"")
+
+
+class _Fds:
+    """fds made for one case; the sender's copies are closed after sendmsg."""
+
+    def __init__(self) -> None:
+        self.memfd = os.memfd_create("fuzz-guest")
+        os.ftruncate(self.memfd, GUEST_RAM)
+
+    def make(self, kind: str) -> int:
+        if kind == "eventfd":
+            return os.eventfd(0, os.EFD_NONBLOCK)
+        if kind == "memfd":
+            return os.dup(self.memfd)
+        if kind == "small-memfd":
+            fd = os.memfd_create("fuzz-small")
+            os.ftruncate(fd, 100)
+            return fd
+        if kind == "devnull":
+            return os.open(os.devnull, os.O_RDWR)
+        r, w = os.pipe()
+        os.close(w)
+        return r
+
+    def close(self) -> None:
+        os.close(self.memfd)
+
+
+def _send_raw(sock: socket.socket, data: bytes, fds: list[int]) -> bool:
+    anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))] if fds else []
+    try:
+        sock.sendmsg([data], anc)
+        return True
+    except OSError:
+        return False
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _drain(sock: socket.socket) -> None:
+    while True:
+        try:
+            data, anc, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(64))
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return
+        if not data:
+            return
+
+
+def fuzz_vhost_user(case: dict) -> None:
+    before = open_fds()
+    loop = asyncio.new_event_loop()
+    seen = check_loop_exceptions(loop)
+    ERRORS.records.clear()
+    tmp = tempfile.mkdtemp(prefix="vmlab-fuzz-")
+    dev = VsockDevice("f", 3, os.path.join(tmp, "f.sock"), loop, _NullHandler())
+    front, back = socket.socketpair()
+    front.setblocking(False)
+    fds = _Fds()
+    session = vu.VhostUserSession(back, dev, name="f")
+    dev._session = session              # what _on_accept does for the one frontend
+    loop.add_reader(back.fileno(), dev._on_frontend)
+    alive = True
+    try:
+        plan = [(r, vu.VERSION, None, p, k) for r, p, k in SETUP[:case["prefix"]]]
+        plan += case["msgs"]
+        for req, flags, size, payload, kinds in plan:
+            if not alive:
+                break
+            size = len(payload) if size is None else size
+            data = struct.pack("<III", req & U32_MAX, flags & U32_MAX, size & U32_MAX) + payload
+            if not _send_raw(front, data, [fds.make(k) for k in kinds]):
+                break
+            alive = session.on_readable()        # must never raise: that is the property
+            _drain(front)
+        if alive and case["garbage"]:
+            _send_raw(front, case["garbage"], [])
+            alive = session.on_readable()
+        if alive and case["kick"]:
+            for v in session.vrings:
+                if v.kick_fd is not None:
+                    try:
+                        os.write(v.kick_fd, struct.pack("<Q", 1))
+                    except OSError:
+                        pass
+            for _ in range(3):
+                loop.run_until_complete(asyncio.sleep(0))
+        if alive and case["close"]:
+            front.close()
+            alive = session.on_readable()
+            assert alive is False
+        OUTCOMES["vhost-user: rings running" if any(q is not None for q in dev._queues)
+                 else "vhost-user: rings not running"] += 1
+        OUTCOMES["vhost-user: session alive" if alive else "vhost-user: frontend dropped"] += 1
+        if not alive and dev._session is session:
+            dev._drop_frontend("fuzz: frontend dropped")
+        loop.run_until_complete(asyncio.sleep(0))
+        assert not seen, f"exception in the event loop: {seen[0]}"
+        ERRORS.check()
+    finally:
+        if dev._session is not None:
+            dev._drop_frontend("fuzz done")
+        dev.close()
+        front.close()
+        fds.close()
+        loop.close()
+        os.rmdir(tmp)
+    leaked = open_fds() - before
+    assert not leaked, f"fds leaked: {sorted(leaked)}"
+
+
+# ==========================================================================================
+# 3. the data path: correctly set-up devices, then garbage rings and kicks
+# ==========================================================================================
+DEV_RAM = 256 * KiB
+QS = 16
+RINGS = {0: (0x0000, 0x1000, 0x2000), 1: (0x4000, 0x5000, 0x6000)}
+RXD, TXD = 0x10000, 0x20000
+
+
+class Frontend:
+    """A synchronous fake QEMU for one VsockDevice (the test drives the device's loop)."""
+
+    def __init__(self, dev: VsockDevice, loop: asyncio.AbstractEventLoop) -> None:
+        self.dev, self.loop = dev, loop
+        self.sock, back = socket.socketpair()
+        dev._session = vu.VhostUserSession(back, dev, name=dev.name)
+        dev._reset_seen = True
+        loop.add_reader(back.fileno(), dev._on_frontend)
+        self.fd = os.memfd_create("fuzz-dev")
+        os.ftruncate(self.fd, DEV_RAM)
+        self.raw = mmap.mmap(self.fd, DEV_RAM)
+        self.kick = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
+        self.call = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
+        self.avail = {0: 0, 1: 0}
+        self.nd = {0: 0, 1: 0}
+
+    def send(self, req: int, payload: bytes = b"", fds=(), reply: bool = False):
+        vu.send_message(self.sock, vu.Message(req, vu.VERSION, payload, list(fds)))
+        self.dev._on_frontend()
+        if reply:
+            self.sock.settimeout(2)
+            return vu.recv_message(self.sock)
+        return None
+
+    def setup(self) -> None:
+        f = (1 << 32) | (1 << 30) | (1 << 29) | (1 << 28) | (1 << 1)
+        self.send(vu.SET_FEATURES, vu.encode_u64(f))
+        self.send(vu.SET_MEM_TABLE, vu.encode_mem_table([RegionSpec(0, DEV_RAM, FUZZ_UVA, 0)]),
+                  [self.fd])
+        for q, (d, a, u) in RINGS.items():
+            self.send(vu.SET_VRING_NUM, vu.encode_vring_state(vu.VringState(q, QS)))
+            self.send(vu.SET_VRING_BASE, vu.encode_vring_state(vu.VringState(q, 0)))
+            self.send(vu.SET_VRING_ADDR, vu.encode_vring_addr(
+                vu.VringAddr(q, 0, FUZZ_UVA + d, FUZZ_UVA + u, FUZZ_UVA + a, 0)))
+            self.send(vu.SET_VRING_KICK, vu.encode_u64(q), [self.kick[q]])
+            self.send(vu.SET_VRING_CALL, vu.encode_u64(q), [self.call[q]])
+            self.send(vu.SET_VRING_ENABLE, vu.encode_vring_state(vu.VringState(q, 1)))
+
+    def desc(self, q: int, addr: int, length: int, flags: int, nxt: int = 0) -> int:
+        i = self.nd[q]
+        self.nd[q] = (i + 1) % QS
+        struct.pack_into("<QIHH", self.raw, RINGS[q][0] + 16 * i, addr, length, flags, nxt)
+        return i
+
+    def publish(self, q: int, head: int) -> None:
+        a = RINGS[q][1]
+        struct.pack_into("<H", self.raw, a + 4 + 2 * (self.avail[q] % QS), head)
+        self.avail[q] = (self.avail[q] + 1) & 0xFFFF
+        struct.pack_into("<H", self.raw, a + 2, self.avail[q])
+        os.write(self.kick[q], struct.pack("<Q", 1))
+
+    def rx_buffer(self, slot: int, length: int = 44 + 4096) -> None:
+        self.publish(0, self.desc(0, RXD + slot * 0x1100, length, VRING_DESC_F_WRITE))
+
+    def packet(self, hdr: bytes, payload: bytes = b"", slot: int = 0) -> None:
+        base = TXD + slot * 0x1100
+        self.raw[base:base + len(hdr) + len(payload)] = hdr + payload
+        self.publish(1, self.desc(1, base, len(hdr) + len(payload), 0))
+
+    def used(self, q: int) -> int:
+        return struct.unpack_from("<H", self.raw, RINGS[q][2] + 2)[0]
+
+    def close(self) -> None:
+        self.sock.close()
+        self.raw.close()
+        for fd in [self.fd, *self.kick.values(), *self.call.values()]:
+            os.close(fd)
+
+
+_AREAS = [RINGS[0][0], RINGS[0][1], RINGS[0][2], RINGS[1][0], RINGS[1][1], RINGS[1][2], TXD, RXD]
+
+
+def device_case(p: P) -> dict:
+    # writes into ring areas / data of the victim, then kicks
+    writes = p.list(12, lambda: (p.pick(_AREAS), p.int(0, 0x200), p.raw(p.int(1, 64))))
+    descs = p.list(12, lambda: (p.int(0, 1), p.int(0, QS - 1),
+                                p.int(0, DEV_RAM + 0x100) if p.bool() else p.int(0, U64_MAX),
+                                _length(p), _flags(p), p.int(0, QS + 2)))
+    hdrs = p.list(6, lambda: packet_header(p, 3))
+    avail = p.list(3, lambda: (p.int(0, 1), p.int(0, 0xFFFF)))
+    return dict(writes=writes, descs=descs, hdrs=hdrs, avail=avail, rx_bufs=p.int(0, 4))
+
+
+def _spin(loop: asyncio.AbstractEventLoop, n: int = 4) -> None:
+    for _ in range(n):
+        loop.run_until_complete(asyncio.sleep(0))
+
+
+class _RecordingRouter(Router):
+    def __init__(self, loop) -> None:
+        super().__init__(loop)
+        self.resets: list[tuple[str, str]] = []
+
+    def on_device_reset(self, dev, reason: str) -> None:
+        self.resets.append((dev.name, reason))
+        super().on_device_reset(dev, reason)
+
+
+def fuzz_device(case: dict) -> None:
+    before = open_fds()
+    loop = asyncio.new_event_loop()
+    seen = check_loop_exceptions(loop)
+    ERRORS.records.clear()
+    tmp = tempfile.mkdtemp(prefix="vmlab-fuzz-")
+    router = _RecordingRouter(loop)
+    hybrid = Hybrid(loop, router, close_timeout=0.05, connect_timeout=0.2)
+    router.hybrid = hybrid
+    devs = {}
+    fronts = {}
+    try:
+        for name, cid in (("victim", 3), ("other", 4)):
+            dev = VsockDevice(name, cid, os.path.join(tmp, f"{name}.sock"), loop, router)
+            router.add_device(dev, "g")
+            hybrid.add_vm(name, cid, os.path.join(tmp, f"{name}.vsock"))
+            devs[name] = dev
+            fronts[name] = Frontend(dev, loop)
+            fronts[name].setup()
+        _spin(loop)
+        v = fronts["victim"]
+        for i in range(case["rx_bufs"]):
+            v.rx_buffer(i)
+        for i, h in enumerate(case["hdrs"]):
+            v.packet(h[0], h[1], slot=i)
+        for off, delta, data in case["writes"]:
+            v.raw[off + delta:off + delta + len(data)] = data
+        for q, i, addr, ln, fl, nx in case["descs"]:
+            struct.pack_into("<QIHH", v.raw, RINGS[q][0] + 16 * i, addr, ln, fl, nx)
+        for q, idx in case["avail"]:
+            struct.pack_into("<H", v.raw, RINGS[q][1] + 2, idx)
+        for q in (0, 1):
+            os.write(v.kick[q], struct.pack("<Q", 1))
+        _spin(loop, 8)
+        victim = devs["victim"]
+        OUTCOMES["device: broken" if victim.broken else "device: still running"] += 1
+        OUTCOMES["device: tx packets"] += victim.stats["tx_packets"]
+        if victim.broken:
+            assert ("victim", f"device broken: {victim.broken}") in router.resets, \
+                "device broken without telling the router"
+        for stt in router.devs.values():
+            assert 0 <= stt.queued_bytes <= MAX_RELAY_BYTES
+            assert 0 <= stt.queued_ctrl <= MAX_CONTROL_QUEUE
+        # the other VM goes on: its REQUEST to a host port nobody listens on gets an RST
+        # (packets the victim relayed to it may come first: give it buffers until the RST)
+        o = fronts["other"]
+        o.packet(HEADER.pack(4, 2, 1000, 4444, 0, Type.STREAM, Op.REQUEST, 0, 65536, 0))
+        got = []
+        for slot in range(QS):
+            o.rx_buffer(slot)
+            _spin(loop, 3)
+            got = [Header.unpack_from(o.raw, RXD + i * 0x1100) for i in range(o.used(0))]
+            if any(h.op == Op.RST and h.src_cid == 2 and h.src_port == 4444 for h in got):
+                break
+        else:
+            raise AssertionError(f"the other VM got no RST: {[h.describe() for h in got]}")
+        assert devs["other"].broken is None
+        assert not seen, f"exception in the event loop: {seen[0]}"
+        ERRORS.check()
+    finally:
+        for name, dev in devs.items():
+            dev.close()
+        hybrid.close()
+        _spin(loop, 1)
+        for f in fronts.values():
+            f.close()
+        loop.close()
+        for p in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, p))
+        os.rmdir(tmp)
+    leaked = open_fds() - before
+    assert not leaked, f"fds leaked: {sorted(leaked)}"
+
+
+# ==========================================================================================
+# 4. router: every op/type/flag, spoofed CIDs, len vs buffer, unknown ports
+# ==========================================================================================
+LISTEN_PORT = 1234
+
+
+def packet_header(p: P, own_cid: int) -> tuple[bytes, bytes]:
+    if p.bool():                              # a packet a Linux guest could send
+        op = p.pick([Op.REQUEST, Op.REQUEST, Op.RW, Op.RW, Op.RW, Op.RESPONSE, Op.RST,
+                     Op.SHUTDOWN, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST])
+        payload = p.bytes(300) if op == Op.RW else b""
+        return HEADER.pack(own_cid, p.pick([2, 2, 4, 5]), p.pick([1000, 1001]),
+                           p.pick([LISTEN_PORT, LISTEN_PORT, 4444]), len(payload),
+                           p.pick([1, 1, 2]), op, p.pick([0, 1, 2, 3]),
+                           p.pick([0, 4096, 65536, 262144]), p.pick([0, 100, 4096])), payload
+    k = p.int(0, 3)
+    src = own_cid if k < 2 else (p.pick([0, 1, 2, 4, 5, U32_MAX]) if k == 2 else p.int(0, U64_MAX))
+    dst = p.mix([2, 2, 4, 5, own_cid, 0, 1, 99, U32_MAX], 0, U64_MAX)
+    sport = p.mix([1000, 1001, 80, 0, U32_MAX], 0, U32_MAX)
+    dport = p.mix([LISTEN_PORT, LISTEN_PORT, 1000, 4444, 0, U32_MAX], 0, U32_MAX)
+    op = p.mix(list(Op) + list(Op), 0, 0xFFFF)
+    typ = p.mix([1, 1, 2], 0, 0xFFFF)
+    flags = p.mix([0, 1, 2, 3], 0, U32_MAX)
+    k = p.int(0, 3)
+    payload = b"" if k == 0 else p.bytes(256) if k < 3 else b"z" * p.int(0, 70000)
+    k = p.int(0, 3)
+    length = len(payload) if k < 2 else p.int(0, len(payload) + 2) if k == 2 else _u32(p)
+    buf_alloc = p.mix([0, 1, 4096, 65536, 262144, U32_MAX], 0, U32_MAX)
+    fwd_cnt = p.mix([0, U32_MAX], 0, U32_MAX)
+    return HEADER.pack(src, dst, sport, dport, length, typ, op, flags, buf_alloc, fwd_cnt), payload
+
+
+class FakeBuf:
+    def __init__(self, cap: int) -> None:
+        self.mem = bytearray(max(cap, 0))
+        self.capacity = cap
+        half = cap // 2
+        self.payload = [memoryview(self.mem)[:half], memoryview(self.mem)[half:]] if cap else []
+
+
+class FakeDevice:
+    """The VsockDevice surface the router uses; rx buffers of fuzzed capacities."""
+
+    broken = None
+
+    def __init__(self, name: str, cid: int, caps: list[int], seqpacket: bool) -> None:
+        self.name, self.cid, self.seqpacket = name, cid, seqpacket
+        self.free = [FakeBuf(c) for c in caps]
+        self.got: list[tuple[Header, int]] = []
+
+    def rx_pop(self):
+        return self.free.pop(0) if self.free else None
+
+    def rx_push(self, buf, header: bytes, n: int) -> None:
+        assert len(header) == 44 and 0 <= n <= buf.capacity, (len(header), n, buf.capacity)
+        self.got.append((Header.unpack_from(header), n))
+
+    def rx_cancel(self, buf) -> None:
+        self.free.insert(0, buf)
+
+    def flush(self) -> None:
+        pass
+
+
+def _router_step(p: P) -> tuple:
+    k = p.int(0, 4)
+    if k == 0:
+        return ("tx", p.pick(["a", "b"]), packet_header(p, 3))
+    if k == 1:
+        return ("rx", p.pick(["a", "b"]), p.list(8, lambda: p.pick([0, 1, 44, 100, 4096, 65536])))
+    if k == 2:
+        return ("host", p.int(0, 3), p.bytes(5000))
+    if k == 3:
+        return ("spin", p.int(1, 3), None)
+    return ("reset", p.pick(["a", "b"]), p.bool())
+
+
+def router_case(p: P) -> dict:
+    return dict(steps=p.list(25, lambda: _router_step(p), min_len=1), seq_a=p.bool(),
+                caps=p.list(8, lambda: p.pick([0, 1, 44, 4096, 65536])))
+
+
+def fuzz_router(case: dict) -> None:
+    before = open_fds()
+    loop = asyncio.new_event_loop()
+    seen = check_loop_exceptions(loop)
+    ERRORS.records.clear()
+    tmp = tempfile.mkdtemp(prefix="vmlab-fuzz-")
+    router = Router(loop)
+    hybrid = Hybrid(loop, router, close_timeout=0.01, connect_timeout=0.05, buf_alloc=8192)
+    router.hybrid = hybrid
+    a = FakeDevice("a", 3, case["caps"], case["seq_a"])
+    b = FakeDevice("b", 4, [4096] * 4, True)
+    c = FakeDevice("c", 5, [4096] * 4, True)
+    listeners, accepted = [], []
+    try:
+        for dev, group in ((a, "g"), (b, "g"), (c, "other")):
+            router.add_device(dev, group)
+            hybrid.add_vm(dev.name, dev.cid, os.path.join(tmp, f"{dev.name}.vsock"))
+        ls = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        ls.bind(os.path.join(tmp, f"a.vsock_{LISTEN_PORT}"))
+        ls.listen(16)
+        listeners.append(ls)
+        for step in case["steps"]:
+            what = step[0]
+            if what == "tx":
+                dev = a if step[1] == "a" else b
+                hdr, payload = step[2]
+                if dev is b and len(hdr) == 44:          # b sends as itself (cid 4)
+                    hdr = struct.pack("<Q", 4) + hdr[8:]
+                views = [memoryview(bytearray(payload))] if payload else []
+                router.on_tx_packet(dev, hdr, views)
+            elif what == "rx":
+                dev = a if step[1] == "a" else b
+                dev.free += [FakeBuf(cap) for cap in step[2]]
+                router.on_rx_ready(dev)
+            elif what == "host":
+                while True:
+                    try:
+                        s, _ = ls.accept()
+                    except (BlockingIOError, InterruptedError):
+                        break
+                    s.setblocking(False)
+                    accepted.append(s)
+                if accepted and step[2]:
+                    try:
+                        accepted[step[1] % len(accepted)].send(step[2])
+                    except OSError:
+                        pass
+                for s in accepted:
+                    try:
+                        while s.recv(65536):
+                            pass
+                    except OSError:
+                        pass
+            elif what == "spin":
+                _spin(loop, step[1])
+            elif what == "reset":
+                router.reset_vm(step[1], step[2])
+            _check_router(router, hybrid)
+        _spin(loop, 2)
+        _check_router(router, hybrid)
+        for k in ("spoofed", "malformed", "bad_type", "unroutable", "relayed", "guest_connects",
+                  "refused", "rx_packets"):
+            OUTCOMES[f"router: {k}"] += router.stats[k]
+        assert router.stats["errors"] == 0
+        assert not seen, f"exception in the event loop: {seen[0]}"
+        ERRORS.check()
+    finally:
+        hybrid.close()
+        for s in listeners + accepted:
+            s.close()
+        _spin(loop, 1)
+        loop.close()
+        for p in os.listdir(tmp):
+            os.unlink(os.path.join(tmp, p))
+        os.rmdir(tmp)
+    leaked = open_fds() - before
+    assert not leaked, f"fds leaked: {sorted(leaked)}"
+
+
+def _check_router(router: Router, hybrid: Hybrid) -> None:
+    for s in router.devs.values():
+        data = [d for _, d in s.queue if d is not None]
+        ctrl = sum(1 for _, d in s.queue if d is None)
+        assert s.queued_bytes == sum(len(d) for d in data) >= 0, (s.name, s.queued_bytes)
+        assert s.queued_bytes <= MAX_RELAY_BYTES
+        assert s.queued_ctrl == ctrl and 0 <= ctrl <= MAX_CONTROL_QUEUE, (s.name, s.queued_ctrl)
+    for conn in list(hybrid.conns.values()) + list(hybrid.lingering):
+        cr = conn.credit
+        assert 0 <= cr.buffered() <= cr.buf_alloc, (conn, cr)
+        assert cr.peer_credit() >= 0
+        assert 0 <= conn.out_bytes <= cr.buf_alloc, (conn, conn.out_bytes)
+        assert conn.out_bytes == sum(len(m) for m, _ in conn.out), conn
+
+
+TARGETS = {
+    "virtqueue": (cases(virtqueue_case), fuzz_virtqueue),
+    "vhost_user": (cases(vhost_session_case), fuzz_vhost_user),
+    "device": (cases(device_case), fuzz_device),
+    "router": (cases(router_case), fuzz_router),
+}
