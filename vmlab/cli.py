@@ -52,7 +52,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     for warning in scenario.warnings:
         print(f"warning: {warning}", file=sys.stderr)
 
-    options = LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel,
+    options = LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel, rootfs=args.rootfs,
                          artifacts_dir=Path(args.artifacts) if args.artifacts else None,
                          keep_artifacts="always" if args.artifacts else "never",
                          pcap=Path(args.pcap).resolve() if args.pcap else None,
@@ -251,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="vsock transport for VMs the scenario leaves at auto (a transport the scenario "
                           "pins is kept)")
     run.add_argument("--kernel", default=None, help="guest kernel (vmlinuz) for VMs that do not pin one")
+    run.add_argument("--rootfs", choices=("image", "host"), default=None,
+                     help="root filesystem for VMs the scenario leaves open: image (vmlab's busybox initramfs, "
+                          "the default) or host (the host's / read-only over virtio-9p, tmpfs/overlays for writes)")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="auto uses KVM only where it really works, else TCG")
     run.add_argument("--keep", action="store_true",

@@ -40,6 +40,7 @@ class LabOptions:
 
     transport: str | None = None        # transport for VMs whose scenario says auto
     kernel: str | None = None           # overrides the kernel of VMs that do not pin one
+    rootfs: str | None = None           # image | host, for VMs whose scenario does not say
     accel: str = "auto"                 # auto | kvm | tcg
     boot_timeout: float = 240.0
     artifacts_dir: Path | None = None   # logs are copied here on close (see keep_artifacts)
@@ -240,22 +241,39 @@ class Lab:
             cids[spec.name] = lease.cid
         return cids
 
-    def _image_for(self, spec: VmSpec) -> tuple[Path, Path]:
+    def rootfs_of(self, spec: VmSpec) -> str:
+        """The VM's root: the scenario's `rootfs:`, else the run-time option, else the image."""
+        return spec.rootfs or self.options.rootfs or "image"
+
+    def _image(self, spec: VmSpec) -> tuple[Path, Path, Path | None]:
+        """(kernel, initrd, the kernel's module tree on the host or None)."""
         from vmlab.image import ensure_image
 
+        if self.rootfs_of(spec) == "host":
+            from vmlab import hostroot
+
+            env_file = self.run_dir / f"{spec.name}.host.env"
+            env_file.write_text(hostroot.host_env())
+            files = hostroot.guest_files(spec.files, env_file)
+            image = ensure_image(kernel=spec.kernel or self.options.kernel, extra_files=files,
+                                 progress=self.options.progress)
+            return image.kernel, image.initrd, image.modules_dir
         kernel = spec.kernel or self.options.kernel
         if spec.initrd is not None:
             if kernel is None:
                 image = ensure_image(progress=self.options.progress)
-                return image.kernel, spec.initrd
-            return Path(kernel), spec.initrd
+                return image.kernel, spec.initrd, None
+            return Path(kernel), spec.initrd, None
         image = ensure_image(kernel=kernel, extra_files=spec.files or None, progress=self.options.progress)
-        return image.kernel, image.initrd
+        return image.kernel, image.initrd, None
 
     def _vm_configs(self, transports: dict[str, str | None], cids: dict[str, int]) -> dict[str, VmConfig]:
         configs = {}
+        from vmlab import hostroot
+
         for spec in self.scenario.vms:
-            kernel, initrd = self._image_for(spec)
+            kernel, initrd, modules = self._image(spec)
+            rootfs = self.rootfs_of(spec)
             name = spec.name
             configs[name] = VmConfig(
                 name=name, kernel=kernel, initrd=initrd,
@@ -265,6 +283,8 @@ class Lab:
                 vhost_user_socket=self.run_dir / f"{name}.vu" if transports[name] == "vhost-user" else None,
                 memory_mib=spec.memory_mib, cpus=spec.cpus, accel=self.accel, cmdline=spec.cmdline,
                 share_dir=spec.share, extra_args=list(spec.qemu_args), lab_id=self.lab_id,
+                rootfs=rootfs, host_modules=modules if rootfs == "host" else None,
+                overlays=hostroot.overlay_dirs() if rootfs == "host" else [],
             )
         return configs
 
