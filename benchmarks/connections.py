@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import cpu_seconds, machine_info, wait_guest_file  # noqa: E402
 
 from vmlab.lab import Lab, LabOptions  # noqa: E402
-from vmlab.scenario import Scenario, VmSpec  # noqa: E402
+from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 from vmlab.vsock.host import host_connect, host_listen  # noqa: E402
 
 
@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     port = random.randint(20000, 60000)
     results: dict = {"count": args.count, "concurrent": args.concurrent}
     t0 = time.monotonic()
-    with Lab(Scenario.inline(vms=[VmSpec(name="bench")], name="bench-connections"),
+    with Lab(inline_scenario(vms=[VmSpec(name="bench")], name="bench-connections"),
              LabOptions(transport=args.transport)) as lab:
         results["machine"] = machine_info(lab)
         results["boot_s"] = round(time.monotonic() - t0, 1)

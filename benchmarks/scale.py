@@ -25,7 +25,7 @@ from _bench import cpu_seconds  # noqa: E402
 
 from vmlab.guest import GuestHelper  # noqa: E402
 from vmlab.lab import Lab, LabOptions  # noqa: E402
-from vmlab.scenario import Scenario, VmSpec  # noqa: E402
+from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 from vmlab.vsock.host import host_listen  # noqa: E402
 
 
@@ -102,7 +102,7 @@ def main() -> int:
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
 
-    scenario = Scenario.inline(vms=[VmSpec(name=f"v{i:02d}", memory_mib=args.memory) for i in range(args.vms)],
+    scenario = inline_scenario(vms=[VmSpec(name=f"v{i:02d}", memory_mib=args.memory) for i in range(args.vms)],
                                transport="vhost-user", name="scale")
     started = time.monotonic()
     with Lab(scenario, LabOptions(boot_timeout=900)) as lab:

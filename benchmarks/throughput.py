@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import cpu_seconds, free_tcp_port, guest_events, machine_info, mbs, wait_guest_file  # noqa: E402
 
 from vmlab.lab import Lab, LabOptions  # noqa: E402
-from vmlab.scenario import Scenario, VmSpec  # noqa: E402
+from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 from vmlab.vsock.host import host_connect, host_listen  # noqa: E402
 
 CHUNK = 1 << 20
@@ -389,7 +389,7 @@ def _measure(args, nbytes: int, files: dict) -> dict:
     results: dict = {"size_MiB": args.size, "runs": args.runs}
     log = (lambda *a: None) if args.json else (lambda *a: print(*a, file=sys.stderr, flush=True))
     t0 = time.monotonic()
-    with Lab(Scenario.inline(vms=vms, name="bench-throughput"),
+    with Lab(inline_scenario(vms=vms, name="bench-throughput"),
              LabOptions(transport=args.transport)) as lab:
         results["machine"] = machine_info(lab)
         results["boot_s"] = round(time.monotonic() - t0, 1)

@@ -20,14 +20,13 @@ import os
 import pwd
 import socket
 import stat
-import struct
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Optional
 
-from vmlab import hostcheck
+from vmlab.kernelioctl import kernel_cid_in_use, vhost_vsock_works
 
 FIRST_GUEST_CID = 3          # 0, 1, 2 are hypervisor, local and host
 MAX_GUEST_CID = 0xFFFFFFFE   # 0xFFFFFFFF is VMADDR_CID_ANY
@@ -143,24 +142,6 @@ def _describe_holder(path: Path) -> str:
     return who
 
 
-def _kernel_cid_busy(cid: int) -> Optional[str]:
-    """Ask vhost-vsock whether a running VM owns `cid`; a reason string if so."""
-    try:
-        fd = os.open(hostcheck.VHOST_VSOCK_DEV, os.O_RDWR | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.ioctl(fd, hostcheck.VHOST_SET_OWNER)
-        fcntl.ioctl(fd, hostcheck.VHOST_VSOCK_SET_GUEST_CID, struct.pack("Q", cid))
-    except OSError as e:
-        if e.errno == errno.EADDRINUSE:
-            return "a VM outside vmlab (the vhost-vsock kernel driver reports EADDRINUSE)"
-        return None
-    finally:
-        os.close(fd)
-    return None
-
-
 class CidAllocator:
     """Leases guest CIDs so that concurrent labs on one host never share one."""
 
@@ -174,7 +155,7 @@ class CidAllocator:
             self.lock_dir.mkdir(parents=True, exist_ok=True)
         self.first, self.last = first, last
         if probe_vhost is None:
-            probe_vhost = hostcheck.vhost_vsock_usable().ok
+            probe_vhost = vhost_vsock_works()
         self.probe_vhost = probe_vhost
 
     def _open_lock(self, cid: int) -> int:
@@ -205,7 +186,7 @@ class CidAllocator:
             raise
         lease = CidLease(cid, owner, path, fd)
         if self.probe_vhost:
-            busy = _kernel_cid_busy(cid)
+            busy = kernel_cid_in_use(cid)
             if busy:
                 lease.release()
                 return None, busy

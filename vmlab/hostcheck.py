@@ -23,45 +23,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
-# --- ioctl numbers (asm-generic/ioctl.h) -------------------------------------
+from vmlab.cids import default_lock_dir
 
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
+from vmlab.kernelioctl import (
+    KVM_API_VERSION,
+    KVM_CAP_IRQCHIP,
+    KVM_CAP_USER_MEMORY,
+    KVM_CHECK_EXTENSION,
+    KVM_CREATE_VM,
+    KVM_DEV,
+    KVM_GET_API_VERSION,
+    VHOST_VSOCK_DEV,
+    VIRTIO_VSOCK_F_SEQPACKET,
+    open_vhost_vsock,
+    vhost_vsock_features,
+)
 
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    return (direction << 30) | (size << 16) | (type_ << 8) | nr
-
-
-def _IO(type_: int, nr: int) -> int:
-    return _IOC(_IOC_NONE, type_, nr, 0)
-
-
-def _IOR(type_: int, nr: int, size: int) -> int:
-    return _IOC(_IOC_READ, type_, nr, size)
-
-
-def _IOW(type_: int, nr: int, size: int) -> int:
-    return _IOC(_IOC_WRITE, type_, nr, size)
-
-
-_U64 = struct.calcsize("Q")
-KVMIO = 0xAE
-VHOST_VIRTIO = 0xAF
-KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
-KVM_CREATE_VM = _IO(KVMIO, 0x01)
-KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)
-KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
-VHOST_GET_FEATURES = _IOR(VHOST_VIRTIO, 0x00, _U64)
-VHOST_SET_OWNER = _IO(VHOST_VIRTIO, 0x01)
-VHOST_VSOCK_SET_GUEST_CID = _IOW(VHOST_VIRTIO, 0x60, _U64)
-
-KVM_API_VERSION = 12
-KVM_CAP_IRQCHIP = 0
-KVM_CAP_USER_MEMORY = 3
-VIRTIO_VSOCK_F_SEQPACKET = 1
-
-KVM_DEV = "/dev/kvm"
-VHOST_VSOCK_DEV = "/dev/vhost-vsock"
 TRANSPORTS = ("vhost", "vhost-user")
 CAP_NET_BIND_SERVICE = 10
 
@@ -255,16 +232,11 @@ def choose_accel(requested: str = "auto", qemu_path: Optional[str] = None) -> tu
 # --- vsock transports ---------------------------------------------------------
 
 
-def vhost_vsock_features(fd: int) -> int:
-    buf = fcntl.ioctl(fd, VHOST_GET_FEATURES, bytes(_U64))
-    return struct.unpack("Q", buf)[0]
-
-
 def vhost_vsock_usable() -> Check:
     """Open /dev/vhost-vsock read-write and ask for its features."""
     name = "vhost_vsock"
     try:
-        fd = os.open(VHOST_VSOCK_DEV, os.O_RDWR | os.O_CLOEXEC)
+        fd = open_vhost_vsock()
     except OSError as e:
         if e.errno == errno.ENOENT:
             loaded = Path("/sys/module/vhost_vsock").exists()
@@ -414,8 +386,6 @@ def check_privileges() -> Check:
 
 
 def check_cid_locks() -> Check:
-    from vmlab.cids import default_lock_dir  # late: cids imports this module
-
     try:
         return Check("cid_locks", True, f"{default_lock_dir()} (host-wide CID leases)")
     except OSError as e:

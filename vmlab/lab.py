@@ -343,8 +343,8 @@ class Lab:
 
     # -- running ---------------------------------------------------------------------------
     def run_steps(self, steps=None, reporter=None):
-        """Run the scenario's steps (or the given ones); returns a list of vmlab.steps.StepResult."""
-        from vmlab.steps import StepRunner
+        """Run the scenario's steps (or the given ones); returns a list of vmlab.step_runner.StepResult."""
+        from vmlab.step_runner import StepRunner
 
         results = StepRunner(self, reporter=reporter).run(self.scenario.steps if steps is None else steps)
         if any(not r.ok for r in results):

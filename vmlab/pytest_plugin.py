@@ -30,7 +30,7 @@ import pytest
 
 from vmlab.lab import Lab, LabOptions
 from vmlab.proc import log_tail
-from vmlab.scenario import Scenario, VmSpec, load_scenario
+from vmlab.scenario import Scenario, VmSpec, inline_scenario, load_scenario
 
 _LABS_KEY = pytest.StashKey[list]()
 _REPORTS_KEY = pytest.StashKey[dict]()
@@ -119,7 +119,7 @@ def to_scenario(spec: Any = None, *, vms: Any = None, transport: str = "auto", n
     if isinstance(vms, int):
         vms = [VmSpec(name=f"vm{i}") for i in range(vms)]
     specs = [vm if isinstance(vm, VmSpec) else VmSpec(**vm) for vm in vms]
-    return Scenario.inline(vms=specs, transport=transport, name=name)
+    return inline_scenario(vms=specs, transport=transport, name=name)
 
 
 def _wait_for_user(config: pytest.Config, lab: Lab, test: str) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from vmlab.steps import StepResult
+from vmlab.step_runner import StepResult
 
 
 def step_line(index: int, result: StepResult) -> str:

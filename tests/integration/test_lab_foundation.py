@@ -11,7 +11,7 @@ import pytest
 
 from vmlab.lab import Lab
 from vmlab.qemu.console import ConsoleError, KernelError
-from vmlab.scenario import Scenario, VmSpec
+from vmlab.scenario import VmSpec, inline_scenario
 
 pytestmark = pytest.mark.integration
 
@@ -26,7 +26,7 @@ def qemu_pids_with(text: str) -> list[int]:
 @pytest.fixture(scope="module")
 def plain_lab():
     """One guest without vsock, shared by the console and QMP tests of this module."""
-    with Lab(Scenario.inline(vms=[VmSpec(name="plain", vsock=False)])) as lab:
+    with Lab(inline_scenario(vms=[VmSpec(name="plain", vsock=False)])) as lab:
         yield lab
 
 
@@ -84,7 +84,7 @@ def test_qmp_events_are_logged(plain_lab):
 
 
 def test_kernel_panic_is_detected_and_teardown_is_clean():
-    lab = Lab(Scenario.inline(vms=[VmSpec(name="crash", vsock=False)]))
+    lab = Lab(inline_scenario(vms=[VmSpec(name="crash", vsock=False)]))
     with pytest.raises(KernelError, match="Kernel panic"):
         with lab:
             lab_id = lab.lab_id
@@ -99,7 +99,7 @@ def test_teardown_after_an_exception_leaves_nothing():
     class Boom(Exception):
         pass
 
-    lab = Lab(Scenario.inline(vms=[VmSpec(name="a", vsock=False), VmSpec(name="b", vsock=False)]))
+    lab = Lab(inline_scenario(vms=[VmSpec(name="a", vsock=False), VmSpec(name="b", vsock=False)]))
     with pytest.raises(Boom):
         with lab:
             pids = [vm.machine.pid for vm in lab.vms]
@@ -168,7 +168,7 @@ def test_sigint_to_vmlab_run_tears_everything_down(tmp_path, when):
 
 
 def test_qmp_system_powerdown_is_an_orderly_guest_poweroff():
-    with Lab(Scenario.inline(vms=[VmSpec(name="off", vsock=False)])) as lab:
+    with Lab(inline_scenario(vms=[VmSpec(name="off", vsock=False)])) as lab:
         vm = lab.vm("off")
         vm.qmp.system_powerdown()
         assert vm.machine.wait_exit(60) == 0

@@ -14,7 +14,7 @@ import pytest
 
 from vmlab.guest import GuestHelper
 from vmlab.lab import Lab
-from vmlab.scenario import Scenario, VmSpec
+from vmlab.scenario import VmSpec, inline_scenario
 from vmlab.vsock.host import host_connect
 
 pytestmark = pytest.mark.integration
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 
 @pytest.fixture(scope="module")
 def lab():
-    with Lab(Scenario.inline(vms=[VmSpec(name="g")], transport="vhost-user")) as lab:
+    with Lab(inline_scenario(vms=[VmSpec(name="g")], transport="vhost-user")) as lab:
         yield lab
 
 

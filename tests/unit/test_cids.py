@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab import hostcheck
+from vmlab import hostcheck, kernelioctl
 from vmlab.cids import (CidAllocator, CidInUse, CidLease, CidRangeExhausted, _describe_holder,
                         _usable_dir, default_lock_dir)
 
@@ -187,10 +187,10 @@ def test_default_lock_dir_env_override(tmp_path, monkeypatch):
 def test_kernel_probe_sees_cid_used_outside_vmlab(tmp_path):
     """Stand in for a foreign VM: claim a CID directly with the vhost-vsock ioctls."""
     a = CidAllocator(tmp_path / "locks", first=5000, last=5011, probe_vhost=True)
-    fd = os.open(hostcheck.VHOST_VSOCK_DEV, os.O_RDWR)
+    fd = os.open(kernelioctl.VHOST_VSOCK_DEV, os.O_RDWR)
     try:
-        fcntl.ioctl(fd, hostcheck.VHOST_SET_OWNER)
-        fcntl.ioctl(fd, hostcheck.VHOST_VSOCK_SET_GUEST_CID, struct.pack("Q", 5002))
+        fcntl.ioctl(fd, kernelioctl.VHOST_SET_OWNER)
+        fcntl.ioctl(fd, kernelioctl.VHOST_VSOCK_SET_GUEST_CID, struct.pack("Q", 5002))
         with pytest.raises(CidInUse, match="EADDRINUSE"):
             a.lease(5002)
         others = a.allocate(3)

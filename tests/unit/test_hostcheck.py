@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from vmlab import hostcheck as hc
+from vmlab import kernelioctl as kio
 
 QEMU = hc.find_qemu()
 needs_qemu = pytest.mark.skipif(QEMU is None, reason="qemu-system-x86_64 not installed")
@@ -31,12 +32,12 @@ def _script(tmp_path: Path, name: str, body: str) -> str:
 
 
 def test_ioctl_numbers_match_kernel_headers():
-    assert hc.KVM_GET_API_VERSION == 0xAE00
-    assert hc.KVM_CREATE_VM == 0xAE01
-    assert hc.KVM_CHECK_EXTENSION == 0xAE03
-    assert hc.VHOST_GET_FEATURES == 0x8008AF00
-    assert hc.VHOST_SET_OWNER == 0xAF01
-    assert hc.VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
+    assert kio.KVM_GET_API_VERSION == 0xAE00
+    assert kio.KVM_CREATE_VM == 0xAE01
+    assert kio.KVM_CHECK_EXTENSION == 0xAE03
+    assert kio.VHOST_GET_FEATURES == 0x8008AF00
+    assert kio.VHOST_SET_OWNER == 0xAF01
+    assert kio.VHOST_VSOCK_SET_GUEST_CID == 0x4008AF60
 
 
 def test_cpu_virt_flags_parses_cpuinfo(tmp_path):

@@ -21,6 +21,7 @@ from vmlab.scenario import (
     SleepStep,
     Step,
     VmSpec,
+    inline_scenario,
     load_scenario,
     parse_scenario,
     validate,
@@ -729,7 +730,7 @@ def test_parse_scenario_from_string() -> None:
 
 
 def test_inline_scenario_valid() -> None:
-    s = Scenario.inline(vms=[VmSpec(name="a", cid=3), VmSpec(name="b", cid=4)],
+    s = inline_scenario(vms=[VmSpec(name="a", cid=3), VmSpec(name="b", cid=4)],
                         steps=[Step.of(HostListenStep(id="s", port=9999)),
                                Step.of(GuestConnectStep(id="c", vm="a", cid="host", port=9999, send="hi"))],
                         transport="vhost-user")
@@ -742,7 +743,7 @@ def test_inline_scenario_valid() -> None:
 
 def test_inline_scenario_invalid_reports_all() -> None:
     with pytest.raises(ScenarioError) as info:
-        Scenario.inline(vms=[VmSpec(name="a", cid=2), VmSpec(name="a")],
+        inline_scenario(vms=[VmSpec(name="a", cid=2), VmSpec(name="a")],
                         steps=[Step.of(HostListenStep(id="s", port=5, type="dgram")),
                                Step.of(RunStep(vm="x", command="true"))])
     messages = [p.message for p in info.value.problems]
@@ -765,7 +766,7 @@ def test_validate_on_hand_built_scenario_and_warnings() -> None:
 
 def test_inline_wrong_params_type() -> None:
     with pytest.raises(ScenarioError, match="params must be a RunStep"):
-        Scenario.inline(vms=[VmSpec(name="a")], steps=[Step("run", SleepStep(seconds=1))])
+        inline_scenario(vms=[VmSpec(name="a")], steps=[Step("run", SleepStep(seconds=1))])
 
 
 def test_problem_str() -> None:

@@ -19,15 +19,12 @@ import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Protocol
+from typing import Any, Callable, Protocol
 
 from vmlab.vsock.connection import Connection, copy_into, trim_views
 from vmlab.vsock.packet import (
     HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
 )
-
-if TYPE_CHECKING:
-    from vmlab.vsock.hybrid import Hybrid
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +47,19 @@ class DeviceLike(Protocol):
     def rx_push(self, buf: Any, header: bytes, payload_len: int) -> None: ...
     def rx_cancel(self, buf: Any) -> None: ...
     def flush(self) -> None: ...
+
+
+class HostSide(Protocol):
+    """What the router needs from the host end of CID 2 (today vsock/hybrid.py's Hybrid).
+
+    The router owns this interface so that it never imports the host side: the host side
+    reaches back through the router's public methods (send_to_vm, want_rx, forget, stats).
+    """
+
+    def on_guest_packet(self, vm_name: str, hdr: Header, payload: list[memoryview]) -> None: ...
+    def reset_vm(self, vm_name: str, notify_guest: bool) -> int: ...
+    def reset_key(self, key: tuple[int, int, int, int]) -> bool: ...
+    def snapshot(self) -> dict: ...
 
 
 # --- faults ---------------------------------------------------------------------------------
@@ -151,7 +161,7 @@ class Router:
         self.loop = loop
         self.devs: dict[str, DevState] = {}
         self.by_cid: dict[int, DevState] = {}
-        self.hybrid: "Hybrid | None" = None
+        self.hybrid: HostSide | None = None
         self.stats: Counter[str] = Counter()
         self.faults = FaultInjector()
         self.capture: Callable[[Header, list[memoryview]], None] | None = None

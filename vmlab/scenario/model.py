@@ -1,6 +1,6 @@
 """The scenario data model: constants, problems, and one dataclass per VM, step action and scenario.
 
-Everything here is plain data. Parsing lives in `scenario_parse`, checks in `scenario_validate`;
+Everything here is plain data. Parsing lives in `parse`, checks in `validate`;
 `vmlab.scenario` is the public face that re-exports these names.
 """
 
@@ -407,29 +407,6 @@ class Scenario:
     warnings: list[Problem] = field(default_factory=list)
     location: Location | None = _meta()
     where: Where = _where()
-
-    @classmethod
-    def inline(
-        cls,
-        vms: list[VmSpec],
-        steps: Sequence[Step] = (),
-        transport: str = "auto",
-        name: str = "inline",
-    ) -> "Scenario":
-        """A validated scenario built in Python. VMs left at transport "auto" take `transport`."""
-        from dataclasses import replace
-
-        from vmlab.scenario_validate import validate
-
-        vm_list = [
-            replace(vm, transport=transport)
-            if isinstance(vm, VmSpec) and vm.transport == "auto" and transport != "auto"
-            else vm
-            for vm in vms
-        ]
-        scenario = cls(name=name, transport=transport, vms=vm_list, steps=list(steps))
-        validate(scenario)
-        return scenario
 
     def vm(self, name: str) -> VmSpec:
         for vm in self.vms:

@@ -1,15 +1,15 @@
 """Scenarios: the YAML format (or Python dataclasses) describing a lab's VMs and test steps.
 
 This is the public face; the work is split into small modules:
-`scenario_yaml` (safe YAML with line numbers), `scenario_model` (dataclasses, constants),
-`scenario_parse` (YAML -> dataclasses), `scenario_checker` (field-level checks) and
-`scenario_validate` (every semantic rule).
+`yaml` (safe YAML with line numbers), `model` (plain dataclasses, constants),
+`parse` (YAML -> dataclasses), `check` (field-level checks), `validate` (every semantic rule)
+and `build` (validated scenarios made in Python).
 The format is documented in docs/scenarios.md.
 """
 
 from __future__ import annotations
 
-from vmlab.scenario_model import (
+from vmlab.scenario.model import (
     ACTION_TYPES,
     ACTIONS,
     DGRAM_ERROR,
@@ -40,8 +40,9 @@ from vmlab.scenario_model import (
     VmSpec,
     WaitForStep,
 )
-from vmlab.scenario_parse import load_scenario, parse_memory, parse_scenario
-from vmlab.scenario_validate import connect_cid_problem, guest_cid_problem, validate
+from vmlab.scenario.build import inline_scenario
+from vmlab.scenario.parse import load_scenario, parse_memory, parse_scenario
+from vmlab.scenario.validate import connect_cid_problem, guest_cid_problem, validate
 
 __all__ = [
     "ACTION_TYPES", "ACTIONS", "DGRAM_ERROR", "HOST_ROOTFS_WRITABLE", "ROOTFS_KINDS", "SOCKET_TYPES",
@@ -51,6 +52,6 @@ __all__ = [
     "ExpectStep", "FaultStep", "GuestConnectStep", "GuestListenStep", "HostConnectStep",
     "HostListenStep", "Location", "Problem", "QmpStep", "RunStep", "Scenario", "ScenarioError",
     "SleepStep", "Step", "StepParams", "VmSpec", "WaitForStep",
-    "connect_cid_problem", "guest_cid_problem", "load_scenario", "parse_memory", "parse_scenario",
+    "connect_cid_problem", "guest_cid_problem", "inline_scenario", "load_scenario", "parse_memory", "parse_scenario",
     "validate",
 ]

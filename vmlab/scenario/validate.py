@@ -11,8 +11,8 @@ import errno
 import re
 from typing import Any
 
-from vmlab.scenario_checker import FieldChecker, describe, is_int, suggest
-from vmlab.scenario_model import (
+from vmlab.scenario.check import FieldChecker, describe, is_int, suggest
+from vmlab.scenario.model import (
     ACTION_TYPES,
     ACTIONS,
     BACKGROUND_ACTIONS,

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from vmlab.scenario_model import Location, Problem, Scenario, Where
+from vmlab.scenario.model import Location, Problem, Scenario, Where
 
 
 def suggest(word: str, choices: Iterable[str]) -> str:

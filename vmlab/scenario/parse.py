@@ -2,7 +2,7 @@
 
 This layer only knows the file's *shape*: unknown keys, one action per step, memory sizes, paths
 relative to the scenario file, the `vsock:` forms. Everything about values (types, ranges, vsock
-rules, references) is `scenario_validate`'s job, so Python-built scenarios get the same checks.
+rules, references) is `validate`'s job, so Python-built scenarios get the same checks.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import MISSING, fields
 from pathlib import Path
 from typing import Any, Sequence
 
-from vmlab.scenario_model import (
+from vmlab.scenario.model import (
     ACTION_TYPES,
     ACTIONS,
     DEFAULT_MEMORY_MIB,
@@ -31,9 +31,9 @@ from vmlab.scenario_model import (
     Where,
     sort_problems,
 )
-from vmlab.scenario_checker import describe, suggest
-from vmlab.scenario_validate import check
-from vmlab.scenario_yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
+from vmlab.scenario.check import describe, suggest
+from vmlab.scenario.validate import check
+from vmlab.scenario.yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
 
 TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "vms", "steps")
 DEFAULT_KEYS = ("memory", "cpus", "kernel", "initrd", "cmdline", "rootfs")
