@@ -10,11 +10,15 @@ Fixtures
   vsock_connect  connect(vm, port, type="stream") -> host connection, either transport
   guest          guest(vm) -> GuestHelper (the in-guest vmlab-guest helper)
 
-Marker
-  @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., memory_mib=...)
+Markers
+  @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., rootfs=...)
+  @pytest.mark.vmlab_nested  the test boots a nested lab (vmlab inside a rootfs: host guest, for the
+                 kernel vhost transport on hosts without /dev/vhost-vsock): skipped unless
+                 --vmlab-nested (or VMLAB_NESTED=1); run first, since it is the longest
 
 Options
-  --vmlab-transport, --vmlab-kernel, --vmlab-accel, --vmlab-keep-on-failure, --vmlab-artifacts DIR
+  --vmlab-transport, --vmlab-kernel, --vmlab-accel, --vmlab-keep-on-failure, --vmlab-artifacts DIR,
+  --vmlab-nested
 On failure the console tails, QMP events and backend log are attached to the report, and the full
 logs are copied to the artifacts directory.
 """
@@ -46,10 +50,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")
     group.addoption("--vmlab-artifacts", default=None, metavar="DIR",
                     help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/")
+    group.addoption("--vmlab-nested", action="store_true", default=None,
+                    help="run tests marked vmlab_nested (vmlab inside a TCG guest: the kernel vhost "
+                         "transport where the host has none; slow). Also VMLAB_NESTED=1")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vmlab(scenario=None, vms=None, **options): lab for the `lab` fixture")
+    config.addinivalue_line("markers", "vmlab_nested: boots a nested lab (vmlab inside a guest); needs --vmlab-nested")
+
+
+def nested_enabled(config: pytest.Config) -> bool:
+    """--vmlab-nested, else VMLAB_NESTED=1 in the environment."""
+    import os
+
+    return bool(config.getoption("vmlab_nested")) or os.environ.get("VMLAB_NESTED", "") not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """vmlab_nested tests: skipped unless asked for; otherwise moved to the front, so under
+    pytest-xdist the longest test starts first and the rest of the suite runs beside it."""
+    nested = [item for item in items if item.get_closest_marker("vmlab_nested")]
+    if not nested:
+        return
+    if not nested_enabled(config):
+        skip = pytest.mark.skip(reason="nested lab: run with --vmlab-nested (or VMLAB_NESTED=1)")
+        for item in nested:
+            item.add_marker(skip)
+        return
+    rest = [item for item in items if not item.get_closest_marker("vmlab_nested")]
+    items[:] = nested + rest
 
 
 @pytest.hookimpl(hookwrapper=True)
