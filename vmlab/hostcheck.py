@@ -166,11 +166,13 @@ def _loaded_modules(names: tuple[str, ...]) -> list[str]:
     return [n for n in names if Path("/sys/module", n).exists()]
 
 
-def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe") -> tuple[bool, str]:
+def qemu_kvm_probe(path: str, timeout: Optional[float] = None, name: str = "vmlab-kvm-probe") -> tuple[bool, str]:
     """(ok, reason): start qemu with `-accel kvm -M none` and ask QMP `query-kvm`.
 
     Catches qemu builds without KVM and hosts where qemu's KVM init fails or
-    hangs; qemu is killed on timeout."""
+    hangs; qemu is killed on timeout (default QEMU_PROBE_TIMEOUT: qemu itself may take a
+    minute to start in a TCG guest)."""
+    timeout = QEMU_PROBE_TIMEOUT if timeout is None else timeout
     qmp = ('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n'
            '{"execute":"quit"}\n')
     argv = [path, "-name", name, "-accel", "kvm", "-machine", "none", "-nodefaults",
@@ -188,7 +190,7 @@ def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe
 
 
 def kvm_usable(qemu_path: Optional[str] = None, probe_qemu: bool = True,
-               probe_timeout: float = 5.0) -> Check:
+               probe_timeout: Optional[float] = None) -> Check:
     """Can qemu run guests with KVM here? Each step must pass, in order."""
     name, hint_perm = "kvm", ("add yourself to the 'kvm' group or install the udev rule "
                               'KERNEL=="kvm", GROUP="kvm", MODE="0666"')
