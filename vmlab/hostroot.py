@@ -58,6 +58,20 @@ def overlay_dirs() -> list[Path]:
     return [] if writable(str(root)) or not root.is_dir() else [root]
 
 
+def unsupported(spec) -> str | None:
+    """Why this VM cannot boot with rootfs: host (when --rootfs host is applied to a scenario that
+    validation could not check against it), or None."""
+    if spec.initrd is not None:
+        return "initrd: cannot be combined with it (vmlab's own initramfs mounts the host's root)"
+    if spec.share is not None:
+        return "share: is not available with it; the host's files are already visible read-only"
+    bad = [guest for guest in spec.files if not writable(guest)]
+    if bad:
+        return (f"files: {', '.join(bad)} would be on the host's read-only root; files go under "
+                f"{', '.join(HOST_ROOTFS_WRITABLE)}")
+    return None
+
+
 def guest_files(files: Mapping[str, Path], env_file: Path) -> dict[str, Path]:
     """extra_files for ensure_image: the env file plus the scenario's files under FILES_PREFIX."""
     out = {HOST_ENV_GUEST_PATH: env_file}

@@ -252,6 +252,9 @@ class Lab:
         if self.rootfs_of(spec) == "host":
             from vmlab import hostroot
 
+            why = hostroot.unsupported(spec)
+            if why:
+                raise LabError(f"VM {spec.name!r} with rootfs host: {why}")
             env_file = self.run_dir / f"{spec.name}.host.env"
             env_file.write_text(hostroot.host_env())
             files = hostroot.guest_files(spec.files, env_file)

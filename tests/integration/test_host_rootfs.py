@@ -65,3 +65,11 @@ def test_vmlab_run_rootfs_host_runs_hello(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "srv received 13 bytes: 'Hello, world!'" in proc.stdout
+
+
+def test_vmlab_run_rootfs_host_refuses_a_scenario_it_cannot_honour():
+    """reproducer.yaml writes /usr/local/bin and mounts a share: said before anything boots."""
+    proc = subprocess.run([sys.executable, "-m", "vmlab", "run", "--rootfs", "host", "scenarios/reproducer.yaml"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "VM 'guest' with rootfs host: share: is not available" in proc.stdout

@@ -124,3 +124,12 @@ def test_the_notes_programs_are_shipped_unchanged():
     assert client.startswith("#!/usr/bin/env python3\nimport socket\n")
     assert 's.sendall(b"Hello, world!")\ns.close()\n' in client
     assert "\tlisten(s, 0); ----------------------liesten\n" in (notes / "server.c").read_text()
+
+
+def test_rootfs_host_applied_at_run_time_refuses_what_it_cannot_do():
+    from vmlab.scenario import VmSpec
+
+    assert hostroot.unsupported(VmSpec(name="a", files={"/root/x": Path("x")})) is None
+    assert "read-only root" in hostroot.unsupported(VmSpec(name="a", files={"/usr/local/bin/p": Path("p")}))
+    assert "share" in hostroot.unsupported(VmSpec(name="a", share=Path("/tmp")))
+    assert "initrd" in hostroot.unsupported(VmSpec(name="a", initrd=Path("/tmp/i")))
