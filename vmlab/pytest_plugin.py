@@ -61,10 +61,13 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def nested_enabled(config: pytest.Config) -> bool:
-    """--vmlab-nested, else VMLAB_NESTED=1 in the environment."""
+    """--vmlab-nested or VMLAB_NESTED=1; VMLAB_NESTED=0 switches nested tests off even with the flag."""
     import os
 
-    return bool(config.getoption("vmlab_nested")) or os.environ.get("VMLAB_NESTED", "") not in ("", "0")
+    env = os.environ.get("VMLAB_NESTED", "")
+    if env == "0":
+        return False
+    return bool(config.getoption("vmlab_nested")) or env not in ("", "0")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
