@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Scale: N real guests on one backend, VM<->VM in a ring, and many concurrent host connections.
 
-    python benchmarks/scale.py [--vms 16] [--connections 1000] [--json]
+    python benchmarks/scale.py [--vms 16] [--connections 1000] [--memory MiB] [--compare-one]
+                               [--no-ring] [--json]
 
 Boots --vms guests in parallel (one vhost-user backend serves them all), has every guest i send a
 message to guest (i+1) % N over vsock, then opens --connections concurrent guest->host connections
 spread over the guests, all held open at once before any is closed. Prints boot time, the ring's
 time, connections/s, the peak number of connections the backend held, and the backend's CPU time
-and memory. Numbers only; correctness is checked on the way (every message and byte must arrive).
+and memory (RSS per idle VM: its qemu plus 1/N of the backend, a few seconds after boot).
+--compare-one boots a single VM first and prints the N-VM parallel boot as a multiple of it.
+Numbers only; correctness is checked on the way (every message and byte must arrive).
 """
 
 from __future__ import annotations
@@ -27,6 +30,8 @@ from vmlab.guest import GuestHelper  # noqa: E402
 from vmlab.lab import Lab, LabOptions  # noqa: E402
 from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 from vmlab.vsock.host import host_listen  # noqa: E402
+
+DEFAULT_MEMORY = 160
 
 
 def rss_mib(pid: int | None) -> float | None:
@@ -94,30 +99,88 @@ def concurrent_connections(lab: Lab, total: int) -> dict:
             "connections_per_s": round(total / opened, 1), "backend_held_at_peak": held}
 
 
-def main() -> int:
+def rss_detail_mib(pid: int | None) -> dict:
+    """VmRSS and its shared-memory part (guest RAM is a shared memfd) of one process, MiB."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssShmem", "RssAnon", "RssFile"):
+                out[key] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, TypeError):
+        pass
+    return out
+
+
+def _scenario(n: int, memory: int):
+    return inline_scenario(vms=[VmSpec(name=f"v{i:02d}", memory_mib=memory) for i in range(n)],
+                           transport="vhost-user", name="scale")
+
+
+def boot(n: int, memory: int, idle: float = 3.0, work=None) -> dict:
+    """Boot n guests in parallel on one backend; boot time, then RSS per idle VM (its qemu plus
+    its share of the backend) after `idle` seconds; `work(lab)` may add more numbers."""
+    started = time.monotonic()
+    with Lab(_scenario(n, memory), LabOptions(boot_timeout=900)) as lab:
+        boot_s = time.monotonic() - started
+        time.sleep(idle)
+        qemu = [rss_detail_mib(vm.machine.pid) for vm in lab.vms]
+        backend = rss_detail_mib(lab.backend.pid)
+        per_vm = [q.get("VmRSS", 0) + backend.get("VmRSS", 0) / n for q in qemu]
+        out = {"vms": n, "memory_mib": memory, "boot_seconds": round(boot_s, 1),
+               "rss_per_idle_vm_mib": round(sum(per_vm) / n, 1),
+               "rss_per_idle_vm_max_mib": round(max(per_vm), 1),
+               "qemu_rss_mib": qemu[0], "backend_rss_mib_idle": backend.get("VmRSS")}
+        if work is not None:
+            out.update(work(lab))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vms", type=int, default=16)
-    parser.add_argument("--connections", type=int, default=1000)
-    parser.add_argument("--memory", type=int, default=160, help="MiB per guest (default 160)")
+    parser.add_argument("--connections", type=int, default=1000,
+                        help="concurrent guest->host connections (0: skip)")
+    parser.add_argument("--memory", type=int, default=DEFAULT_MEMORY,
+                        help=f"MiB per guest (default {DEFAULT_MEMORY})")
+    parser.add_argument("--compare-one", action="store_true",
+                        help="boot 1 VM first: print the N-VM boot time as a multiple of it")
+    parser.add_argument("--no-ring", action="store_true", help="skip the VM->VM ring")
     parser.add_argument("--json", action="store_true")
-    args = parser.parse_args()
-
-    scenario = inline_scenario(vms=[VmSpec(name=f"v{i:02d}", memory_mib=args.memory) for i in range(args.vms)],
-                               transport="vhost-user", name="scale")
-    started = time.monotonic()
-    with Lab(scenario, LabOptions(boot_timeout=900)) as lab:
-        boot = time.monotonic() - started
-        pid = lab.backend.pid
-        ring_s = ring(lab)
-        conns = concurrent_connections(lab, args.connections)
-        result = {"vms": args.vms, "boot_seconds": round(boot, 1), "ring_seconds": round(ring_s, 2), **conns,
-                  "backend_cpu_seconds": cpu_seconds(pid), "backend_rss_mib": rss_mib(pid)}
+    args = parser.parse_args(argv)
+    result = scale(args.vms, args.memory, args.connections, not args.no_ring, args.compare_one)
     if args.json:
         print(json.dumps(result, indent=2))
     else:
         for key, value in result.items():
-            print(f"{key:>24}: {value}")
+            print(f"{key:>28}: {value}")
     return 0
+
+
+def scale(vms: int, memory: int, connections: int, do_ring: bool, compare_one: bool) -> dict:
+    result: dict = {}
+    if compare_one:
+        one = boot(1, memory)
+        result["boot_one_seconds"] = one["boot_seconds"]
+        result["rss_one_vm_mib"] = one["rss_per_idle_vm_mib"]
+
+    def work(lab: Lab) -> dict:
+        pid = lab.backend.pid
+        out: dict = {}
+        if do_ring:
+            out["ring_seconds"] = round(ring(lab), 2)
+        if connections:
+            out.update(concurrent_connections(lab, connections))
+        out["backend_cpu_seconds"] = cpu_seconds(pid)
+        out["backend_rss_mib"] = rss_mib(pid)
+        if connections:
+            out["backend_rss_mib_after_connections"] = out["backend_rss_mib"]
+        return out
+
+    result.update(boot(vms, memory, work=work))
+    if compare_one:
+        result["boot_ratio_vs_one"] = round(result["boot_seconds"] / result["boot_one_seconds"], 2)
+    return result
 
 
 if __name__ == "__main__":

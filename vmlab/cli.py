@@ -1,4 +1,5 @@
-"""The `vmlab` command line: run, validate, check, image build/status, console, ls."""
+"""The `vmlab` command line: run, replay, validate, check, image build/status, kernel build/ls/rm,
+bisect, console, ls, exec, qmp, exec-guest, capture."""
 
 from __future__ import annotations
 
@@ -10,8 +11,8 @@ import select
 import signal
 import socket
 import sys
-import termios
 import time
+import termios
 import tty
 from pathlib import Path
 
@@ -37,81 +38,13 @@ def _err(msg: str) -> None:
 # -- run -------------------------------------------------------------------------------------
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from vmlab.lab import Lab, LabOptions
-    from vmlab.report import step_line, summary_line, write_junit
-    from vmlab.scenario import ScenarioError, load_scenario
-
-    try:
-        scenario = load_scenario(args.scenario)
-    except ScenarioError as exc:
-        _err(f"invalid scenario:\n{exc}")
-        return EXIT_USAGE
-    except OSError as exc:
-        _err(f"cannot read scenario: {exc}")
-        return EXIT_USAGE
-    for warning in scenario.warnings:
-        print(f"warning: {warning}", file=sys.stderr)
-
-    options = LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel, rootfs=args.rootfs,
-                         artifacts_dir=Path(args.artifacts) if args.artifacts else None,
-                         keep_artifacts="always" if args.artifacts else "never",
-                         pcap=Path(args.pcap).resolve() if args.pcap else None,
-                         progress=sys.stderr.isatty(), boot_timeout=args.boot_timeout)
-    started = time.monotonic()
-    results = []
-    setup_error = None
-    lab = Lab(scenario, options)
-    try:
-        print(f"scenario {scenario.name}: {len(scenario.vms)} VM(s), {len(scenario.steps)} step(s)", flush=True)
-        try:
-            lab.start()
-        except KeyboardInterrupt:
-            raise
-        except Exception as exc:  # noqa: BLE001 - reported, then torn down below
-            setup_error = f"{type(exc).__name__}: {exc}"
-        for notice in options.notices:
-            print(f"note: {notice}", flush=True)
-        if setup_error is None:
-            booted = ", ".join(f"{vm.name} (cid {vm.cid}, {vm.transport or 'no vsock'})" for vm in lab.vms)
-            print(f"booted in {time.monotonic() - started:.1f}s: {booted}; accel {lab.accel}", flush=True)
-            counter = iter(range(1, 10**6))
-            results = lab.run_steps(reporter=lambda r: print(step_line(next(counter), r), flush=True))
-            if args.keep:
-                _keep_alive(lab)
-        else:
-            print(f"lab setup failed:\n{setup_error}", flush=True)
-    except KeyboardInterrupt:
-        print("\ninterrupted: tearing the lab down", file=sys.stderr, flush=True)
-        lab.failed = True
-        return 130
-    finally:
-        lab.close()
-        if options.artifacts_dir and options.artifacts_dir.exists():
-            print(f"artifacts: {options.artifacts_dir}", flush=True)
-        if options.pcap and options.pcap.exists():
-            print(f"capture: {options.pcap} (open with wireshark or `tshark -r`)", flush=True)
-    elapsed = time.monotonic() - started
-    kernel_errors = lab.kernel_errors()
-    for name, lines in kernel_errors.items():
-        print(f"guest kernel error on {name}: {lines[0]}", file=sys.stderr)
-    print(summary_line(results, elapsed) if setup_error is None else "FAILED: the lab did not come up (see above)", flush=True)
-    if args.junit_xml:
-        write_junit(Path(args.junit_xml), scenario.name, results, elapsed, setup_error=setup_error)
-    ok = setup_error is None and results is not None and all(r.ok for r in results) and not kernel_errors
-    return EXIT_OK if ok else (EXIT_SETUP if setup_error else EXIT_FAILED)
+    from vmlab.run_command import cmd_run as run
+    return run(args)
 
 
-def _keep_alive(lab) -> None:
-    """Leave the VMs up for debugging until Ctrl-C; consoles are released for `vmlab console`."""
-    lab.release_consoles()
-    print(f"\nlab {lab.lab_id} is up; Ctrl-C here tears it down.", flush=True)
-    for vm in lab.vms:
-        extra = f", host side {vm.uds_path}" if vm.uds_path else ""
-        print(f"  {vm.name}: cid {vm.cid}; console: vmlab console {vm.name} --lab {lab.lab_id}; "
-              f"qmp: {vm.machine.config.qmp_socket}{extra}", flush=True)
-    while any(vm.machine.alive() for vm in lab.vms):
-        time.sleep(0.5)
-    print("all VMs have exited", flush=True)
+def cmd_replay(args: argparse.Namespace) -> int:
+    from vmlab.run_command import cmd_replay as replay
+    return replay(args)
 
 
 # -- validate / check / image --------------------------------------------------------------------
@@ -165,6 +98,87 @@ def cmd_image_status(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# -- kernel ----------------------------------------------------------------------------------------
+
+def cmd_kernel_build(args: argparse.Namespace) -> int:
+    from vmlab.kernel import BuildError, BuildRequest, ConfigError, SourceError, build_kernel
+
+    req = BuildRequest(src=Path(args.src) if args.src else None,
+                       fragment=Path(args.config) if args.config else None, jobs=args.jobs,
+                       force=args.force, name=args.name, build_cmd=args.build_cmd)
+    started = time.monotonic()
+    try:
+        build = build_kernel(req, progress=sys.stderr.isatty() or args.progress)
+    except (BuildError, ConfigError, SourceError) as exc:
+        _err(f"kernel build failed: {exc}")
+        return EXIT_FAILED if isinstance(exc, BuildError) else EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("kernel build interrupted")
+        return 130
+    m = build.meta
+    print(f"{'reused' if build.reused else 'built'} build:{m.name} ({m.describe()})"
+          + (f" in {time.monotonic() - started:.1f}s" if build.reused else f" in {m.seconds:.0f}s with -j{m.jobs}"))
+    print(f"kernel: {build.kernel}")
+    return EXIT_OK
+
+
+def cmd_kernel_ls(args: argparse.Namespace) -> int:
+    from vmlab.kernel import store
+
+    builds = store.all_builds()
+    if args.json:
+        from dataclasses import asdict
+        print(json.dumps([{**asdict(b.meta), "path": str(b.kernel)} for b in builds], indent=1))
+        return EXIT_OK
+    if not builds:
+        print(f"no kernel builds in {store.builds_dir()} (make one with `vmlab kernel build`)")
+        return EXIT_OK
+    for b in builds:
+        m = b.meta
+        when = time.strftime("%Y-%m-%d %H:%M", time.localtime(m.built))
+        print(f"build:{m.name}  {m.version}  {when}  {b.size() / 1e6:.1f} MB  {m.describe()}")
+    return EXIT_OK
+
+
+def cmd_kernel_rm(args: argparse.Namespace) -> int:
+    from vmlab.kernel import StoreError, store
+
+    status = EXIT_OK
+    for ref in args.builds:
+        try:
+            b = store.find(ref[len("build:"):] if ref.startswith("build:") else ref)
+        except StoreError as exc:
+            _err(str(exc))
+            status = EXIT_USAGE
+            continue
+        store.remove(b)
+        print(f"removed build:{b.meta.name} ({b.path})")
+    return status
+
+
+def cmd_bisect(args: argparse.Namespace) -> int:
+    from vmlab.kernel.bisect import BisectError, BisectOptions, run_bisect
+
+    if args.scenario and args.scenario[0] == "--":
+        args.scenario = args.scenario[1:]
+    if not args.scenario:
+        _err("bisect needs a scenario after --: vmlab bisect GOOD BAD -- SCENARIO [vmlab run options]")
+        return EXIT_USAGE
+    opts = BisectOptions(good=args.good, bad=args.bad, scenario=Path(args.scenario[0]),
+                         run_args=list(args.scenario[1:]), src=Path(args.src), repeat=args.repeat,
+                         build_cmd=args.build_cmd, config=Path(args.config) if args.config else None,
+                         jobs=args.jobs, logs=Path(args.logs) if args.logs else None)
+    try:
+        result = run_bisect(opts, out=lambda line: print(line, flush=True))
+    except BisectError as exc:
+        _err(f"bisect: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        _err("bisect interrupted; the tree was reset (git bisect reset)")
+        return 130
+    return EXIT_OK if result.first_bad else EXIT_FAILED
+
+
 # -- console / ls ----------------------------------------------------------------------------------
 
 def cmd_ls(args: argparse.Namespace) -> int:
@@ -176,6 +190,127 @@ def cmd_ls(args: argparse.Namespace) -> int:
     for lab in labs:
         vms = ", ".join(f"{n} (cid {v['cid']})" for n, v in lab["vms"].items())
         print(f"{Path(lab['run_dir']).name}: {lab['scenario']} pid {lab['pid']}: {vms}")
+    return EXIT_OK
+
+
+def _pick_lab(lab_id: str | None) -> dict | None:
+    from vmlab.runtime import running_labs
+
+    labs = running_labs()
+    if lab_id is not None:
+        match = [lab for lab in labs if Path(lab["run_dir"]).name == lab_id]
+        if not match:
+            _err(f"no running lab {lab_id!r}" + (f" (running: {', '.join(Path(l['run_dir']).name for l in labs)})"
+                                                  if labs else " (start one with `vmlab run SCENARIO --keep`)"))
+            return None
+        return match[0]
+    if not labs:
+        _err("no running lab (start one with `vmlab run SCENARIO --keep`)")
+        return None
+    if len(labs) > 1:
+        _err("several labs are running; pick one with --lab: " + ", ".join(Path(l["run_dir"]).name for l in labs))
+        return None
+    return labs[0]
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    from vmlab.shim import LabTarget, ShimError, check_program, shim_env
+
+    argv = list(args.argv)
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    if not argv:
+        _err("exec: no program given (vmlab exec [--lab ID] -- PROGRAM ARGS...)")
+        return EXIT_USAGE
+    state = _pick_lab(args.lab)
+    if state is None:
+        return EXIT_USAGE
+    target = LabTarget.from_state(state)
+    try:
+        exe = check_program(argv[0], target)
+        env = shim_env(target)
+    except ShimError as exc:
+        _err(f"exec: {exc}")
+        return EXIT_USAGE
+    sys.stdout.flush()
+    sys.stderr.flush()
+    try:
+        os.execve(exe, argv, env)
+    except OSError as exc:
+        _err(f"exec: cannot run {exe}: {exc}")
+        return 126
+def cmd_qmp(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, find_vm, qmp_command
+
+    try:
+        arguments = json.loads(args.arguments) if args.arguments else None
+        if arguments is not None and not isinstance(arguments, dict):
+            raise ValueError("must be a JSON object")
+    except ValueError as exc:
+        _err(f"ARGS-JSON {args.arguments!r}: {exc}")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        result = qmp_command(vm.get("qmp_tools") or "", args.command, arguments)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
+    print(json.dumps(result, indent=2))
+    return EXIT_OK
+
+
+def cmd_exec_guest(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, exec_guest, find_vm
+
+    # REMAINDER also swallows options given after VM (`exec-guest a --lab X -- cmd`): take them back
+    rest = list(args.cmd or [])
+    if "--" in rest:
+        head, command = rest[:rest.index("--")], rest[rest.index("--") + 1:]
+        while head:
+            opt = head.pop(0)
+            key, _, value = opt.partition("=")
+            if key not in ("--lab", "--timeout") or (not value and not head):
+                _err(f"exec-guest: unexpected {opt!r} before --")
+                return EXIT_USAGE
+            value = value or head.pop(0)
+            if key == "--lab":
+                args.lab = value
+            else:
+                try:
+                    args.timeout = float(value)
+                except ValueError:
+                    _err(f"exec-guest: --timeout {value!r} is not a number")
+                    return EXIT_USAGE
+    else:
+        command = rest
+    if not command:
+        _err("exec-guest: give the command after --, e.g. `vmlab exec-guest a -- uname -r`")
+        return EXIT_USAGE
+    try:
+        vm = find_vm(args.vm, args.lab)
+        rc, out = exec_guest(vm["serial"], " ".join(command), args.timeout)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_SETUP
+    sys.stdout.write(out)
+    sys.stdout.flush()
+    return rc
+
+
+def cmd_capture(args: argparse.Namespace) -> int:
+    from vmlab.attach import AttachError, capture, find_lab
+
+    if args.write is None and sys.stdout.isatty():
+        _err("capture: stdout is a terminal; pipe it (`| wireshark -k -i -`) or use -w FILE")
+        return EXIT_USAGE
+    try:
+        lab = find_lab(args.lab)
+        print(f"capturing lab {Path(lab['run_dir']).name} ({lab['scenario']}); Ctrl-C stops",
+              file=sys.stderr, flush=True)
+        capture(lab, sys.stdout.fileno(), Path(args.write) if args.write else None)
+    except AttachError as exc:
+        _err(str(exc))
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -250,19 +385,51 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", choices=("auto", "vhost", "vhost-user"), default=None,
                      help="vsock transport for VMs the scenario leaves at auto (a transport the scenario "
                           "pins is kept)")
-    run.add_argument("--kernel", default=None, help="guest kernel (vmlinuz) for VMs that do not pin one")
     run.add_argument("--rootfs", choices=("image", "host"), default=None,
                      help="root filesystem for VMs the scenario leaves open: image (vmlab's busybox initramfs, "
                           "the default) or host (the host's / read-only over virtio-9p, tmpfs/overlays for writes)")
+    run.add_argument("--kernel", default=None,
+                     help="guest kernel for VMs that do not pin one: a vmlinuz path, build:NAME (vmlab kernel ls), "
+                          "source:DIR (built on demand) or package:linux-image-...")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="auto uses KVM only where it really works, else TCG")
     run.add_argument("--keep", action="store_true",
                      help="after the steps, keep the VMs up (until Ctrl-C) and print how to reach their consoles")
     run.add_argument("--artifacts", metavar="DIR", help="keep console, QMP, qemu and backend logs in DIR")
     run.add_argument("--junit-xml", metavar="FILE", help="write a JUnit XML report (one test case per step)")
-    run.add_argument("--pcap", metavar="FILE", help="vhost-user: capture every vsock packet (Wireshark LINKTYPE_VSOCK)")
+    run.add_argument("--pcap", metavar="FILE",
+                     help="capture every vsock packet once (Wireshark LINKTYPE_VSOCK): vhost-user in "
+                          "the backend, vhost on a vsockmon link (needs root and the vsockmon module); "
+                          "FILE may be a FIFO, or - for stdout (the report then goes to stderr): "
+                          "`vmlab run S --pcap - | wireshark -k -i -`")
     run.add_argument("--boot-timeout", type=float, default=240.0, metavar="SEC", help="per-VM boot timeout (default 240)")
+    rep = run.add_argument_group("reproducing (docs/reproducing.md)")
+    rep.add_argument("--seed", type=int, default=None, metavar="N",
+                     help="seed of every random fault decision (default: a random one, printed); "
+                          "run i of a repeat uses N+i-1")
+    rep.add_argument("--repeat", type=int, default=None, metavar="N", help="run the scenario N times")
+    rep.add_argument("--until-fail", action="store_true",
+                     help="run until a run fails (at most --max runs), then stop")
+    rep.add_argument("--max", type=int, default=100, metavar="N", help="--until-fail: at most N runs (default 100)")
+    rep.add_argument("--fresh", action="store_true",
+                     help="boot fresh VMs for every run even when the scenario says `reuse: true`")
+    rep.add_argument("--bundle", metavar="FILE.tar.gz",
+                     help="write a bundle (scenario, seed, versions, logs, pcap, reproduce.sh) of the "
+                          "first failing run, or the last run when all pass")
+    rep.add_argument("--bundle-on-failure", metavar="FILE.tar.gz",
+                     help="like --bundle, but only when a run failed")
+    rep.add_argument("--bundle-kernel", action="store_true", help="put the guest kernel itself into the bundle")
+    rep.add_argument("--gdb", action="store_true",
+                     help="QEMU gdbstub per VM on a Unix socket; prints the gdb line to attach")
     run.set_defaults(func=cmd_run)
+
+    replay = sub.add_parser("replay", help="rerun a bundle made by `vmlab run --bundle`",
+                            description="Unpack FILE.tar.gz and rerun its scenario with its seed, "
+                                        "transport and (if bundled) kernel; exits like `vmlab run`.")
+    replay.add_argument("bundle", metavar="FILE.tar.gz")
+    replay.add_argument("--dir", default=None, help="unpack here and keep it (default: a temp dir, removed)")
+    replay.add_argument("extra", nargs=argparse.REMAINDER, help="more `vmlab run` options after --")
+    replay.set_defaults(func=cmd_replay)
 
     val = sub.add_parser("validate", help="check scenario files without booting anything")
     val.add_argument("scenarios", nargs="+", metavar="SCENARIO")
@@ -287,13 +454,104 @@ def build_parser() -> argparse.ArgumentParser:
     status.set_defaults(func=cmd_image_status)
     image.set_defaults(func=lambda a: (image.print_help(), EXIT_USAGE)[1])
 
+    kernel = sub.add_parser("kernel", help="guest kernels built from source: build, ls, rm")
+    kernel_sub = kernel.add_subparsers(dest="kernel_command", metavar="KERNEL_COMMAND")
+    kb = kernel_sub.add_parser(
+        "build", help="build a bootable, module-free guest kernel from a Linux source tree",
+        description="Build a guest kernel: tinyconfig + the options vmlab needs built in (virtio-pci, "
+                    "vsock + virtio transport + loopback + vsockmon, 9p, virtiofs, virtio-net, ACPI "
+                    "power button, PCI hotplug, ...) + your fragment. Without SRC, the distribution's "
+                    "linux-source package is downloaded and unpacked into the cache. Builds are cached "
+                    "by source content (git commit + diff, package version or tree hash) and config.",
+        epilog="The kernel is then usable as build:<name> (scenario `kernel:`, `vmlab run --kernel`). "
+               "See docs/kernels.md.")
+    kb.add_argument("src", nargs="?", default=None, help="Linux source tree (default: the distribution's linux-source)")
+    kb.add_argument("--config", metavar="FRAGMENT", help="extra Kconfig fragment (e.g. CONFIG_KASAN=y); it wins "
+                    "over vmlab's options, but those must stay =y")
+    kb.add_argument("--jobs", "-j", type=int, default=None, metavar="N", help="make -jN (default: CPU count)")
+    kb.add_argument("--force", action="store_true", help="rebuild even when the same build is cached")
+    kb.add_argument("--name", default=None, help="name of the build (default: <tree>-<commit>-<key>)")
+    kb.add_argument("--build-cmd", default=None, metavar="CMD",
+                    help="your own build recipe, run in SRC with $VMLAB_KERNEL_OUT: it must leave a bzImage, "
+                         "vmlinuz* or boot/vmlinuz-* (+ lib/modules) there")
+    kb.add_argument("--progress", action="store_true", help="show progress even when stderr is not a terminal")
+    kb.set_defaults(func=cmd_kernel_build)
+    kl = kernel_sub.add_parser("ls", help="list cached kernel builds")
+    kl.add_argument("--json", action="store_true")
+    kl.set_defaults(func=cmd_kernel_ls)
+    kr = kernel_sub.add_parser("rm", help="remove cached kernel builds")
+    kr.add_argument("builds", nargs="+", metavar="NAME", help="build name (or build:NAME, or a key prefix)")
+    kr.set_defaults(func=cmd_kernel_rm)
+    kernel.set_defaults(func=lambda a: (kernel.print_help(), EXIT_USAGE)[1])
+
+    bis = sub.add_parser(
+        "bisect", help="find the kernel commit that breaks a scenario (git bisect run + build + vmlab run)",
+        usage="vmlab bisect [options] GOOD BAD -- SCENARIO [vmlab run options]",
+        description="In a kernel git tree: git bisect between GOOD and BAD, building each commit "
+                    "(vmlab kernel build, or --build-cmd) and running SCENARIO on it. A build failure "
+                    "skips the commit (exit 125), a failing or non-booting scenario marks it bad, a pass good.",
+        epilog="exit status: 0 a first bad commit was found; 1 bisect ended without one; 2 usage error. "
+               "Logs of every step (build log, run artifacts) are kept under --logs.")
+    bis.add_argument("good", metavar="GOOD", help="a commit where the scenario passes")
+    bis.add_argument("bad", metavar="BAD", help="a commit where it fails")
+    bis.add_argument("scenario", nargs=argparse.REMAINDER, metavar="-- SCENARIO",
+                     help="scenario file, then options passed to `vmlab run`")
+    bis.add_argument("--src", default=".", help="the kernel git tree (default: current directory)")
+    bis.add_argument("--repeat", type=int, default=1, metavar="N",
+                     help="run the scenario N times per commit; bad if any run fails (flaky bugs)")
+    bis.add_argument("--build-cmd", default=None, metavar="CMD", help="build recipe instead of vmlab's (see kernel build)")
+    bis.add_argument("--config", metavar="FRAGMENT", help="Kconfig fragment for every build")
+    bis.add_argument("--jobs", "-j", type=int, default=None, metavar="N")
+    bis.add_argument("--logs", metavar="DIR", help="where each step's logs go (default: ./vmlab-bisect-<time>)")
+    bis.set_defaults(func=cmd_bisect)
+
     console = sub.add_parser("console", help="attach to a kept VM's serial console (Ctrl-] detaches)")
     console.add_argument("vm", help="VM name")
     console.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
     console.set_defaults(func=cmd_console)
 
+    qmp = sub.add_parser("qmp", help="send a QMP command to a kept VM's QEMU",
+                         description="e.g. `vmlab qmp a query-status`, "
+                                     "`vmlab qmp a human-monitor-command '{\"command-line\": \"info qtree\"}'`")
+    qmp.add_argument("vm", help="VM name")
+    qmp.add_argument("command", help="QMP command (query-status, stop, cont, system_reset, ...)")
+    qmp.add_argument("arguments", nargs="?", default=None, metavar="ARGS-JSON", help="its arguments, a JSON object")
+    qmp.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    qmp.set_defaults(func=cmd_qmp)
+
+    ex = sub.add_parser("exec-guest", help="run a shell command in a kept VM (exit status is the command's)",
+                        description="e.g. `vmlab exec-guest a -- cat /proc/net/vsock`; runs over the serial "
+                                    "console, so not while `vmlab console` is attached to that VM.")
+    ex.add_argument("vm", help="VM name")
+    ex.add_argument("--lab", default=None, help="lab id (from `vmlab ls`) when several labs run")
+    ex.add_argument("--timeout", type=float, default=60.0, metavar="SEC", help="default 60")
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- CMD", help="the command")
+    ex.set_defaults(func=cmd_exec_guest)
+
+    cap = sub.add_parser("capture", help="live pcap of a kept lab's vsock traffic (vhost-user backend)",
+                         description="Attach a capture to the backend of a lab kept by `vmlab run --keep`: "
+                                     "`vmlab capture --lab ID | wireshark -k -i -`, or -w FILE.")
+    cap.add_argument("--lab", default=None, help="lab id (from `vmlab ls`); default: the only running lab")
+    cap.add_argument("-w", "--write", default=None, metavar="FILE", help="write FILE instead of stdout")
+    cap.set_defaults(func=cmd_capture)
+
     ls = sub.add_parser("ls", help="list running labs")
     ls.set_defaults(func=cmd_ls)
+
+    ex = sub.add_parser(
+        "exec", help="run a host AF_VSOCK program against a running lab's guests",
+        usage="vmlab exec [-h] [--lab ID] -- PROGRAM [ARGS...]",
+        description="Run PROGRAM so that its AF_VSOCK sockets reach the lab's guests. On the vhost-user "
+                    "transport an LD_PRELOAD library (compiled on first use, cached) maps them onto the lab's "
+                    "backend: listen() on a port gets guest connections from every VM of the lab, connect() "
+                    "reaches any of its guests by CID. On the vhost transport PROGRAM runs unchanged (the "
+                    "kernel's AF_VSOCK). Statically linked programs cannot be shimmed and are refused.",
+        epilog="exit status: PROGRAM's own; 2 no such lab, no program, or a static binary on vhost-user; "
+               "126 PROGRAM could not be executed. See docs/exec.md.")
+    ex.add_argument("--lab", default=None, help="lab id (from `vmlab ls`); default: the only running lab")
+    ex.add_argument("argv", nargs=argparse.REMAINDER, metavar="-- PROGRAM ARGS",
+                    help="the program and its arguments")
+    ex.set_defaults(func=cmd_exec)
     return parser
 
 

@@ -103,8 +103,10 @@ def cid_arg(cid: int | str) -> str:
 
 
 def listen_argv(port: int | str, *, cid: int | str = "any", type: str = "stream", once: bool = True,
-                echo: bool = False, chunk: int | None = None, expect_bytes: int | None = None) -> list[str]:
+                echo: bool = False, chunk: int | None = None, expect_bytes: int | None = None,
+                send: str | None = None) -> list[str]:
     argv = [GUEST_HELPER, "listen", port_arg(port), "--cid", cid_arg(cid)]
+    argv += ["--send", send] if send is not None else []
     argv += ["--seqpacket"] if type == "seqpacket" else []
     argv += ["--once"] if once else []
     argv += ["--echo"] if echo else []

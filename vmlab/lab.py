@@ -48,6 +48,9 @@ class LabOptions:
     pcap: Path | None = None            # vhost-user: capture every packet (LINKTYPE_VSOCK)
     qemu: str = "qemu-system-x86_64"
     progress: bool = False              # show image build progress
+    seed: int = 0                       # fault RNG seed (vsock/faults.py), printed in reports
+    gdb: bool = False                   # QEMU gdbstub on <run_dir>/<vm>.gdb (a Unix socket)
+    pcap_required: bool = True          # False: a vhost lab that cannot capture runs without
     notices: list[str] = field(default_factory=list)
 
 
@@ -114,7 +117,9 @@ class Lab:
         self._vms: dict[str, VmHandle] = {}
         self._leases: list[Any] = []
         self._closed = False
+        self.kernels: dict[str, str] = {}  # VM name -> exact kernel description (version, commit, config)
         self._endpoints: list[Any] = []  # host listeners/connections opened by steps, closed with the lab
+        self._vsockmon: Any = None       # --pcap on the vhost transport (vmlab.vsockmon)
         self._lock = threading.Lock()
 
     # -- context manager ----------------------------------------------------------------
@@ -141,6 +146,13 @@ class Lab:
     @property
     def lab_id(self) -> str:
         return self.runtime.lab_id if self.runtime else ""
+
+    @property
+    def host_ns(self) -> str:
+        """Namespace of the lab-wide host listeners (abstract Unix names) `vmlab exec` binds:
+        short (abstract names have 107 bytes) and unique per runtime dir."""
+        import hashlib
+        return f"vmlab:{self.lab_id}:{hashlib.sha256(str(self.run_dir).encode()).hexdigest()[:12]}"
 
     @property
     def vms(self) -> list[VmHandle]:
@@ -177,9 +189,18 @@ class Lab:
         self.runtime = RuntimeDir.create()
         transports = self._resolve_transports()
         cids = self._assign_cids(transports)
-        configs = self._vm_configs(transports, cids)
         if any(t == "vhost-user" for t in transports.values()):
-            self._start_backend(transports, cids)
+            self._start_backend(transports, cids)  # starts up while the images are prepared
+        if opts.pcap and any(t == "vhost" for t in transports.values()):
+            try:
+                self._start_vsockmon(opts.pcap)
+            except LabError as exc:
+                if opts.pcap_required:
+                    raise
+                opts.notices.append(f"no capture: {exc}")
+        configs = self._vm_configs(transports, cids)
+        if self.backend is not None:
+            self.backend.wait_ready()
         self._write_state()
         machines = []
         for spec in self.scenario.vms:
@@ -248,7 +269,14 @@ class Lab:
     def _image(self, spec: VmSpec) -> tuple[Path, Path, Path | None]:
         """(kernel, initrd, the kernel's module tree on the host or None)."""
         from vmlab.image import ensure_image
+        from vmlab.kernel.spec import describe_path, resolve
 
+        ref = spec.kernel or self.options.kernel
+        kernel, description = None, None
+        if ref is not None:
+            # a path, build:<name>, source:<dir> (built on demand) or package:<name>
+            resolved = resolve(ref, progress=self.options.progress)
+            kernel, description = resolved.path, resolved.description
         if self.rootfs_of(spec) == "host":
             from vmlab import hostroot
 
@@ -258,16 +286,19 @@ class Lab:
             env_file = self.run_dir / f"{spec.name}.host.env"
             env_file.write_text(hostroot.host_env())
             files = hostroot.guest_files(spec.files, env_file)
-            image = ensure_image(kernel=spec.kernel or self.options.kernel, extra_files=files,
-                                 progress=self.options.progress)
+            image = ensure_image(kernel=kernel, extra_files=files, progress=self.options.progress)
+            self.kernels[spec.name] = description or describe_path(image.kernel)
             return image.kernel, image.initrd, image.modules_dir
-        kernel = spec.kernel or self.options.kernel
         if spec.initrd is not None:
             if kernel is None:
-                image = ensure_image(progress=self.options.progress)
-                return image.kernel, spec.initrd, None
-            return Path(kernel), spec.initrd, None
+                kpath = ensure_image(progress=self.options.progress).kernel
+            else:
+                from vmlab.image.kernel import from_path
+                kpath = from_path(Path(kernel), "kernel").vmlinuz  # a package root -> its vmlinuz
+            self.kernels[spec.name] = description or describe_path(kpath)
+            return kpath, spec.initrd, None
         image = ensure_image(kernel=kernel, extra_files=spec.files or None, progress=self.options.progress)
+        self.kernels[spec.name] = description or describe_path(image.kernel)
         return image.kernel, image.initrd, None
 
     def _vm_configs(self, transports: dict[str, str | None], cids: dict[str, int]) -> dict[str, VmConfig]:
@@ -285,11 +316,39 @@ class Lab:
                 cid=cids.get(name), transport=transports[name],
                 vhost_user_socket=self.run_dir / f"{name}.vu" if transports[name] == "vhost-user" else None,
                 memory_mib=spec.memory_mib, cpus=spec.cpus, accel=self.accel, cmdline=spec.cmdline,
-                share_dir=spec.share, extra_args=list(spec.qemu_args), lab_id=self.lab_id,
+                share_dir=spec.share,
+                extra_args=list(spec.qemu_args) + self._tool_args(name) + self._gdb_args(name),
+                lab_id=self.lab_id,
                 rootfs=rootfs, host_modules=modules if rootfs == "host" else None,
                 overlays=hostroot.overlay_dirs() if rootfs == "host" else [],
             )
         return configs
+
+    def _tool_args(self, name: str) -> list[str]:
+        """A second QMP monitor for `vmlab qmp` (the lab keeps the first one connected)."""
+        path = self.run_dir / f"{name}.qmp-tools"
+        return ["-chardev", f"socket,id=qmptools,path={path},server=on,wait=off",
+                "-mon", "chardev=qmptools,mode=control"]
+
+    def _gdb_args(self, name: str) -> list[str]:
+        """`--gdb`: QEMU's gdbstub on a Unix socket in the run dir (no TCP port to collide)."""
+        if not self.options.gdb:
+            return []
+        path = self.run_dir / f"{name}.gdb"
+        return ["-chardev", f"socket,id=gdb0,path={path},server=on,wait=off", "-gdb", "chardev:gdb0"]
+
+    def _start_vsockmon(self, pcap: Path) -> None:
+        from vmlab.vsockmon import VsockmonCapture, VsockmonError
+
+        if any(t == "vhost-user" for t in self._resolve_transports().values()):
+            raise LabError("--pcap with VMs on both transports: the backend and vsockmon would "
+                           "both write the capture; pick one transport")
+        cap = VsockmonCapture(pcap)
+        try:
+            cap.start(self.run_dir / "vsockmon.log")
+        except VsockmonError as exc:
+            raise LabError(str(exc)) from None
+        self._vsockmon = cap
 
     def _start_backend(self, transports: dict[str, str | None], cids: dict[str, int]) -> None:
         from vmlab.vsock.process import BackendProcess
@@ -302,9 +361,11 @@ class Lab:
             ],
             "pcap": str(self.options.pcap) if self.options.pcap else None,
             "log": str(self.run_dir / "backend.log"),
+            "host_ns": self.host_ns,
+            "seed": self.options.seed,
         }
         self.backend = BackendProcess(config, self.run_dir)
-        self.backend.start()
+        self.backend.spawn()
 
     def _boot_all(self, machines: list[Machine]) -> None:
         """Wait for every guest in parallel; the first failure is raised after all have settled.
@@ -334,10 +395,12 @@ class Lab:
             "scenario": self.scenario.name,
             "source": str(self.scenario.source) if self.scenario.source else None,
             "started": time.time(),
+            "host_ns": self.host_ns,
             "vms": {
                 name: {"cid": vm.cid, "transport": vm.transport,
                        "serial": str(vm.machine.config.serial_socket),
                        "qmp": str(vm.machine.config.qmp_socket),
+                       "qmp_tools": str(self.run_dir / f"{name}.qmp-tools"),
                        "uds_path": str(vm.uds_path) if vm.uds_path else None,
                        "pid": vm.machine.pid}
                 for name, vm in self._vms.items()
@@ -353,6 +416,33 @@ class Lab:
         if any(not r.ok for r in results):
             self.failed = True
         return results
+
+    def next_run(self, seed: int) -> None:
+        """Make the booted lab ready to run the steps again (`vmlab run --repeat` with
+        `reuse: true`): host endpoints of the last run closed, faults cleared, a new seed."""
+        with self._lock:
+            endpoints, self._endpoints = self._endpoints, []
+        for endpoint in endpoints:
+            try:
+                endpoint.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %r", endpoint)
+        self.options.seed = seed
+        self.failed = False
+        if self.backend is not None:
+            reply = self.backend.control({"cmd": "seed", "seed": seed})
+            if not reply.get("ok"):
+                raise LabError(f"backend refused the new seed: {reply}")
+
+    def fault_report(self) -> list[dict]:
+        """The backend's fault rules with their hit counters ([] without a backend)."""
+        if self.backend is None:
+            return []
+        try:
+            reply = self.backend.control({"cmd": "faults"}, timeout=5)
+        except Exception:  # noqa: BLE001 - a report must not fail the run
+            return []
+        return list(reply.get("faults", []))
 
     def pids(self) -> list[int]:
         """Process ids this lab owns (qemu per VM, the backend)."""
@@ -373,7 +463,8 @@ class Lab:
         """The log files worth keeping: consoles, QMP event logs, qemu stderr, backend log, pcap."""
         if self.runtime is None or not self.run_dir.exists():
             return iter(())
-        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log")
+        patterns = ("*.console.log", "*.qmp.jsonl", "*.qemu.log", "backend.log", "*.pcap", "*.guest.log",
+                    "host-run-*.log")
         return (p for pattern in patterns for p in sorted(self.run_dir.glob(pattern)))
 
     # -- teardown --------------------------------------------------------------------------
@@ -394,6 +485,11 @@ class Lab:
         if machines:
             with ThreadPoolExecutor(max_workers=len(machines), thread_name_prefix="halt") as pool:
                 list(pool.map(lambda m: m.shutdown(), machines))
+        if self._vsockmon is not None:
+            try:
+                self._vsockmon.stop()
+            except Exception:  # noqa: BLE001
+                log.exception("stopping the vsockmon capture")
         if self.backend is not None:
             try:
                 self.backend.stop()

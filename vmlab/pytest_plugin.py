@@ -9,6 +9,8 @@ Fixtures
   vsock_listen   listen(port, vm=None, type="stream") -> host listener, either transport
   vsock_connect  connect(vm, port, type="stream") -> host connection, either transport
   guest          guest(vm) -> GuestHelper (the in-guest vmlab-guest helper)
+  host_run       host_run(lab, argv | "shell cmd", background=False) -> HostProcess: a host AF_VSOCK
+                 program run against the lab (under the vmlab exec shim on vhost-user)
 
 Markers
   @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., rootfs=...)
@@ -19,13 +21,17 @@ Markers
 Options
   --vmlab-transport, --vmlab-kernel, --vmlab-accel, --vmlab-keep-on-failure, --vmlab-artifacts DIR,
   --vmlab-nested
+  --vmlab-seed N (fault RNG seed; printed in the header), --vmlab-repeat N (run each lab test N
+  times, run i with seed N+i-1)
 On failure the console tails, QMP events and backend log are attached to the report, and the full
-logs are copied to the artifacts directory.
+logs are copied to the artifacts directory, with a bundle (`vmlab replay`) for labs made from a
+scenario file.
 """
 
 from __future__ import annotations
 
 import re
+import secrets
 import sys
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -38,26 +44,36 @@ from vmlab.scenario import Scenario, VmSpec, inline_scenario, load_scenario
 
 _LABS_KEY = pytest.StashKey[list]()
 _REPORTS_KEY = pytest.StashKey[dict]()
+_SEED_KEY = pytest.StashKey[int]()
+LAB_FIXTURES = ("lab", "vm", "vmlab_lab_factory")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmlab", "vmlab: VM labs for AF_VSOCK tests")
     group.addoption("--vmlab-transport", choices=("auto", "vhost", "vhost-user"), default=None,
                     help="vsock transport for VMs whose scenario leaves it at auto (scenarios that pin one keep it)")
-    group.addoption("--vmlab-kernel", default=None, help="guest kernel (vmlinuz) for labs that do not pin one")
+    group.addoption("--vmlab-kernel", default=None,
+                    help="guest kernel for labs that do not pin one: a vmlinuz path, build:NAME, source:DIR or package:NAME")
     group.addoption("--vmlab-accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     group.addoption("--vmlab-keep-on-failure", action="store_true",
                     help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")
     group.addoption("--vmlab-artifacts", default=None, metavar="DIR",
-                    help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/")
+                    help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/ "
+                         "(with bundle.tar.gz for `vmlab replay` when the lab came from a scenario file)")
     group.addoption("--vmlab-nested", action="store_true", default=None,
                     help="run tests marked vmlab_nested (vmlab inside a TCG guest: the kernel vhost "
                          "transport where the host has none; slow). Also VMLAB_NESTED=1")
+    group.addoption("--vmlab-seed", type=int, default=None, metavar="N",
+                    help="seed of the backend's random fault decisions (default: random, printed)")
+    group.addoption("--vmlab-repeat", type=int, default=1, metavar="N",
+                    help="run every test that uses a lab fixture N times (run i: seed N+i-1)")
 
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vmlab(scenario=None, vms=None, **options): lab for the `lab` fixture")
     config.addinivalue_line("markers", "vmlab_nested: boots a nested lab (vmlab inside a guest); needs --vmlab-nested")
+    seed = config.getoption("vmlab_seed")
+    config.stash[_SEED_KEY] = seed if seed is not None else secrets.randbelow(2**32)
 
 
 def nested_enabled(config: pytest.Config) -> bool:
@@ -83,6 +99,26 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     rest = [item for item in items if not item.get_closest_marker("vmlab_nested")]
     items[:] = nested + rest
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    seed = config.stash[_SEED_KEY]
+    return f"vmlab: fault seed {seed} (rerun with --vmlab-seed {seed})"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """--vmlab-repeat N: tests using a lab fixture run N times, as [vmlab-run1] .. [vmlab-runN]."""
+    n = metafunc.config.getoption("vmlab_repeat")
+    if n > 1 and any(f in metafunc.fixturenames for f in LAB_FIXTURES):
+        metafunc.fixturenames.append("vmlab_iteration")
+        metafunc.parametrize("vmlab_iteration", range(1, n + 1),
+                             ids=[f"vmlab-run{i}" for i in range(1, n + 1)], indirect=True)
+
+
+@pytest.fixture
+def vmlab_iteration(request: pytest.FixtureRequest) -> int:
+    """Which run of --vmlab-repeat this is (1 without repeating)."""
+    return getattr(request, "param", 1)
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -123,12 +159,14 @@ def _safe_name(nodeid: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", nodeid).strip("_")[:150]
 
 
-def _options(config: pytest.Config, artifacts_sub: str, **overrides: Any) -> LabOptions:
+def _options(config: pytest.Config, artifacts_sub: str, iteration: int = 1,
+             **overrides: Any) -> LabOptions:
     artifacts = config.getoption("vmlab_artifacts")
     opts = LabOptions(transport=config.getoption("vmlab_transport"), kernel=config.getoption("vmlab_kernel"),
                       accel=config.getoption("vmlab_accel"),
                       artifacts_dir=Path(artifacts) / artifacts_sub if artifacts else None,
-                      keep_artifacts="on-failure")
+                      keep_artifacts="on-failure",
+                      seed=(config.stash[_SEED_KEY] + iteration - 1) % 2**32)
     for key, value in overrides.items():
         if not hasattr(opts, key):
             raise pytest.UsageError(f"vmlab: unknown lab option {key!r}")
@@ -180,17 +218,20 @@ class _null:
 class _LabFactory:
     """Starts labs for one fixture scope and owns their teardown."""
 
-    def __init__(self, config: pytest.Config, artifacts_sub: str, base: Path | None) -> None:
+    def __init__(self, config: pytest.Config, artifacts_sub: str, base: Path | None,
+                 iteration: int = 1) -> None:
         self.config = config
         self.artifacts_sub = artifacts_sub
         self.base = base
+        self.iteration = iteration
         self.labs: list[Lab] = []
 
     def __call__(self, spec: Any = None, *, vms: Any = None, transport: str | None = None, **options: Any) -> Lab:
         # transport= pins the lab's VMs (e.g. vhost-user for VM<->VM); --vmlab-transport decides the rest
         scenario = to_scenario(spec, vms=vms, transport=transport or "auto", base=self.base)
         suffix = f"-{len(self.labs)}" if self.labs else ""
-        lab = Lab(scenario, _options(self.config, self.artifacts_sub + suffix, **options))
+        lab = Lab(scenario, _options(self.config, self.artifacts_sub + suffix, self.iteration,
+                                     **options))
         self.labs.append(lab)
         lab.start()  # a lab that fails to start is still in self.labs, so close() tears it down
         return lab
@@ -202,7 +243,26 @@ class _LabFactory:
                 if self.config.getoption("vmlab_keep_on_failure"):
                     _wait_for_user(self.config, lab, test)
             lab.close()
+            if failed and lab.options.artifacts_dir is not None and lab.scenario.source:
+                _bundle(lab, test)
         self.labs.clear()
+
+
+def _bundle(lab: Lab, test: str) -> None:
+    """A `vmlab replay` bundle of a failed test's lab: its scenario file, seed, logs, pcap."""
+    from vmlab.bundle import BundleError, RunRecord, copy_logs, write_bundle
+
+    art = Path(lab.options.artifacts_dir)
+    kernel = next((Path(vm.machine.config.kernel) for vm in lab.vms), None)
+    rec = RunRecord(scenario_path=Path(lab.scenario.source), seed=lab.options.seed,
+                    base_seed=lab.options.seed, iteration=1, reused=False,
+                    transport=lab.transport, accel=lab.options.accel, kernel=kernel, ok=False,
+                    failure=f"pytest {test} failed", report=f"pytest {test} failed\n",
+                    argv=list(sys.argv[1:]), logs=copy_logs(art))
+    try:
+        write_bundle(art / "bundle.tar.gz", lab.scenario, rec)
+    except BundleError as exc:
+        sys.stderr.write(f"vmlab: {exc}\n")
 
 
 def _node_base(node: Any) -> Path | None:
@@ -213,7 +273,8 @@ def _node_base(node: Any) -> Path | None:
 @pytest.fixture
 def vmlab_lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """make_lab(scenario path | Scenario | n_vms | [VmSpec/dict], **LabOptions) -> a started Lab."""
-    factory = _LabFactory(request.config, _safe_name(request.node.nodeid), _node_base(request.node))
+    factory = _LabFactory(request.config, _safe_name(request.node.nodeid), _node_base(request.node),
+                          request.getfixturevalue("vmlab_iteration"))
     request.node.stash[_LABS_KEY] = factory.labs  # so failure reports can attach these labs' logs
     yield factory
     factory.close(_test_failed(request.node), request.node.nodeid)
@@ -308,3 +369,31 @@ def guest() -> Callable[[Any], Any]:
     from vmlab.guest import GuestHelper
 
     return GuestHelper
+
+
+@pytest.fixture
+def host_run(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """host_run(lab, argv_or_shell_command, background=False, timeout=60, env=None, cwd=None)
+    -> vmlab.shim.process.HostProcess. A host program whose AF_VSOCK sockets reach the lab's
+    guests (LD_PRELOAD shim on vhost-user, unchanged on vhost). Not background: waits for the exit
+    (returncode, output()); background: returns at once (wait_listening(port), wait_for_output(rx),
+    wait()). Every program still running is stopped after the test."""
+    from vmlab.shim import LabTarget, command_argv
+    from vmlab.shim.process import HostProcess
+
+    started: list[HostProcess] = []
+
+    def run(lab: Lab, command: Any, background: bool = False, timeout: float = 60.0,
+            env: dict[str, str] | None = None, cwd: str | None = None) -> HostProcess:
+        argv = command_argv(command)
+        log = tmp_path / f"host-run-{len(started)}.log"
+        proc = HostProcess(argv, LabTarget.from_lab(lab), log, env=env, cwd=cwd)
+        started.append(proc)
+        proc.start()
+        if not background:
+            proc.wait(timeout)
+        return proc
+
+    yield run
+    for proc in started:
+        proc.close()

@@ -32,11 +32,18 @@ def summary_line(results: list[StepResult], seconds: float) -> str:
 
 
 def write_junit(path: Path, suite: str, results: list[StepResult], seconds: float, *,
-                setup_error: str | None = None, system_out: str = "") -> None:
-    """One <testsuite> with one <testcase> per step (plus a setup case when the lab did not boot)."""
+                setup_error: str | None = None, system_out: str = "",
+                properties: dict[str, str] | None = None) -> None:
+    """One <testsuite> with one <testcase> per step (plus a setup case when the lab did not boot).
+
+    ``properties`` (e.g. kernel.<vm> -> the exact kernel) go into <properties>."""
     cases = ET.Element("testsuite", name=suite, tests=str(len(results) + (1 if setup_error else 0)),
                        failures=str(sum(not r.ok and not r.skipped for r in results) + (1 if setup_error else 0)),
                        skipped=str(sum(r.skipped for r in results)), time=f"{seconds:.3f}")
+    if properties:
+        props = ET.SubElement(cases, "properties")
+        for key, value in properties.items():
+            ET.SubElement(props, "property", name=key, value=value)
     if setup_error:
         case = ET.SubElement(cases, "testcase", classname=suite, name="lab setup", time="0")
         ET.SubElement(case, "failure", message=setup_error.splitlines()[0] if setup_error else "").text = setup_error

@@ -21,7 +21,7 @@ from vmlab.endpoints import Endpoint, errno_name
 from vmlab.guest import GuestHelperError, GuestProcess, connect_argv, listen_argv
 from vmlab.scenario import (
     VMADDR_PORT_ANY, ExpectStep, FaultStep, GuestConnectStep, GuestListenStep, HostConnectStep,
-    HostListenStep, QmpStep, RunStep, SleepStep, Step, WaitForStep,
+    HostListenStep, HostRunStep, QmpStep, RunStep, SleepStep, Step, WaitForStep,
 )
 
 
@@ -176,10 +176,13 @@ class StepRunner:
     def _do_fault(self, step: Step, p: FaultStep) -> str:
         if self.lab.backend is None:
             raise StepFailed("fault injection needs the vhost-user transport (our backend); this lab has none")
-        reply = self.lab.backend.control({
-            "cmd": "fault", "vm": p.vm, "kind": p.kind, "probability": p.probability,
-            "delay_ms": p.delay_ms, "direction": p.direction, "duration": p.duration,
-        })
+        req = {"cmd": "fault", "vm": p.vm, "kind": p.kind, "probability": p.probability,
+               "delay_ms": p.delay_ms, "jitter_ms": p.jitter_ms, "direction": p.direction,
+               "duration": p.duration, "op": p.op, "port": p.port, "after": p.after,
+               "count": p.count, "window": p.window, "field": p.field, "stall_ms": p.stall_ms,
+               # the rule's RNG stream is keyed by its step: same seed, same decisions
+               "key": f"step{self._step_number}"}
+        reply = self.lab.backend.control({k: v for k, v in req.items() if v is not None})
         if not reply.get("ok", False):
             raise StepFailed(f"backend refused the fault: {reply.get('error', reply)}")
         return f"{p.kind} on {p.vm}"
@@ -195,7 +198,49 @@ class StepRunner:
             return "seen"
         ep = self.endpoint(p.id)
         self._wait(f"{p.event} on {p.id}", lambda: ep.has(p.event), step.timeout, ep)
+        if isinstance(ep, HostRunEndpoint):
+            return ep.check()
         return f"{p.id}: {p.event}"
+
+    # -- host programs -------------------------------------------------------------------
+    def _do_host_run(self, step: Step, p: HostRunStep) -> str:
+        from vmlab.shim import LabTarget, ShimError, command_argv
+        from vmlab.shim.process import HostProcess
+
+        base = Path(self.lab.scenario.source).parent if self.lab.scenario.source else None
+        cwd = Path(p.cwd) if p.cwd else base
+        if cwd is not None and not cwd.is_absolute() and base is not None:
+            cwd = base / cwd
+        log = self.lab.run_dir / f"host-run-{self._step_number}.log"
+        proc = HostProcess(command_argv(p.command), LabTarget.from_lab(self.lab), log,
+                           env={"VMLAB_LAB_DIR": str(self.lab.run_dir),
+                                **{k: str(v) for k, v in (p.env or {}).items()}},
+                           cwd=str(cwd) if cwd is not None else None)
+        try:
+            proc.start()
+        except (ShimError, OSError) as exc:
+            raise StepFailed(f"host_run: {exc}") from None
+        self.lab.track(proc)
+        ep = HostRunEndpoint(p.id or f"host-run-{self._step_number}", proc, p)
+        if step.background:
+            if p.id:
+                self._add(ep)
+            try:
+                if p.ready_port is not None:
+                    proc.wait_listening(p.ready_port, step.timeout)
+                if p.ready_output is not None:
+                    proc.wait_for_output(p.ready_output, step.timeout)
+            except (TimeoutError, RuntimeError) as exc:
+                raise StepFailed(str(exc)) from None
+            ready = (f"; listening on port {p.ready_port}" if p.ready_port is not None else "") + \
+                    (f"; printed /{p.ready_output}/" if p.ready_output is not None else "")
+            return f"started, pid {proc.pid}{ready}"
+        try:
+            proc.wait(step.timeout)
+        except TimeoutError as exc:
+            raise StepFailed(str(exc)) from None
+        ep.refresh()
+        return ep.check()
 
     # -- vsock endpoints -----------------------------------------------------------------
     def _do_guest_listen(self, step: Step, p: GuestListenStep) -> str:
@@ -404,3 +449,33 @@ def _connect(lab, vm, ep: Endpoint, p: HostConnectStep, timeout: float) -> None:
         except OSError:
             pass
         ep.finish()
+
+
+class HostRunEndpoint(Endpoint):
+    """A host_run program as an endpoint: one `exited` event; check() applies its expectations."""
+
+    def __init__(self, id: str, proc, params: HostRunStep) -> None:
+        super().__init__(id=id, kind="host_run", vm=None)
+        self.proc = proc
+        self.params = params
+
+    def refresh(self) -> None:
+        rc = self.proc.returncode
+        if rc is not None and not self.finished:
+            self.record({"event": "exited", "exit": rc})
+
+    def wait_change(self, timeout: float) -> None:
+        time.sleep(min(timeout, 0.05))
+
+    def check(self) -> str:
+        p, rc = self.params, self.proc.returncode
+        out = self.proc.output()
+        shown = out.strip()[-2000:]
+        cmd = p.command if isinstance(p.command, str) else " ".join(p.command)
+        if p.expect_exit is not None and rc != p.expect_exit:
+            raise StepFailed(f"host `{cmd}` exited {rc}, expected {p.expect_exit}; output:\n{shown}")
+        if p.expect_output is not None and p.expect_output not in out:
+            raise StepFailed(f"host `{cmd}`: output does not contain {p.expect_output!r}; output:\n{shown}")
+        if p.expect_regex is not None and not re.search(p.expect_regex, out, re.M):
+            raise StepFailed(f"host `{cmd}`: output does not match /{p.expect_regex}/; output:\n{shown}")
+        return f"exit {rc}: {shown[:200]}"

@@ -19,10 +19,19 @@ def vmlab(*args, timeout=300):
 
 
 @pytest.mark.parametrize("args", [[], ["run"], ["check"], ["image", "build"], ["image", "status"],
-                                  ["console"], ["ls"], ["validate"]])
+                                  ["console"], ["ls"], ["validate"], ["replay"], ["qmp"],
+                                  ["exec-guest"], ["capture"], ["exec"],
+                                  ["kernel"], ["kernel", "build"], ["kernel", "ls"], ["kernel", "rm"], ["bisect"]])
 def test_every_command_has_help(args):
     proc = vmlab(*args, "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: vmlab"), proc.stderr
+
+
+def test_exec_without_a_lab_or_program_says_so():
+    proc = vmlab("exec", "--lab", "no-such-lab", "--", "true")
+    assert proc.returncode == 2 and "no running lab 'no-such-lab'" in proc.stderr
+    proc = vmlab("exec", "--lab", "no-such-lab")
+    assert proc.returncode == 2 and "no program given" in proc.stderr
 
 
 def test_check_reports_honestly_in_text_and_json():

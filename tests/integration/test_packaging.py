@@ -79,6 +79,9 @@ def test_wheel_contents(wheel: Path):
         assert z.read("vmlab/_images/init") == (ROOT / "images/init").read_bytes()
         assert (z.read("vmlab/_images/guest/vmlab-guest.c")
                 == (ROOT / "images/guest/vmlab-guest.c").read_bytes())
+        # the vmlab exec shim is compiled from its source on first use: the source ships
+        assert (z.read("vmlab/shim/vsock_shim.c")
+                == (ROOT / "vmlab/shim/vsock_shim.c").read_bytes())
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         eps = configparser.ConfigParser()
         eps.read_string(z.read(f"{dist_info}/entry_points.txt").decode())

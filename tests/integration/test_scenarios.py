@@ -22,7 +22,12 @@ SCENARIOS = sorted(p for p in (REPO / "scenarios").glob("*.yaml") if p.stem not 
 def test_there_are_scenarios():
     names = {p.stem for p in SCENARIOS}
     assert {"hello", "boot", "vm-to-vm", "seqpacket", "many-connections", "bulk-integrity",
-            "reset-mid-transfer"} <= names
+            "reset-mid-transfer", "faults", "fault-duplicate", "fault-reorder", "fault-credit-stall",
+            "fault-corrupt"} <= names
+
+
+# Scenarios whose point is a delay: (step name, at least this many seconds), checked on the result.
+MIN_SECONDS = {"fault-credit-stall": ("upload 1 MiB (blocked until the stall ends)", 2.5)}
 
 
 def test_scenarios_run_elsewhere_have_their_test():
@@ -42,6 +47,10 @@ def test_scenario_passes(path, tmp_path, request):
     failures = [f"{r.name}: {r.detail}" for r in results if not r.ok]
     assert not failures, "\n".join(failures)
     assert len(results) == len(scenario.steps)
+    if path.stem in MIN_SECONDS:
+        name, seconds = MIN_SECONDS[path.stem]
+        step = next(r for r in results if r.name == name)
+        assert step.seconds >= seconds, f"{name} took {step.seconds:.2f}s, expected >= {seconds}s"
 
 
 def run_cli(*args, cwd=REPO, timeout=600):

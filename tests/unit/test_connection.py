@@ -132,7 +132,8 @@ def test_fill_respects_credit_and_zero_read_is_not_eof(loop) -> None:
     host.close()
 
 
-def test_stalled_host_reader_buffers_within_credit_and_loses_nothing(loop) -> None:
+@pytest.mark.parametrize("pieces", [1, 3])   # payload in several views: partial writes mid-view
+def test_stalled_host_reader_buffers_within_credit_and_loses_nothing(loop, pieces) -> None:
     c, env, host = _conn(loop)
     host.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     sent = bytearray()
@@ -140,7 +141,8 @@ def test_stalled_host_reader_buffers_within_credit_and_loses_nothing(loop) -> No
     i = 0
     while c.credit.peer_view_free() >= len(chunk):    # a Linux guest stops at zero credit
         data = chunk[i % 7:] + chunk[:i % 7]
-        c.on_packet(_rw(len(data)), [memoryview(data)])
+        cuts = [0] + sorted((i * 977 * k) % len(data) for k in range(1, pieces)) + [len(data)]
+        c.on_packet(_rw(len(data)), [memoryview(data)[a:b] for a, b in zip(cuts, cuts[1:])])
         sent += data
         i += 1
     assert c.out_bytes <= c.credit.buf_alloc and c.out_bytes > 0

@@ -149,3 +149,25 @@ def test_close_with_an_outstanding_view_unmaps_lazily():
     assert bytes(view) == b"keep"   # and the view still points at the memfd
     view.release()
     os.close(fd)
+
+
+# -- gpa_one: the descriptor fast path's translation (None instead of raising) -------------
+@pytest.mark.parametrize("addr,length", [
+    (0x10, 0), (0x10, -1), (-16, 8), (3 * MiB, 1), (3 * MiB - 4, 8), (MiB - 4, 8),
+    ((1 << 64) - 8, 16), (0x0, (64 << 20) + 1), (0x0, 0xFFFFFFFF), (1 << 70, 8)])
+def test_gpa_one_refuses_what_gpa_split_would_not_give_as_one_view(two_regions, addr, length):
+    mem, _ = two_regions
+    assert mem.gpa_one(addr, length) is None
+
+
+def test_gpa_one_translates_in_both_regions_and_switches_cache(two_regions):
+    mem, raw = two_regions
+    raw[0x100:0x104] = b"low!"
+    raw[2 * MiB:2 * MiB + 4] = b"high"
+    for _ in range(2):
+        assert bytes(mem.gpa_one(0x100, 4)) == b"low!"
+        assert bytes(mem.gpa_one(2 * MiB, 4)) == b"high"
+    assert bytes(mem.gpa_one(MiB - 4, 4)) == bytes(mem.gpa(MiB - 4, 4))
+    assert len(mem.gpa_one(MiB, 2 * MiB)) == 2 * MiB       # a whole region
+    mem.close()
+    assert mem.gpa_one(0x100, 4) is None                   # cache dropped with the table

@@ -49,3 +49,22 @@ def test_tshark_decodes_vsock_fields(tmp_path: Path) -> None:
     assert rows[1][:3] == ["3", "9999", "4"]       # PAYLOAD
     assert rows[2][:3] == ["2", "1025", "2"]       # DISCONNECT
     assert [r[3] for r in rows] == ["1", "5", "3"]  # virtio ops REQUEST, RW, RST
+
+
+def test_fifo_output_is_live_and_a_fifo_without_reader_is_a_clear_error(tmp_path: Path) -> None:
+    import os
+    fifo = tmp_path / "live.pcap"
+    os.mkfifo(fifo)
+    with pytest.raises(OSError, match="FIFO with no reader"):
+        PcapWriter(fifo)
+    rd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        w = PcapWriter(fifo)
+        assert w.live
+        w.write(Header(3, 2, 1025, 9999, 0, Type.STREAM, Op.REQUEST))
+        got = os.read(rd, 4096)                 # already there: flushed per packet
+        assert len(got) == 24 + 16 + 32 + 44
+        assert struct.unpack_from("<I", got)[0] == 0xA1B2C3D4
+        w.close()
+    finally:
+        os.close(rd)

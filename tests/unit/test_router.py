@@ -136,6 +136,30 @@ def test_vm_to_vm_relay_splits_to_rx_buffers_and_keeps_eom(lab) -> None:
     assert router.stats["relayed"] == 2
 
 
+def test_relay_fills_the_buffers_there_are_and_queues_the_rest_in_order(lab) -> None:
+    """Direct relay (tx views -> rx buffers) runs out of rx buffers mid-packet: the rest of
+    that packet and the packets after it wait in the queue and arrive in order, EOM last."""
+    loop, router, a, b, *_ = lab
+    tx(router, a, Op.REQUEST, 1000, 4, 80, typ=Type.SEQPACKET)
+    b.take()
+    b.free = b.free[:2]
+    data = bytes(i % 251 for i in range(10000))
+    tx(router, a, Op.RW, 1000, 4, 80, data, typ=Type.SEQPACKET, flags=SEQ_EOM)
+    tx(router, a, Op.RW, 1000, 4, 80, b"next", typ=Type.SEQPACKET, flags=SEQ_EOM)
+    first = b.take()
+    assert [(h.len, h.flags) for h, _ in first] == [(4096, 0), (4096, 0)]
+    empty = FakeBuf(0)                  # a header-only buffer: nothing can go in it
+    b.free.append(empty)
+    router.on_rx_ready(b)
+    assert b.take() == [] and router.stats["rx_buffer_too_small"] == 1
+    b.free.clear()
+    b.give(4, router)
+    rest = b.take()
+    assert [(h.len, h.flags) for h, _ in rest] == [(1808, SEQ_EOM), (4, SEQ_EOM)]
+    assert b"".join(d for _, d in first + rest[:1]) == data and rest[1][1] == b"next"
+    assert router.stats["split"] == 2
+
+
 def test_relay_waits_for_rx_buffers_then_delivers_in_order(lab) -> None:
     loop, router, a, b, *_ = lab
     b.free.clear()

@@ -786,3 +786,75 @@ def test_reset_signals_while_paused_reset_at_once_and_only_once(running, signal)
     fake.add_rx_buffer(0)
     fake.send_packet(request_header())
     assert fake.wait_call(0)
+
+
+# -- rx buffer shapes (device._split_header) ------------------------------------------------
+@pytest.mark.parametrize("sizes", [[44, 4096], [4140], [44], [20, 24, 100], [20, 4120], [44, 10, 20],
+                                   [50, 7]])
+def test_split_header_shapes(sizes):
+    from vmlab.vsock.device import HDR_LEN, _split_header
+    from vmlab.vsock.virtqueue import DescChain
+    backing = bytearray(sum(sizes))
+    whole = memoryview(backing)
+    views, pos = [], 0
+    for n in sizes:
+        views.append(whole[pos:pos + n])
+        pos += n
+    buf = _split_header(DescChain(5, [], views, 0, len(backing)))
+    assert buf.head == 5 and buf.capacity == len(backing) - HDR_LEN
+    assert sum(len(v) for v in buf.header) == HDR_LEN
+    assert sum(len(v) for v in buf.payload) == buf.capacity
+    for i, view in enumerate(buf.header):
+        view[:] = bytes([i + 1]) * len(view)
+    for view in buf.payload:
+        view[:] = b"p" * len(view)
+    assert bytes(backing[HDR_LEN:]) == b"p" * buf.capacity
+    assert b"p" not in backing[:HDR_LEN] and 0 not in backing[:HDR_LEN]
+    buf.release()
+    for view in views:                  # every view handed out is released with the buffer
+        with pytest.raises(ValueError):
+            view[0]
+    assert buf.capacity == 0 and buf.payload == [] and buf.header == []
+
+
+def test_rx_pop_batch_equals_rx_pop_in_a_loop_and_push_batch_publishes_once(running):
+    """The batch calls the router's stream path uses: same buffers as rx_pop() one by one
+    (split and whole headers), room/max_bufs limits, one flush and interrupt for the batch."""
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    for slot, split in ((0, False), (1, True), (2, False), (3, False)):
+        fake.add_rx_buffer(slot, split=split)
+    sync(fake)
+    assert in_loop(dev, lambda: dev.rx_pop_batch(0, 8, 8)) == []       # no room wanted
+    bufs = in_loop(dev, lambda: dev.rx_pop_batch(4096 + 1, 8, 8))       # room for two
+    assert [b.capacity for b in bufs] == [4096, 4096] and [b.head for b in bufs] == [0, 1]
+    more = in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 1, 8))        # max_bufs 1
+    assert [b.head for b in more] == [4]                # slot 2's descriptor (after 3 split ones)
+    hdrs = [(n, HDR.pack(2, 7, 1, 2, n, 1, 5, 0, 0, 0)) for n in (100, 4096, 7)]
+    in_loop(dev, lambda: dev.rx_push_batch(bufs + more, hdrs))
+    assert fake.wait_call(0)
+    sync(fake)
+    assert fake.used(0) == (3, [(0, 144), (1, 44 + 4096), (4, 51)])
+    assert dev.stats["interrupts"] == 1 and dev.stats["rx_bytes"] == 100 + 4096 + 7
+    assert HDR.unpack_from(fake.raw, RX_DATA + 0x2000)[4] == 4096       # split header written
+    in_loop(dev, lambda: dev.rx_push_batch(bufs, hdrs))                 # stale: ignored
+    assert fake.used(0)[0] == 3
+    left = in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8))
+    assert [b.head for b in left] == [5]
+    in_loop(dev, lambda: dev.rx_cancel(left[0]))
+    assert [b.head for b in in_loop(dev, lambda: dev.rx_pop_batch(1, 8, 8))] == [5]
+
+
+def test_rx_pop_batch_on_a_malformed_rx_chain_breaks_the_device_once(running):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    fake.add_rx_buffer(0)
+    head = fake._desc(0, RX_DATA + 0x2000, 4140, 0)      # device-readable: not an rx buffer
+    fake._publish(0, head)
+    sync(fake)
+    assert in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8)) == []
+    assert dev.broken and "device-readable" in dev.broken
+    assert handler.resets and dev.stats["errors"] == 1
+    assert in_loop(dev, lambda: dev.rx_pop_batch(1 << 20, 8, 8)) == []

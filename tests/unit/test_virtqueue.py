@@ -283,9 +283,60 @@ def _avail_jump(g):
     g.set_avail_idx(g.size + 1)
 
 
+def _self_loop(g):
+    g.desc(0, GPA + DATA, 8, W | N, 0)
+    g.publish(0)
+
+
+def _second_outside_memory(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1)
+    g.desc(1, 0x10, 4096, W)
+    g.publish(0)
+
+
+def _second_past_the_end(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1)
+    g.desc(1, GPA + MiB - 8, 4096, W)
+    g.publish(0)
+
+
+def _second_huge(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1)
+    g.desc(1, GPA, 0xFFFFFFFF, W)
+    g.publish(0)
+
+
+def _second_overflows(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1)
+    g.desc(1, (1 << 64) - 8, 4096, W)
+    g.publish(0)
+
+
+def _second_indirect_not_negotiated(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1)
+    g.desc(1, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_32_not_negotiated(g):
+    g.desc(0, GPA + DATA, 44, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _three_with_loop(g):
+    g.desc(0, GPA + DATA, 8, W | N, 1)
+    g.desc(1, GPA + DATA, 8, W | N, 2)
+    g.desc(2, GPA + DATA, 8, W | N, 0)
+    g.publish(0)
+
+
 @pytest.mark.parametrize("build", [_loop, _next_out_of_range, _head_out_of_range, _outside_memory,
                                    _past_the_end, _overflow, _huge, _indirect_not_negotiated,
-                                   _writable_before_readable, _avail_jump])
+                                   _writable_before_readable, _avail_jump, _self_loop,
+                                   _second_outside_memory, _second_past_the_end, _second_huge,
+                                   _second_overflows, _second_indirect_not_negotiated,
+                                   _indirect_32_not_negotiated, _three_with_loop])
 def test_malformed_direct(guest, build):
     build(guest)
     with pytest.raises(VirtqueueError):
@@ -320,8 +371,99 @@ def _indirect_table_too_long(g):
     g.publish(0)
 
 
+def _indirect_self_loop(g):
+    g.desc(0, GPA + DATA, 8, W | N, 0, table=INDIRECT)
+    g.desc(1, GPA + DATA, 8, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_next_out_of_range(g):
+    g.desc(0, GPA + DATA, 44, W | N, 2, table=INDIRECT)
+    g.desc(1, GPA + DATA + 44, 8, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_one_entry_with_next(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA + DATA + 44, 8, W, 0, table=INDIRECT)     # outside the 1-entry table
+    g.desc(0, GPA + INDIRECT, 16, I)
+    g.publish(0)
+
+
+def _indirect_second_outside_memory(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, 0x10, 4096, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_second_past_the_end(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA + MiB - 8, 4096, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_first_overflows(g):
+    g.desc(0, (1 << 64) - 8, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA + DATA, 8, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_huge(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA, 0xFFFFFFFF, W, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_writable_before_readable(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA + DATA + 44, 8, R, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_second_nested(g):
+    g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+    g.desc(1, GPA + INDIRECT, 16, I, 0, table=INDIRECT)
+    g.desc(0, GPA + INDIRECT, 32, I)
+    g.publish(0)
+
+
+def _indirect_table_outside_memory(g):
+    g.desc(0, 0x100, 32, I)
+    g.publish(0)
+
+
+def _indirect_table_past_the_end(g):
+    g.desc(0, GPA + MiB - 16, 32, I)
+    g.publish(0)
+
+
+def _indirect_table_overflows(g):
+    g.desc(0, (1 << 64) - 16, 32, I)
+    g.publish(0)
+
+
+def _indirect_head_out_of_range_with_table(g):
+    g.desc(0, GPA + DATA, 44, W, 0, table=INDIRECT)
+    g.desc(g.size - 1, GPA + INDIRECT, 16, I)
+    g.publish(g.size)
+
+
 @pytest.mark.parametrize("build", [_nested_indirect, _indirect_bad_len, _indirect_with_next,
-                                   _indirect_loop, _indirect_table_too_long])
+                                   _indirect_loop, _indirect_table_too_long, _indirect_self_loop,
+                                   _indirect_next_out_of_range, _indirect_one_entry_with_next,
+                                   _indirect_second_outside_memory, _indirect_second_past_the_end,
+                                   _indirect_first_overflows, _indirect_huge,
+                                   _indirect_writable_before_readable, _indirect_second_nested,
+                                   _indirect_table_outside_memory, _indirect_table_past_the_end,
+                                   _indirect_table_overflows,
+                                   _indirect_head_out_of_range_with_table])
 def test_malformed_indirect(build):
     g = make(indirect=True)
     try:
@@ -379,3 +521,214 @@ def test_random_rings_only_ever_raise_virtqueue_error(event_idx, indirect):
                 pass
     finally:
         g.close()
+
+
+# -- the short-chain fast path agrees with the generic walk ------------------------------
+def _shape(chain):
+    return (chain.head, chain.read_len, chain.write_len,
+            [bytes(v) for v in chain.readable], [bytes(v) for v in chain.writable])
+
+
+@pytest.mark.parametrize("indirect", [False, True])
+def test_fast_path_matches_generic_walk_on_random_short_chains(indirect):
+    """Random 1-2 entry chains (direct and in 16/32-byte indirect tables, mostly plausible,
+    sometimes garbage): pop() returns what the generic walk returns, or both raise."""
+    import random
+    rng = random.Random(99)
+    g = make(size=8, indirect=indirect)
+    g.write(DATA, bytes(range(256)) * 16)
+    g.vq.max_chain_bytes = 8192
+    try:
+        for _ in range(2000):
+            def entry():
+                addr = rng.choice([GPA + DATA + rng.randrange(4096), GPA + MiB - rng.randrange(64),
+                                   rng.getrandbits(64), 0x10, GPA + INDIRECT])
+                length = rng.choice([0, 8, 44, 4096, rng.randrange(8192), rng.getrandbits(32)])
+                flags = rng.choice([W, W | N, R, R | N, W | N, W, I, rng.getrandbits(3)])
+                return addr, length, flags, rng.randrange(4)
+            for i in range(2):
+                g.desc(i, *entry())
+                g.desc(i, *entry(), table=INDIRECT)
+            if indirect and rng.random() < 0.5:
+                g.desc(0, GPA + INDIRECT, rng.choice([16, 32, 48, 24]), I | rng.choice([0, 0, N]))
+            head = rng.choice([0, 0, 0, 1])
+            try:
+                want = _shape(g.vq._walk_generic(head))
+            except VirtqueueError:
+                want = None
+            try:
+                got = _shape(g.vq._walk(head))
+            except VirtqueueError:
+                got = None
+            assert got == want
+    finally:
+        g.close()
+
+
+def test_short_chain_crossing_a_region_falls_back_to_split_views():
+    fd = os.memfd_create("split2")
+    os.ftruncate(fd, 2 * MiB)
+    raw = mmap.mmap(fd, 2 * MiB)
+    mem = GuestMemory()
+    mem.map([RegionSpec(0, MiB, UVA, 0), RegionSpec(MiB, MiB, UVA + MiB, MiB)],
+            [os.dup(fd), os.dup(fd)])
+    raw[0x8000:0x8000 + 44] = b"h" * 44
+    raw[MiB - 2:MiB + 2] = b"abcd"
+    raw[0:32] = (struct.pack("<QIHH", 0x8000, 44, W | N, 1)
+                 + struct.pack("<QIHH", MiB - 2, 4, W, 0))
+    raw[0x1002:0x1006] = struct.pack("<HH", 1, 0)
+    vq = Virtqueue(mem, 8, UVA, UVA + 0x1000, UVA + 0x2000)
+    chain = vq.pop()
+    assert [bytes(v) for v in chain.writable] == [b"h" * 44, b"ab", b"cd"]
+    assert chain.write_len == 48 and chain.readable == []
+    chain.release()
+    vq.release()
+    mem.close()
+    raw.close()
+    os.close(fd)
+
+
+def test_common_rx_shapes_take_the_fast_path(monkeypatch):
+    """Linux rx buffers (44 + 4096 writable, direct or in a 2-entry indirect table) never
+    reach the generic loop."""
+    g = make(indirect=True)
+    try:
+        monkeypatch.setattr(g.vq, "_walk_generic", None)       # would fail if called
+        g.desc(0, GPA + DATA, 44, W | N, 1, table=INDIRECT)
+        g.desc(1, GPA + DATA + 0x100, 4096, W, 0, table=INDIRECT)
+        g.desc(3, GPA + INDIRECT, 32, I)
+        g.desc(4, GPA + DATA, 44, W | N, 5)
+        g.desc(5, GPA + DATA + 0x100, 4096, W)
+        g.desc(6, GPA + DATA, 4140, W)
+        g.publish(3, 4, 6)
+        for head in (3, 4, 6):
+            chain = g.vq.pop()
+            assert chain.head == head and chain.write_len == 4140 and not chain.readable
+            chain.release()
+    finally:
+        g.close()
+
+
+# -- the Linux rx batch fast path (pop_rx_linux) agrees with the generic walk ---------------
+def _pop_all(vq, fast: bool, n: int = 3):
+    """Pop until empty or an error; each chain as _shape(). fast: pop_rx_linux first, pop()
+    only for what it leaves."""
+    out = []
+    try:
+        while True:
+            if fast:
+                got = vq.pop_rx_linux(n, 1 << 30, 44)
+                if got:
+                    for head, hview, pview in got:
+                        out.append((head, 0, len(hview) + len(pview), [],
+                                    [bytes(hview), bytes(pview)]))
+                    continue
+            chain = vq.pop()
+            if chain is None:
+                return out, vq.last_avail, None
+            out.append(_shape(chain))
+            chain.release()
+    except VirtqueueError:
+        return out, vq.last_avail, "error"
+
+
+@pytest.mark.parametrize("size", [8, 1])
+def test_linux_rx_fast_path_matches_generic_walk_on_random_rings(size):
+    """Rings of mostly Linux-shaped rx buffers (indirect 44 + payload), some mutated in every
+    field the fast path reads: the fast path yields the same chains, in the same order, up to
+    the same error (or end) as the generic walk, and leaves last_avail at the same place."""
+    import random
+    rng = random.Random(7)
+    g = make(size=size, indirect=True)
+    g.write(DATA, bytes(range(256)) * 64)
+    try:
+        for _ in range(1500):
+            for i in range(g.size):
+                table = INDIRECT + 32 * i
+                hdr = [GPA + DATA + 64 * i, 44, W | N, 1]
+                pay = [GPA + DATA + 0x1000 + 0x100 * i, rng.choice([4096, 100, 1]), W, 0]
+                ring = [GPA + table, 32, I, 0]
+                if rng.random() < 0.3:
+                    victim = rng.choice([hdr, pay, ring])
+                    field = rng.randrange(4)
+                    victim[field] = rng.choice([0, 1, 16, 43, 48, 0xFFFF, rng.getrandbits(16),
+                                                GPA + MiB - 8, rng.getrandbits(64),
+                                                I | N, W, W | N | I])
+                    if field == 2:
+                        victim[field] &= 0xFFFF
+                    elif field == 1:
+                        victim[field] &= 0xFFFFFFFF
+                    elif field == 3:
+                        victim[field] &= 0xFFFF
+                g.desc(0, *hdr, table=table)
+                g.desc(1, *pay, table=table)
+                g.desc(i, *ring)
+            g.vq.last_avail = g.vq._avail_seen = g.avail_idx = rng.getrandbits(16)
+            heads = [rng.randrange(g.size) if rng.random() > 0.05 else rng.randrange(0x10000)
+                     for _ in range(rng.randrange(1, 2 * g.size))]
+            g.publish(*heads[:g.size])
+            start = g.vq.last_avail
+            generic = Virtqueue(g.mem, g.size, UVA + DESC, UVA + AVAIL, UVA + USED,
+                                indirect=True, next_avail=start)
+            try:
+                assert _pop_all(g.vq, fast=True, n=rng.randrange(1, 4)) == _pop_all(generic, fast=False)
+            finally:
+                generic.release()
+    finally:
+        g.close()
+
+
+def test_linux_rx_fast_path_stops_at_room_and_max_n_and_needs_indirect():
+    g = make(indirect=True)
+    try:
+        for i in range(4):
+            g.desc(0, GPA + DATA + 64 * i, 44, W | N, 1, table=INDIRECT + 32 * i)
+            g.desc(1, GPA + DATA + 0x1000 * (i + 1), 4096, W, 0, table=INDIRECT + 32 * i)
+            g.desc(i, GPA + INDIRECT + 32 * i, 32, I)
+        g.publish(0, 1, 2, 3)
+        assert [h for h, _, _ in g.vq.pop_rx_linux(8, 4097, 44)] == [0, 1]    # room covered
+        assert [h for h, _, _ in g.vq.pop_rx_linux(1, 1 << 20, 44)] == [2]    # max_n
+        assert g.vq.pop_rx_linux(8, 1 << 20, 40) == []                       # other header size
+        g.vq.indirect = False
+        assert g.vq.pop_rx_linux(8, 1 << 20, 44) == []
+        with pytest.raises(VirtqueueError):
+            g.vq.pop()                          # ... and the generic walk refuses the chain
+    finally:
+        g.close()
+
+
+def test_linux_rx_fast_path_across_two_regions():
+    """Table, header and payload in different regions: still the fast path; a payload that
+    crosses from one region into the next: the fast batch stops and the generic walk splits."""
+    fd = os.memfd_create("split3")
+    os.ftruncate(fd, 2 * MiB)
+    raw = mmap.mmap(fd, 2 * MiB)
+    mem = GuestMemory()
+    mem.map([RegionSpec(0, MiB, UVA, 0), RegionSpec(MiB, MiB, UVA + MiB, MiB)],
+            [os.dup(fd), os.dup(fd)])
+    try:
+        raw[MiB + 0x100:MiB + 0x100 + 44] = b"H" * 44
+        raw[0x9000:0x9000 + 8] = b"payload!"
+        raw[MiB - 4:MiB + 4] = b"crossing"
+        raw[0x8000:0x8020] = (struct.pack("<QIHH", MiB + 0x100, 44, W | N, 1)
+                              + struct.pack("<QIHH", 0x9000, 8, W, 0))
+        raw[0x8020:0x8040] = (struct.pack("<QIHH", MiB + 0x100, 44, W | N, 1)
+                              + struct.pack("<QIHH", MiB - 4, 8, W, 0))
+        raw[0:16] = struct.pack("<QIHH", 0x8000, 32, I, 0)
+        raw[16:32] = struct.pack("<QIHH", 0x8020, 32, I, 0)
+        raw[0x1000:0x1008] = struct.pack("<HHHH", 0, 2, 0, 1)
+        vq = Virtqueue(mem, 8, UVA, UVA + 0x1000, UVA + 0x2000, indirect=True)
+        mem.locate(MiB + 0x100, 44)            # the cache points at the other region
+        (head, hview, pview), = vq.pop_rx_linux(8, 1 << 20, 44)
+        assert (head, bytes(hview), bytes(pview)) == (0, b"H" * 44, b"payload!")
+        assert vq.pop_rx_linux(8, 1 << 20, 44) == []
+        chain = vq.pop()
+        assert [bytes(v) for v in chain.writable] == [b"H" * 44, b"cros", b"sing"]
+        chain.release()
+        for v in (hview, pview):
+            v.release()
+        vq.release()
+    finally:
+        mem.close()
+        raw.close()
+        os.close(fd)

@@ -89,7 +89,7 @@ class Console:
                 sock.close()
                 if time.monotonic() > deadline:
                     raise ConsoleError(f"{self.name}: serial socket {self.socket_path} never appeared") from None
-                time.sleep(0.05)
+                time.sleep(0.01)  # QEMU creates the socket within milliseconds; poll closely
         self._sock = sock
         self._child = pexpect.fdpexpect.fdspawn(sock.fileno(), encoding="utf-8", codec_errors="replace",
                                                 timeout=30, maxread=65536)

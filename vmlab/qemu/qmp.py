@@ -81,7 +81,7 @@ class Qmp:
                     return
                 except (ConnectError, OSError, QmpFailure) as exc:
                     last = exc
-            time.sleep(0.05)
+            time.sleep(0.01)
         raise QmpFailure(f"{self.name}: could not connect to QMP at {self.socket_path}: {last or 'socket never appeared'}")
 
     def close(self) -> None:

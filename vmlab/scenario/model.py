@@ -119,7 +119,7 @@ class VmSpec:
     cid: int | None = None
     memory_mib: int = DEFAULT_MEMORY_MIB
     cpus: int = 1
-    kernel: Path | None = None
+    kernel: Any = None              # Path, or a vmlab.kernel.spec.KernelRef (build:/source:/package:)
     initrd: Path | None = None
     cmdline: str = ""
     transport: str = "auto"
@@ -296,16 +296,51 @@ class QmpStep:
 
 @dataclass
 class FaultStep:
-    """Fault injection in the vhost-user backend's router for one VM."""
+    """Fault injection in the vhost-user backend's router for one VM (vsock/faults.py).
+
+    Selectors: direction, op, port, then `after` (skip the first N selected packets) and
+    `count` (act on at most M). Random choices come from the run's seed (`vmlab run --seed`)."""
 
     vm: str
     kind: str
     probability: float = 1.0
     delay_ms: int | None = None  # kind delay only (required there)
+    jitter_ms: int | None = None  # kind delay: + uniform(0, jitter_ms), seeded
     direction: str = "both"
     duration: float | None = None  # seconds; None: until the scenario ends
+    op: str | None = None  # request, response, rst, shutdown, rw, credit_update, credit_request
+    port: int | None = None  # src or dst port
+    after: int | None = None
+    count: int | None = None
+    window: int | None = None  # reorder: packets per reversed window (default 2)
+    field: str | None = None  # corrupt: header field to flip bits in (default type)
+    stall_ms: int | None = None  # credit_stall: how long credit is held back (required there)
     location: Location | None = _meta()
     where: Where = _where()
+
+
+@dataclass
+class HostRunStep:
+    """Run a host program against the lab (as `vmlab exec`): its AF_VSOCK sockets reach the
+    guests on either transport. Foreground: wait for the exit and check it. Background: start,
+    wait for readiness (ready_port / ready_output), and check the exit at a later
+    `wait_for: {id, event: exited}`."""
+
+    command: str | list[str]            # a string runs in `sh -c`; a list is argv
+    id: str | None = None               # needed to wait_for a background program
+    expect_exit: int | None = 0         # None / "any": any exit code
+    expect_output: str | None = None    # substring of stdout+stderr
+    expect_regex: str | None = None     # re.search, multiline
+    ready_port: int | None = None       # background: until it listens on this vsock port
+    ready_output: str | None = None     # background: until its output matches this regex
+    env: dict[str, str] | None = None   # extra environment variables
+    cwd: str | None = None              # default: the scenario file's directory
+    location: Location | None = _meta()
+    where: Where = _where()
+
+    def __post_init__(self) -> None:
+        if self.expect_exit == "any":
+            self.expect_exit = None
 
 
 @dataclass
@@ -317,7 +352,7 @@ class SleepStep:
 
 StepParams = Union[
     RunStep, HostListenStep, HostConnectStep, GuestListenStep, GuestConnectStep,
-    ExpectStep, WaitForStep, QmpStep, FaultStep, SleepStep,
+    ExpectStep, WaitForStep, QmpStep, FaultStep, HostRunStep, SleepStep,
 ]
 
 ACTION_TYPES: dict[str, type] = {
@@ -330,12 +365,13 @@ ACTION_TYPES: dict[str, type] = {
     "wait_for": WaitForStep,
     "qmp": QmpStep,
     "fault": FaultStep,
+    "host_run": HostRunStep,
     "sleep": SleepStep,
 }
 ACTIONS = tuple(ACTION_TYPES)
 ENDPOINT_ACTIONS = ("host_listen", "host_connect", "guest_listen", "guest_connect")
 LISTEN_ACTIONS = ("host_listen", "guest_listen")
-BACKGROUND_ACTIONS = ("run", "host_connect", "guest_connect") + LISTEN_ACTIONS
+BACKGROUND_ACTIONS = ("run", "host_run", "host_connect", "guest_connect") + LISTEN_ACTIONS
 STEP_COMMON_KEYS = ("name", "timeout", "background")
 META_FIELDS = ("location", "where")
 
@@ -355,6 +391,9 @@ def _describe(action: str, p: Any) -> str:
         return f"sleep {get('seconds')}"
     if action == "run":
         return f"run on {get('vm')}: {get('command')}"[:60]
+    if action == "host_run":
+        cmd = get("command")
+        return f"host_run: {' '.join(map(str, cmd)) if isinstance(cmd, list) else cmd}"[:60]
     if action in ENDPOINT_ACTIONS:
         return f"{action} {get('id')}"
     if action == "expect":
@@ -389,8 +428,8 @@ class Step:
 
     @property
     def id(self) -> str | None:
-        """The endpoint id this step defines (endpoint actions only)."""
-        return getattr(self.params, "id", None) if self.action in ENDPOINT_ACTIONS else None
+        """The endpoint id this step defines (endpoint actions and host_run)."""
+        return getattr(self.params, "id", None) if self.action in ENDPOINT_ACTIONS + ("host_run",) else None
 
 
 @dataclass
@@ -403,6 +442,7 @@ class Scenario:
     vms: list[VmSpec] = field(default_factory=list)
     steps: list[Step] = field(default_factory=list)
     timeout: float = DEFAULT_SCENARIO_TIMEOUT
+    reuse: bool = False  # `vmlab run --repeat`: run again on the booted VMs (unless --fresh)
     source: Path | None = None
     warnings: list[Problem] = field(default_factory=list)
     location: Location | None = _meta()

@@ -35,7 +35,7 @@ from vmlab.scenario.check import describe, suggest
 from vmlab.scenario.validate import check
 from vmlab.scenario.yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
 
-TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "vms", "steps")
+TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "reuse", "vms", "steps")
 DEFAULT_KEYS = ("memory", "cpus", "kernel", "initrd", "cmdline", "rootfs")
 VM_KEYS = ("name", "cid", "memory", "cpus", "kernel", "initrd", "cmdline", "transport", "group",
            "files", "share", "rootfs", "vsock", "qemu_args")
@@ -89,6 +89,24 @@ class _Parser:
         rename = rename or {}
         return Where(fields={rename.get(k, k): self.loc(v) for k, v in entries.items()})
 
+    def kernel(self, node: Node, where: Where, ctx: str) -> Any:
+        """kernel: a path (relative to the scenario), build:<name>, source:<dir>, package:<name>,
+        or a mapping {source: DIR, config: FRAGMENT} / {package: NAME} / {build: NAME}."""
+        from vmlab.kernel.spec import KernelRefError, parse_ref
+
+        value = node.value if node.kind == SCALAR else node.plain()
+        if isinstance(value, str) and ":" not in value.split("/", 1)[0]:
+            return self.path(node, where, "kernel", ctx)  # a plain path, as before
+        if not isinstance(value, (str, dict)):
+            return value  # validate names the expected type
+        try:
+            ref = parse_ref(value, self.base)
+        except KernelRefError as exc:
+            self.problem(node, f"{ctx}{exc}")
+            where.reported.add("kernel")
+            return None
+        return Path(os.path.normpath(ref.value)) if ref.kind == "path" else ref
+
     def path(self, node: Node, where: Where, fld: str, ctx: str) -> Any:
         """A host path relative to the scenario file, made absolute; non-strings pass through."""
         value = node.value if node.kind == SCALAR else node.plain()
@@ -105,7 +123,7 @@ class _Parser:
         top = self.keys(root, TOP_KEYS, "")
         where = self.where(top)
         kw: dict[str, Any] = {"name": default_name}
-        for key in ("name", "description", "transport", "timeout"):
+        for key in ("name", "description", "transport", "timeout", "reuse"):
             if key in top:
                 kw[key] = top[key].plain()
         kw.setdefault("description", "")
@@ -150,6 +168,8 @@ class _Parser:
                 if mib is None:
                     continue
                 out["memory_mib"] = (mib, self.loc(value))
+            elif key == "kernel":
+                out[key] = (self.kernel(value, scratch, "defaults: "), self.loc(value))
             elif key in PATH_KEYS:
                 out[key] = (self.path(value, scratch, key, "defaults: "), self.loc(value))
             else:
@@ -182,6 +202,8 @@ class _Parser:
                 kw["memory_mib"] = self.memory(value, ctx)
                 if kw["memory_mib"] is None:
                     where.reported.add("memory_mib")
+            elif key == "kernel":
+                kw[key] = self.kernel(value, where, ctx)
             elif key in PATH_KEYS:
                 kw[key] = self.path(value, where, key, ctx)
             elif key == "files":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import re
+from pathlib import Path
 from typing import Any
 
 from vmlab.scenario.check import FieldChecker, describe, is_int, suggest
@@ -54,6 +55,7 @@ EVENTS_BY_ACTION = {  # what each endpoint reports (images/guest/README.md; host
     "guest_listen": ("listening", "accepted", *_STREAM_EVENTS, "exited"),
     "host_connect": ("connected", *_STREAM_EVENTS),
     "guest_connect": ("connected", *_STREAM_EVENTS, "exited"),
+    "host_run": ("exited",),
 }
 QMP_COMMANDS = (
     "stop", "cont", "system_reset", "system_powerdown", "quit", "device_del", "query-status",
@@ -63,7 +65,12 @@ RUN_STATES = (
     "finish-migrate", "restore-vm", "running", "save-vm", "shutdown", "suspended", "watchdog",
     "guest-panicked", "colo",
 )
-FAULT_KINDS = ("drop", "delay", "rst", "transport_reset")
+FAULT_KINDS = ("drop", "delay", "rst", "duplicate", "reorder", "credit_stall", "corrupt",
+               "transport_reset")
+FAULT_OPS = ("request", "response", "rst", "shutdown", "rw", "credit_update", "credit_request")
+CORRUPT_FIELDS = ("type", "op", "dst_port", "src_port", "dst_cid", "src_cid")
+_KIND_ONLY = {"delay_ms": "delay", "jitter_ms": "delay", "window": "reorder", "field": "corrupt",
+              "stall_ms": "credit_stall"}
 DIRECTIONS = ("tx", "rx", "both")
 MAX_CPUS = 255
 MAX_CHUNK = 1 << 20
@@ -111,6 +118,8 @@ MAX_SEND_MESSAGES = 64  # the guest helper's limit of repeated --send options
 class _ScenarioChecks(FieldChecker):
     """The checks themselves, in file order: scenario keys, VMs, then steps."""
 
+    current_step: Step | None = None
+
     def run(self) -> None:
         s = self.s
         if self.str_field(s, "name", "", required=True) and not SCENARIO_NAME_RE.fullmatch(s.name):
@@ -119,6 +128,7 @@ class _ScenarioChecks(FieldChecker):
         self.str_field(s, "description", "")
         self.choice_field(s, "transport", "", TRANSPORTS, required=True)
         self.number_field(s, "timeout", "", 0, positive=True, required=True)
+        self.bool_field(s, "reuse", "")
         self.vms_by_name: dict[str, VmSpec] = {}
         if self.typed(s, "vms", "", isinstance(s.vms, list), "a list of VMs"):
             if not s.vms and not self.skip(s, "vms"):
@@ -169,7 +179,7 @@ class _ScenarioChecks(FieldChecker):
             self.error(vm, "memory_mib", ctx, f"memory: {vm.memory_mib}M is too small; the minimum is "
                        f"{MIN_MEMORY_MIB}M")
         self.int_field(vm, "cpus", ctx, 1, MAX_CPUS, required=True)
-        self.path_field(vm, "kernel", ctx, "file")
+        self.check_kernel(vm, ctx)
         self.path_field(vm, "initrd", ctx, "file")
         self.str_field(vm, "cmdline", ctx, required=True)
         self.choice_field(vm, "transport", ctx, TRANSPORTS, required=True)
@@ -202,6 +212,30 @@ class _ScenarioChecks(FieldChecker):
             if not any(guest == d or guest.startswith(d + "/") for d in HOST_ROOTFS_WRITABLE):
                 self.error(vm, f"files[{guest}]", ctx, f"files: {guest} is on the host's read-only root; "
                            f"with rootfs: host files go under {', '.join(HOST_ROOTFS_WRITABLE)}")
+    def check_kernel(self, vm: VmSpec, ctx: str) -> None:
+        """A kernel path (vmlinuz or package root), or a reference (see vmlab.kernel.spec)."""
+        from vmlab.kernel.spec import KernelRef
+
+        ref = vm.kernel
+        if not isinstance(ref, KernelRef):
+            self.path_field(vm, "kernel", ctx, "any")
+            return
+        if self.skip(vm, "kernel"):
+            return
+        if ref.kind == "source":
+            if not Path(ref.value).is_dir():
+                self.error(vm, "kernel", ctx, f"kernel: source {ref.value} is not a directory")
+            elif ref.config is not None and not Path(ref.config).is_file():
+                self.error(vm, "kernel", ctx, f"kernel: config fragment {ref.config} does not exist")
+        elif ref.kind == "package" and not ref.value.startswith("linux-image-"):
+            self.error(vm, "kernel", ctx, f"kernel: package {ref.value!r} is not a kernel package "
+                       "(expected linux-image-..., e.g. linux-image-6.1.0-57-amd64)")
+        elif ref.kind == "build":
+            from vmlab.kernel.store import StoreError, find
+            try:
+                find(ref.value)
+            except StoreError as exc:
+                self.error(vm, "kernel", ctx, f"kernel: {exc}")
 
     def check_files(self, vm: VmSpec, ctx: str) -> None:
         if not self.typed(vm, "files", ctx, isinstance(vm.files, dict),
@@ -239,7 +273,7 @@ class _ScenarioChecks(FieldChecker):
         """Every endpoint id in the file, to tell 'defined later' from 'unknown'."""
         out: dict[str, Location] = {}
         for step in self.s.steps:
-            if isinstance(step, Step) and step.action in ENDPOINT_ACTIONS:
+            if isinstance(step, Step) and step.action in ENDPOINT_ACTIONS + ("host_run",):
                 pid = getattr(step.params, "id", None)
                 if isinstance(pid, str):
                     out.setdefault(pid, self.at(step.params, "id"))
@@ -271,7 +305,9 @@ class _ScenarioChecks(FieldChecker):
             elif not step.background and action in LISTEN_ACTIONS and "background" in step.where.fields:
                 self.error(step, "background", ctx, f"background: {action} always runs in the "
                            "background until the scenario ends; drop `background: false`")
+        self.current_step = step
         getattr(self, "step_" + action)(p, ctx)
+        self.current_step = None
 
     def vm_ref(self, obj: Any, fld: str, ctx: str, need_vsock: bool,
                required: bool = True) -> VmSpec | None:
@@ -388,6 +424,36 @@ class _ScenarioChecks(FieldChecker):
         self.str_field(p, "expect_output", ctx)
         self.regex_field(p, "expect_regex", ctx)
 
+    def step_host_run(self, p: Any, ctx: str) -> None:
+        cmd = p.command
+        if cmd is None:
+            self.required(p, "command", ctx)
+        else:
+            self.typed(p, "command", ctx, (isinstance(cmd, str) and cmd.strip() != "") or (
+                isinstance(cmd, list) and bool(cmd) and all(isinstance(a, str) for a in cmd)),
+                "a shell command string or a non-empty list of strings (argv)")
+        if p.id is not None:
+            self.new_id(p, ctx, "host_run")
+        self.int_field(p, "expect_exit", ctx, 0, 255)
+        self.str_field(p, "expect_output", ctx)
+        self.regex_field(p, "expect_regex", ctx)
+        self.regex_field(p, "ready_output", ctx)
+        if p.ready_port is not None:
+            self.int_field(p, "ready_port", ctx, 0, U32_MAX - 1)
+        if p.env is not None:
+            self.typed(p, "env", ctx, isinstance(p.env, dict) and all(
+                isinstance(k, str) and isinstance(v, (str, int, float)) for k, v in p.env.items()),
+                "a mapping of variable names to strings")
+        self.str_field(p, "cwd", ctx)
+        background = self.current_step is not None and self.current_step.background
+        if not background and (p.ready_port is not None or p.ready_output is not None):
+            field = "ready_port" if p.ready_port is not None else "ready_output"
+            self.error(p, field, ctx, f"{field}: readiness only applies to `background: true` "
+                       "(a foreground host_run waits for the program to exit)")
+        if background and p.id is None:
+            self.warn(p, None, ctx, "a background host_run without an id: nothing can wait for its "
+                      "exit, so its expect_* fields are never checked")
+
     def step_host_listen(self, p: Any, ctx: str) -> None:
         self.new_id(p, ctx, "host_listen")
         self.port(p, ctx, listener=True)
@@ -499,7 +565,10 @@ class _ScenarioChecks(FieldChecker):
                        f"'{dst.name}' (group {dst.group}): the backend routes only within a group")
 
     def step_expect(self, p: Any, ctx: str) -> None:
-        self.id_ref(p, ctx)
+        if self.id_ref(p, ctx) == "host_run":
+            self.error(p, "id", ctx, f"id: '{p.id}' is a host_run program, not a vsock endpoint; its "
+                       "exit and output are checked by its expect_* fields (for a background one at "
+                       "`wait_for: {id, event: exited}`)")
         checks = [f for f in ("message", "messages", "bytes", "sha256", "error")
                   if getattr(p, f, None) is not None]
         if not checks and not any(f in p.where.reported for f in ("message", "messages", "bytes", "sha256", "error")):
@@ -562,8 +631,20 @@ class _ScenarioChecks(FieldChecker):
         self.number_field(p, "probability", ctx, 0, 1, required=True)
         if kind_ok and p.kind == "delay":
             self.int_field(p, "delay_ms", ctx, 0, required=True)
-        elif kind_ok and p.delay_ms is not None:
-            self.error(p, "delay_ms", ctx, "delay_ms: only used with kind: delay")
+        if kind_ok and p.kind == "credit_stall":
+            self.int_field(p, "stall_ms", ctx, 1, required=True)
+        for fld, kind in _KIND_ONLY.items():
+            if kind_ok and p.kind != kind and getattr(p, fld) is not None:
+                self.error(p, fld, ctx, f"{fld}: only used with kind: {kind}")
+        self.int_field(p, "jitter_ms", ctx, 0)
+        self.int_field(p, "window", ctx, 2, 64)
+        self.choice_field(p, "field", ctx, CORRUPT_FIELDS, what="header field")
+        if isinstance(p.op, str):
+            p.op = p.op.lower()
+        self.choice_field(p, "op", ctx, FAULT_OPS, what="vsock op")
+        self.int_field(p, "port", ctx, 0, 0xFFFFFFFE)
+        self.int_field(p, "after", ctx, 0)
+        self.int_field(p, "count", ctx, 1)
         self.choice_field(p, "direction", ctx, DIRECTIONS, required=True)
         self.number_field(p, "duration", ctx, 0, positive=True)
 

@@ -7,7 +7,11 @@ SIGTERM/SIGINT reset all connections, unlink every socket and exit 0.
 
 Config (docs/architecture.md): {"vms": [{"name", "cid", "socket", "uds_path", "group"}],
 "pcap": path|null, "log": path, optional "control": path (default: next to the log,
-``backend.ctl``), "buf_alloc": bytes, "close_timeout": s, "log_level": "INFO"}.
+``backend.ctl``), "buf_alloc": bytes, "close_timeout": s, "log_level": "INFO", "host_ns":
+str (lab-wide host listeners for the ``vmlab exec`` shim, see vmlab.vsock.hybrid), "seed": int
+(the fault RNG seed, vsock/faults.py)}. Several captures may run at once (the config's, and
+more added over the control socket, e.g. by `vmlab capture`); one whose reader went away is
+closed without disturbing the others.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import os
 import re
 import signal
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +63,8 @@ class BackendConfig:
     buf_alloc: int = DEFAULT_BUF_ALLOC
     close_timeout: float = CLOSE_TIMEOUT
     log_level: str = "INFO"
+    host_ns: str | None = None          # lab-wide host listeners (abstract Unix names), see hybrid
+    seed: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -120,6 +127,16 @@ def parse_config(raw: Any) -> BackendConfig:
         cfg.buf_alloc = b
     if "close_timeout" in raw:
         cfg.close_timeout = float(raw["close_timeout"])
+    if raw.get("host_ns") is not None:
+        ns = raw["host_ns"]
+        if not isinstance(ns, str) or not 1 <= len(ns.encode()) <= 80 or "\0" in ns:
+            raise ConfigError("host_ns: a string of 1..80 bytes without NUL")
+        cfg.host_ns = ns
+    if "seed" in raw:
+        seed = raw["seed"]
+        if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+            raise ConfigError("seed: a non-negative integer")
+        cfg.seed = seed
     if "log_level" in raw:
         cfg.log_level = str(raw["log_level"]).upper()
     return cfg
@@ -143,12 +160,14 @@ class Backend:
         self.loop = loop
         self.router = Router(loop)
         self.hybrid = Hybrid(loop, self.router, buf_alloc=cfg.buf_alloc,
-                             close_timeout=cfg.close_timeout)
+                             close_timeout=cfg.close_timeout, host_ns=cfg.host_ns)
         self.router.hybrid = self.hybrid
         self.devices: dict[str, Any] = {}
         self.control = ControlServer(loop, cfg.control_path, self.handle)
-        self.pcap: PcapWriter | None = None
+        self.pcaps: dict[int, PcapWriter] = {}
+        self._pcap_ids = 0
         self._flush_timer: asyncio.TimerHandle | None = None
+        self.router.faults.reseed(cfg.seed)
 
     def start(self) -> None:
         from vmlab.vsock.device import VsockDevice   # the heavy part, imported on use
@@ -182,27 +201,50 @@ class Backend:
         self.stop_pcap()
 
     # --- pcap -----------------------------------------------------------------------------
-    def start_pcap(self, path: str, snaplen: int = 65535) -> None:
-        self.stop_pcap()
-        self.pcap = PcapWriter(path, snaplen)
-        self.router.capture = self.pcap.write
-        self._flush_timer = self.loop.call_later(1.0, self._flush_pcap)
-        log.info("capturing to %s", path)
+    def start_pcap(self, path: str, snaplen: int = 65535) -> int:
+        """Add a capture (a file or a FIFO); returns its id for stop_pcap."""
+        w = PcapWriter(path, snaplen)
+        self._pcap_ids += 1
+        self.pcaps[self._pcap_ids] = w
+        self.router.capture = self._capture
+        if self._flush_timer is None:
+            self._flush_timer = self.loop.call_later(1.0, self._flush_pcap)
+        log.info("capture %d to %s", self._pcap_ids, path)
+        return self._pcap_ids
 
-    def stop_pcap(self) -> None:
-        self.router.capture = None
-        if self._flush_timer is not None:
-            self._flush_timer.cancel()
-            self._flush_timer = None
-        if self.pcap is not None:
-            self.pcap.close()
-            log.info("capture %s closed (%d packets)", self.pcap.path, self.pcap.packets)
-            self.pcap = None
+    def _capture(self, hdr: Any, payload: list[memoryview]) -> None:
+        for pid, w in list(self.pcaps.items()):
+            try:
+                w.write(hdr, payload)
+            except OSError as e:              # a live reader went away: only that capture ends
+                log.info("capture %d (%s) ended: %s", pid, w.path, e)
+                self.stop_pcap(pid)
+
+    def stop_pcap(self, pid: int | None = None) -> int:
+        """Close one capture (or all); returns how many were closed."""
+        ids = list(self.pcaps) if pid is None else [pid] if pid in self.pcaps else []
+        for i in ids:
+            w = self.pcaps.pop(i)
+            try:
+                w.close()
+            except OSError:
+                pass
+            log.info("capture %d (%s) closed (%d packets)", i, w.path, w.packets)
+        if not self.pcaps:
+            self.router.capture = None
+            if self._flush_timer is not None:
+                self._flush_timer.cancel()
+                self._flush_timer = None
+        return len(ids)
 
     def _flush_pcap(self) -> None:
-        if self.pcap is not None:
-            self.pcap.flush()
-            self._flush_timer = self.loop.call_later(1.0, self._flush_pcap)
+        for pid, w in list(self.pcaps.items()):
+            try:
+                w.flush()
+            except OSError as e:
+                log.info("capture %d (%s) ended: %s", pid, w.path, e)
+                self.stop_pcap(pid)
+        self._flush_timer = self.loop.call_later(1.0, self._flush_pcap) if self.pcaps else None
 
     # --- control --------------------------------------------------------------------------
     def handle(self, req: dict) -> dict:
@@ -233,17 +275,26 @@ class Backend:
                 if vm is None:
                     return {"ok": False, "error": "transport_reset needs a vm"}
                 return {"ok": True, "reset": self.router.reset_vm(vm, notify_guest=True)}
-            rule = FaultInjector.parse(req)
-            self.router.faults.rules.append(rule)
+            rule = self.router.faults.add(FaultInjector.parse(req))
             log.info("fault added: %s", rule)
-            return {"ok": True, "rules": len(self.router.faults.rules)}
+            return {"ok": True, "rules": len(self.router.faults.rules), "key": rule.key}
+        if cmd == "faults":                     # the hit counters, for the report
+            return {"ok": True, "seed": self.router.faults.seed,
+                    "faults": self.router.faults.report()}
+        if cmd == "seed":                       # a new seed (and no rules) for the next run
+            seed = req.get("seed")
+            if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+                return {"ok": False, "error": "seed: a non-negative integer"}
+            self.router.faults.rules.clear()
+            self.router.faults.added = 0
+            self.router.faults.reseed(seed)
+            return {"ok": True, "seed": seed}
         if cmd == "pcap":
             path = req.get("path")
             if path:
-                self.start_pcap(str(path), int(req.get("snaplen", 65535)))
-            else:
-                self.stop_pcap()
-            return {"ok": True}
+                return {"ok": True, "id": self.start_pcap(str(path),
+                                                          int(req.get("snaplen", 65535)))}
+            return {"ok": True, "stopped": self.stop_pcap(req.get("id"))}
         return {"ok": False, "error": f"unknown cmd {cmd!r}"}
 
 
@@ -302,12 +353,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.stdout.flush()
     except OSError:
         pass
+    profile_path = os.environ.get("VMLAB_BACKEND_PROFILE")   # benchmarks: cProfile the loop
+    profiler = None
+    if profile_path:
+        import cProfile
+        profiler = cProfile.Profile(time.process_time)   # CPU, not wall: the machine is shared
+        profiler.enable()
     try:
         loop.run_forever()
     except Exception:
         log.exception("event loop died")
         rc = 1
     finally:
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_path)
         backend.close()
         # let the RSTs queued by close() reach guests whose rings are still up
         loop.run_until_complete(asyncio.sleep(0))

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
 import select
 import socket
+import struct
+import termios
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
@@ -44,6 +47,8 @@ CONNECT_TIMEOUT = 10.0               # host-initiated: wait this long for RESPON
 LINGER_TIMEOUT = 60.0                # keep flushing to a slow host reader after the guest left
 
 _AGAIN = (BlockingIOError, InterruptedError)
+_INT = struct.Struct("i")
+_INT_ZERO = bytes(4)
 
 
 class State(enum.Enum):
@@ -134,6 +139,18 @@ def trim_views(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
+def _skip_views(views: list[memoryview], n: int) -> list[memoryview]:
+    """The views after their first n bytes."""
+    out: list[memoryview] = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:] if n else v)
+        n = 0
+    return out
+
+
 def copy_into(views: list[memoryview], data: memoryview) -> int:
     """Scatter data into views; returns bytes copied."""
     off = 0
@@ -144,6 +161,29 @@ def copy_into(views: list[memoryview], data: memoryview) -> int:
         v[:k] = data[off:off + k]
         off += k
     return off
+
+
+def scatter(src: list[memoryview], dst: list[memoryview], n: int) -> int:
+    """Copy the first n bytes of src (a list of views, consumed in place: what is left of it
+    stays in src) into the views dst; returns bytes copied (n unless src or dst is shorter)."""
+    done = 0
+    di = 0
+    doff = 0
+    while done < n and src and di < len(dst):
+        s = src[0]
+        d = dst[di]
+        k = min(len(s), len(d) - doff, n - done)
+        d[doff:doff + k] = s[:k]
+        done += k
+        doff += k
+        if k == len(s):
+            src.pop(0)
+        else:
+            src[0] = s[k:]
+        if doff == len(d):
+            di += 1
+            doff = 0
+    return done
 
 
 @dataclass(eq=False)
@@ -345,7 +385,7 @@ class Connection:
                 return
             self.credit.forwarded(sent)
             if sent < n:
-                rest = memoryview(b"".join(payload))[sent:]
+                rest = memoryview(b"".join(_skip_views(payload, sent)))   # copy what is left
                 self.out.append((rest, 0))
                 self.out_bytes += len(rest)
                 self._start_writing()
@@ -502,6 +542,14 @@ class Connection:
             return self._fill_seq(buf, credit)
         lens = self._recv_stream([buf], credit)
         return self.header(Op.RW, 0, lens[0]) if lens else None
+
+    def readable_bytes(self) -> int:
+        """Bytes waiting in the host socket (FIONREAD); 0 if unknown. The rx path pops guest
+        buffers for this much, not for the whole credit, so fewer are popped and given back."""
+        try:
+            return _INT.unpack(fcntl.ioctl(self.sock.fileno(), termios.FIONREAD, _INT_ZERO))[0]
+        except (OSError, ValueError):
+            return 0
 
     def fill_many(self, bufs: list[RxBufferLike]) -> list[tuple[int, bytes]]:
         """Stream only: move host data into several guest rx buffers with one read, bounded by

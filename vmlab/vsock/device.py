@@ -43,7 +43,7 @@ class DeviceHandler(Protocol):
     def on_device_reset(self, dev: "VsockDevice", reason: str) -> None: ...
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class RxBuffer:
     """A guest rx buffer: 44 header bytes (maybe split) and `payload` views after them."""
 
@@ -60,11 +60,12 @@ class RxBuffer:
             view.release()
         for view in self.header:
             view.release()
-        for view in self.views:
-            view.release()
+        if self.views:
+            for view in self.views:
+                view.release()
+            self.views = []
         self.payload = []
         self.header = []
-        self.views = []
         self.capacity = 0
 
 
@@ -99,21 +100,23 @@ def _split_header(chain: DescChain) -> RxBuffer:
     """First 44 writable bytes are the header (they may span descriptors), the rest payload."""
     views = chain.writable
     first = views[0]
-    if len(first) >= HDR_LEN:
-        header = [first[:HDR_LEN]]
-        payload = ([first[HDR_LEN:]] if len(first) > HDR_LEN else []) + views[1:]
-    else:
-        header, payload, need = [], [], HDR_LEN
-        for view in views:
-            if need == 0:
-                payload.append(view)
-            elif len(view) <= need:
-                header.append(view)
-                need -= len(view)
-            else:
-                header.append(view[:need])
-                payload.append(view[need:])
-                need = 0
+    flen = len(first)
+    if flen == HDR_LEN:                 # Linux 6.1: header descriptor + payload descriptor(s)
+        return RxBuffer(chain.write_len - HDR_LEN, views[1:], chain.head, [first], 0, 0, [])
+    if flen > HDR_LEN:
+        return RxBuffer(chain.write_len - HDR_LEN, [first[HDR_LEN:]] + views[1:], chain.head,
+                        [first[:HDR_LEN]], 0, 0, [first])
+    header, payload, need = [], [], HDR_LEN
+    for view in views:
+        if need == 0:
+            payload.append(view)
+        elif len(view) <= need:
+            header.append(view)
+            need -= len(view)
+        else:
+            header.append(view[:need])
+            payload.append(view[need:])
+            need = 0
     return RxBuffer(capacity=chain.write_len - HDR_LEN, payload=payload, head=chain.head,
                     header=header, views=list(views))
 
@@ -192,8 +195,9 @@ class VsockDevice:
     def rx_pop(self) -> RxBuffer | None:
         """Next free guest rx buffer; None -> wait for on_rx_ready."""
         q = self._queues[RX]
-        if q is None or self.broken or self.paused:
-            return None
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
+            return None                       # no ring, broken, or paused
         if self._rx_free:
             buf = self._rx_free.pop()
             self._rx_out[buf.seq] = buf
@@ -248,6 +252,110 @@ class VsockDevice:
         self.stats["rx_packets"] += 1
         self.stats["rx_bytes"] += payload_len
         self._schedule_flush()
+
+    def rx_pop_batch(self, room: int, max_bufs: int, max_views: int) -> list[RxBuffer]:
+        """rx_pop() in a loop, in one call: buffers for up to `room` payload bytes (always at
+        least one if there is one), at most `max_bufs` buffers and `max_views` payload views.
+        A header-only buffer, or one that would exceed max_views, ends the batch and is given
+        back. Same checks as rx_pop(); a guest fault returns [] (the device is broken)."""
+        q = self._queues[RX]
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
+            return []
+        out: list[RxBuffer] = []
+        free = self._rx_free
+        rx_out = self._rx_out
+        got = views = 0
+        try:
+            while got < room and len(out) < max_bufs:
+                if free:
+                    buf = free.pop()
+                else:
+                    fast = q.pop_rx_linux(min(max_bufs - len(out), max_views - views),
+                                          room - got, HDR_LEN)
+                    if fast:
+                        epoch = self._epoch
+                        seq = self._rx_seq
+                        for head, hview, pview in fast:
+                            seq += 1
+                            buf = RxBuffer(len(pview), [pview], head, [hview], epoch, seq, [])
+                            rx_out[seq] = buf
+                            out.append(buf)
+                            got += buf.capacity
+                        views += len(fast)
+                        self._rx_seq = self._rx_last_ring_pop = seq
+                        continue
+                    chain = q.pop()             # any other shape: the generic walk
+                    if chain is None:
+                        if not q.enable_notification():
+                            break
+                        chain = q.pop()
+                        if chain is None:
+                            break
+                    if chain.readable:
+                        chain.release()
+                        raise VirtqueueError(f"{q.name}: rx chain with device-readable descriptors")
+                    if chain.write_len < HDR_LEN:
+                        chain.release()
+                        raise VirtqueueError(f"{q.name}: rx buffer of {chain.write_len} bytes < header")
+                    buf = _split_header(chain)
+                    self._rx_seq += 1
+                    buf.seq = self._rx_last_ring_pop = self._rx_seq
+                    buf.epoch = self._epoch
+                rx_out[buf.seq] = buf
+                npay = len(buf.payload)
+                if buf.capacity <= 0 or (out and views + npay > max_views):
+                    self.rx_cancel(buf)
+                    break
+                out.append(buf)
+                got += buf.capacity
+                views += npay
+        except (VirtqueueError, ValueError) as exc:
+            self._fault(str(exc))
+            return []
+        return out
+
+    def rx_push_batch(self, bufs: list[RxBuffer], filled: list[tuple[int, bytes]]) -> None:
+        """rx_push(buf, header, n) for each (n, header) in `filled` and the buffer at the same
+        position in `bufs`, with one stats update and one scheduled flush."""
+        q = self._queues[RX]
+        epoch = self._epoch
+        rx_out = self._rx_out
+        total = pushed = 0
+        for buf, (n, header) in zip(bufs, filled):
+            if buf.epoch != epoch or rx_out.pop(buf.seq, None) is None:
+                log.debug("%s: rx_push of a stale buffer ignored", self.name)
+                continue
+            if not 0 <= n <= buf.capacity or len(header) != HDR_LEN:
+                rx_out[buf.seq] = buf
+                raise ValueError(f"payload_len {n} outside 0..{buf.capacity} or bad header")
+            if q is None:
+                buf.release()
+                continue
+            hv = buf.header
+            if len(hv) == 1:
+                hv[0][:] = header
+            else:
+                pos = 0
+                for view in hv:
+                    view[:] = header[pos:pos + len(view)]
+                    pos += len(view)
+            q.push(buf.head, HDR_LEN + n)
+            if buf.views:
+                buf.release()
+            else:                             # inlined release(): payload and header views
+                for view in buf.payload:
+                    view.release()
+                for view in hv:
+                    view.release()
+                buf.payload = buf.header = []
+                buf.capacity = 0
+            total += n
+            pushed += 1
+        if pushed:
+            self.stats["rx_packets"] += pushed
+            self.stats["rx_bytes"] += total
+            self._schedule_flush()
 
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""

@@ -6,6 +6,11 @@
   If the guest refuses, the Unix socket is closed without a reply.
 * guest -> host (dst CID 2, port P): we connect to ``<uds_path>_<P>`` (a SOCK_SEQPACKET socket
   for SEQPACKET connections); nobody there -> RST, i.e. ECONNRESET/ECONNREFUSED in the guest.
+* lab-wide host listeners (``host_ns`` in the config, used by the ``vmlab exec`` shim): when
+  ``<uds_path>_<P>`` does not answer, we connect to the abstract Unix name ``\\0<host_ns>:<P>``
+  (one listener for every VM of the lab) and first write a 16-byte preamble
+  ``b"VSK1" + <guest cid> + <guest port> + <P>`` (u32 little endian) so the listener learns
+  the peer address.  ``CONNECT <port> <srcport>\n`` asks for a specific host port.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import logging
 import os
 import re
 import socket
+import struct
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -32,7 +38,14 @@ log = logging.getLogger(__name__)
 MAX_LINE = 64                       # "CONNECT 4294967295\n" is 19 bytes
 HANDSHAKE_TIMEOUT = 10.0
 GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
-_CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})\r?\n?")
+_CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})(?: ([0-9]{1,10}))?\r?\n?")
+PREAMBLE = struct.Struct("<4sIII")  # magic, peer (guest) cid, peer port, local (host) port
+PREAMBLE_MAGIC = b"VSK1"
+
+
+def host_listener_name(host_ns: str, port: int) -> str:
+    """The abstract Unix address of a lab-wide host listener on vsock port `port`."""
+    return f"\0{host_ns}:{port}"
 _FIRST_HOST_PORT = 1 << 30          # ephemeral host ports for host-initiated connections
 
 
@@ -61,8 +74,9 @@ class Hybrid:
 
     def __init__(self, loop: asyncio.AbstractEventLoop, router: "Router", *,
                  buf_alloc: int = DEFAULT_BUF_ALLOC, close_timeout: float = CLOSE_TIMEOUT,
-                 connect_timeout: float = CONNECT_TIMEOUT) -> None:
+                 connect_timeout: float = CONNECT_TIMEOUT, host_ns: str | None = None) -> None:
         self.loop = loop
+        self.host_ns = host_ns
         self.router = router
         self.buf_alloc = buf_alloc
         self.close_timeout = close_timeout
@@ -163,12 +177,15 @@ class Hybrid:
         except OSError as e:
             return self._drop_handshake(hs, f"read failed: {e}")
         m = _CONNECT_RE.fullmatch(line)
-        if m is None or int(m.group(1)) > 0xFFFFFFFF:
+        if (m is None or int(m.group(1)) > 0xFFFFFFFF
+                or (m.group(2) is not None and int(m.group(2)) >= 0xFFFFFFFF)):
             return self._drop_handshake(hs, f"malformed handshake {line[:MAX_LINE]!r}")
         self._drop_handshake(hs, "", close=False)
         port = int(m.group(1))
         vm = hs.vm
-        hport = self._alloc_port(vm.cid, port)
+        hport = int(m.group(2)) if m.group(2) is not None else None
+        if hport is None or (VMADDR_CID_HOST, hport, vm.cid, port) in self.conns:
+            hport = self._alloc_port(vm.cid, port)
         key = (VMADDR_CID_HOST, hport, vm.cid, port)
         conn = self._new_conn(vm, key, hs.type, hs.sock)
         conn.ok_line = f"OK {hport}\n".encode()
@@ -185,6 +202,12 @@ class Hybrid:
     def _new_conn(self, vm: HybridVm, key: ConnKey, typ: int, sock: socket.socket) -> Connection:
         conn = Connection(env=self, key=key, vm=vm.name, type=typ, sock=sock,
                           close_timeout=self.close_timeout)
+        try:
+            # room for a whole credit window of guest data: a full-speed guest then rarely
+            # meets a partial write (which costs a copy into our own buffer)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.buf_alloc)
+        except OSError:
+            pass
         conn.credit.buf_alloc = self.buf_alloc
         conn.on_close = self._on_conn_destroyed
         self.conns[key] = conn
@@ -214,24 +237,40 @@ class Hybrid:
         vm = self.vms.get(vm_name)
         if vm is None:
             return
-        path = f"{vm.uds_path}_{hdr.dst_port}"
         kind = socket.SOCK_SEQPACKET if hdr.type == Type.SEQPACKET else socket.SOCK_STREAM
-        s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
-        try:
-            s.connect(path)
-        except (BlockingIOError, InterruptedError):
-            s.close()
-            if waited < self.connect_timeout:   # listener backlog full: try again shortly
-                self.pending_guest[key] = self.loop.call_later(
-                    GUEST_CONNECT_RETRY, self._guest_connect, vm_name, key, hdr,
-                    waited + GUEST_CONNECT_RETRY)
+        targets = [f"{vm.uds_path}_{hdr.dst_port}"]
+        if self.host_ns:
+            targets.append(host_listener_name(self.host_ns, hdr.dst_port))
+        s = None
+        for path in targets:
+            s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                s.connect(path)
+            except (BlockingIOError, InterruptedError):
+                s.close()
+                if waited < self.connect_timeout:   # listener backlog full: try again shortly
+                    self.pending_guest[key] = self.loop.call_later(
+                        GUEST_CONNECT_RETRY, self._guest_connect, vm_name, key, hdr,
+                        waited + GUEST_CONNECT_RETRY)
+                    return
+                log.info("%s: %s: backlog full for %.1fs", vm_name, path.lstrip("\0"), waited)
+                self._refuse(vm_name, hdr)
                 return
-            log.info("%s: %s: backlog full for %.1fs", vm_name, path, waited)
-            self._refuse(vm_name, hdr)
-            return
-        except OSError as e:
-            s.close()
-            log.debug("%s: guest connect to %s: %s", vm_name, path, e)
+            except OSError as e:
+                s.close()
+                s = None
+                log.debug("%s: guest connect to %r: %s", vm_name, path, e)
+                continue
+            if path.startswith("\0"):
+                try:   # 16 bytes into an empty socket buffer: never short, never blocks
+                    s.send(PREAMBLE.pack(PREAMBLE_MAGIC, hdr.src_cid, hdr.src_port, hdr.dst_port))
+                except OSError as e:
+                    log.info("%s: host listener %r gone: %s", vm_name, path, e)
+                    s.close()
+                    s = None
+                    continue
+            break
+        if s is None:
             self._refuse(vm_name, hdr)
             return
         conn = self._new_conn(vm, key, hdr.type, s)
@@ -288,4 +327,4 @@ class Hybrid:
                 "buffered_out": sum(c.out_bytes for c in self.conns.values())}
 
 
-__all__ = ["Hybrid", "HybridVm", "seqpacket_path"]
+__all__ = ["Hybrid", "HybridVm", "PREAMBLE", "host_listener_name", "seqpacket_path"]

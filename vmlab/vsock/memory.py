@@ -42,10 +42,14 @@ class MappedRegion:
     view: memoryview
     gpa_end: int = field(init=False)
     uva_end: int = field(init=False)
+    gpa_start: int = field(init=False)      # copies of spec fields for the hot path
+    size: int = field(init=False)
 
     def __post_init__(self) -> None:
         self.gpa_end = self.spec.guest_phys_addr + self.spec.memory_size
         self.uva_end = self.spec.userspace_addr + self.spec.memory_size
+        self.gpa_start = self.spec.guest_phys_addr
+        self.size = self.spec.memory_size
 
 
 def _check_spec(spec: RegionSpec) -> None:
@@ -73,6 +77,7 @@ class GuestMemory:
         self.max_len = max_len
         self.regions: list[MappedRegion] = []
         self._last: MappedRegion | None = None
+        self._last_gpa: MappedRegion | None = None     # gpa_one()'s cache
 
     # -- table management -------------------------------------------------------------
     def map(self, specs: list[RegionSpec], fds: list[int]) -> None:
@@ -115,7 +120,7 @@ class GuestMemory:
 
     def close(self) -> None:
         """Unmap all regions (views handed out earlier keep their mapping alive)."""
-        old, self.regions, self._last = self.regions, [], None
+        old, self.regions, self._last, self._last_gpa = self.regions, [], None, None
         for region in old:
             _unmap(region)
 
@@ -159,6 +164,42 @@ class GuestMemory:
     def uva(self, addr: int, length: int) -> memoryview:
         """One contiguous view of frontend user address range (vring addresses)."""
         return self._view(addr, length, True)
+
+    def gpa_one(self, addr: int, length: int) -> memoryview | None:
+        """Hot path: a view of guest-physical [addr, addr+length) if 0 < length <= max_len and
+        the range lies wholly inside one region; None otherwise (the caller then takes the
+        generic, raising path). Never raises for any addr/length."""
+        if length <= 0 or length > self.max_len:
+            return None
+        region = self._last_gpa
+        if region is not None:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                return region.view[off:off + length]
+        for region in self.regions:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                self._last_gpa = region
+                return region.view[off:off + length]
+        return None
+
+    def locate(self, addr: int, length: int) -> tuple[memoryview, int] | None:
+        """Hot path: (region view, offset) for guest-physical [addr, addr+length) if
+        0 < length <= max_len and the range lies wholly inside one region; None otherwise.
+        Never raises. The region view is ours: slice it, never release it."""
+        if length <= 0 or length > self.max_len:
+            return None
+        region = self._last_gpa
+        if region is not None:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                return region.view, off
+        for region in self.regions:
+            off = addr - region.gpa_start
+            if 0 <= off and off + length <= region.size:
+                self._last_gpa = region
+                return region.view, off
+        return None
 
     def gpa_split(self, addr: int, length: int) -> list[memoryview]:
         """Views covering [addr, addr+length), split where it crosses adjacent regions."""

@@ -7,6 +7,9 @@ decodes; so a capture from the backend reads like one taken on a real host's vso
 
 from __future__ import annotations
 
+import fcntl
+import os
+import stat
 import struct
 import time
 from pathlib import Path
@@ -38,15 +41,46 @@ _OPMAP = {
 }
 
 
+F_SETPIPE_SZ = 1031
+
+
+def _open_output(path: Path) -> tuple[BinaryIO, bool]:
+    """(file, live): a regular file, or a FIFO/pipe a reader (wireshark -k -i -) already has
+    open. Live outputs are flushed per packet; a FIFO without a reader is an error, not a hang."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NONBLOCK | os.O_CLOEXEC,
+                     0o644)
+    except OSError as e:
+        if e.errno == 6:                       # ENXIO
+            raise OSError(e.errno, f"{path}: a FIFO with no reader (start the reader first, "
+                                   "e.g. `wireshark -k -i FIFO`)") from None
+        raise
+    mode = os.fstat(fd).st_mode
+    live = stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    if stat.S_ISFIFO(mode):
+        try:
+            fcntl.fcntl(fd, F_SETPIPE_SZ, 1 << 20)   # room for bursts while the reader lags
+        except OSError:
+            pass
+    return os.fdopen(fd, "wb"), live
+
+
 class PcapWriter:
-    """Appends vsock packets to a pcap file; ``snaplen`` caps the stored payload per packet."""
+    """Appends vsock packets to a pcap file, FIFO or pipe; ``snaplen`` caps the stored payload
+    per packet. A live output (FIFO, pipe) is flushed after every packet, so a reader sees each
+    packet as it happens; a slow reader slows the lab down (the pipe fills up) rather than
+    losing packets."""
 
     def __init__(self, path: str | Path, snaplen: int = 65535) -> None:
         self.path = Path(path)
         self.snaplen = max(snaplen, _MONHDR.size + HEADER_SIZE)
         self.packets = 0
-        self._f: BinaryIO | None = open(self.path, "wb")
-        self._f.write(_GLOBAL.pack(PCAP_MAGIC, 2, 4, 0, 0, self.snaplen, LINKTYPE_VSOCK))
+        f, self.live = _open_output(self.path)
+        self._f: BinaryIO | None = f
+        f.write(_GLOBAL.pack(PCAP_MAGIC, 2, 4, 0, 0, self.snaplen, LINKTYPE_VSOCK))
+        if self.live:
+            f.flush()
 
     def write(self, hdr: Header, payload: Iterable[bytes | memoryview] = (),
               payload_len: int | None = None, ts: float | None = None) -> None:
@@ -76,15 +110,17 @@ class PcapWriter:
         for p in parts:
             f.write(p)
         self.packets += 1
+        if self.live:
+            f.flush()
 
     def flush(self) -> None:
         if self._f is not None:
             self._f.flush()
 
     def close(self) -> None:
-        if self._f is not None:
-            self._f.close()
-            self._f = None
+        f, self._f = self._f, None
+        if f is not None:
+            f.close()
 
     def __enter__(self) -> "PcapWriter":
         return self

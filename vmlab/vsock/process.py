@@ -40,6 +40,7 @@ class BackendProcess:
         self.control_path = Path(self.config["control"])
         self.config_path = self.run_dir / "backend.json"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.command_prefix: list[str] = []   # benchmarks: e.g. valgrind --tool=callgrind
 
     @property
     def pid(self) -> int | None:
@@ -50,6 +51,11 @@ class BackendProcess:
 
     def start(self, timeout: float = 10) -> None:
         """Spawn the backend and wait for its READY line; raise BackendError with the log tail."""
+        self.spawn()
+        self.wait_ready(timeout)
+
+    def spawn(self) -> None:
+        """Fork the backend without waiting: the lab prepares guest images while it starts up."""
         if self.proc is not None:
             raise BackendError("backend already started")
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -60,9 +66,12 @@ class BackendProcess:
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")
         # tracebacks and config errors land in the log; stdout carries only READY
-        self.proc = children.spawn([sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
+        self.proc = children.spawn([*self.command_prefix, sys.executable, "-m", "vmlab.vsock.backend", "--config", str(self.config_path)],
                                    self.log_path, stdout=subprocess.PIPE, env=env)
-        assert self.proc.stdout is not None
+
+    def wait_ready(self, timeout: float = 10) -> None:
+        """Wait for the READY line of a spawned backend; raise BackendError with the log tail."""
+        assert self.proc is not None and self.proc.stdout is not None, "spawn() first"
         deadline = time.monotonic() + timeout
         out = b""
         fd = self.proc.stdout.fileno()

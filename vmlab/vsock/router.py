@@ -1,5 +1,10 @@
 """The one place every packet passes: spoof check, routing by CID, capture, faults, rx queueing.
 
+Capture sees each packet once, as its sender sent it (after faults, before any split): a
+guest's packet to the host side when it is routed there, a packet towards a guest when it is
+queued (VM<->VM relay, control, router RSTs) or when host data is read into the guest's buffer.
+Faults (vsock/faults.py decides, this module acts) sit between the sender and the receiver.
+
 Implements ``DeviceHandler`` (docs/architecture.md). Guest -> anything packets come in through
 ``on_tx_packet``; anything -> guest packets go out through ``send_to_vm`` (control packets and
 VM<->VM relay data, queued in order per device) or are pulled straight from a host socket into
@@ -15,15 +20,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import random
 import time
 from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from vmlab.vsock.connection import Connection, copy_into, trim_views
+from vmlab.vsock.connection import Connection, copy_into, scatter, trim_views
+from vmlab.vsock.faults import FaultInjector, FaultRule
 from vmlab.vsock.packet import (
-    HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
+    HEADER, HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
 )
 
 log = logging.getLogger(__name__)
@@ -49,6 +54,24 @@ class DeviceLike(Protocol):
     def flush(self) -> None: ...
 
 
+def _pop_batch(dev: DeviceLike, room: int, max_bufs: int, max_views: int) -> list[Any]:
+    """rx_pop() until `room` payload bytes (VsockDevice.rx_pop_batch's semantics), for
+    devices without rx_pop_batch."""
+    bufs: list[Any] = []
+    got = views = 0
+    while got < room and len(bufs) < max_bufs:
+        buf = dev.rx_pop()
+        if buf is None:
+            break
+        if buf.capacity <= 0 or (bufs and views + len(buf.payload) > max_views):
+            dev.rx_cancel(buf)              # header-only buffer / too many pieces: later
+            break
+        bufs.append(buf)
+        got += buf.capacity
+        views += len(buf.payload)
+    return bufs
+
+
 class HostSide(Protocol):
     """What the router needs from the host end of CID 2 (today vsock/hybrid.py's Hybrid).
 
@@ -60,75 +83,6 @@ class HostSide(Protocol):
     def reset_vm(self, vm_name: str, notify_guest: bool) -> int: ...
     def reset_key(self, key: tuple[int, int, int, int]) -> bool: ...
     def snapshot(self) -> dict: ...
-
-
-# --- faults ---------------------------------------------------------------------------------
-@dataclass
-class FaultRule:
-    """Matches packets; ``direction``: "tx" (from a guest), "rx" (to a guest) or "both"."""
-
-    action: str                       # drop | delay | rst
-    vm: str | None = None
-    direction: str = "both"
-    op: int | None = None
-    port: int | None = None           # src_port or dst_port
-    count: int | None = None          # matches left; None = forever
-    delay: float = 0.0
-    probability: float = 1.0
-    until: float | None = None        # time.monotonic() deadline; None = forever
-    hits: int = 0
-
-    def matches(self, direction: str, vm: str, hdr: Header) -> bool:
-        if self.count is not None and self.count <= 0:
-            return False
-        if self.until is not None and time.monotonic() > self.until:
-            return False
-        if self.direction != "both" and self.direction != direction:
-            return False
-        if self.vm is not None and self.vm != vm:
-            return False
-        if self.op is not None and self.op != hdr.op:
-            return False
-        if self.port is not None and self.port not in (hdr.src_port, hdr.dst_port):
-            return False
-        return self.probability >= 1.0 or random.random() < self.probability
-
-
-@dataclass
-class FaultInjector:
-    rules: list[FaultRule] = field(default_factory=list)
-
-    def check(self, direction: str, vm: str, hdr: Header) -> FaultRule | None:
-        for r in self.rules:
-            if r.matches(direction, vm, hdr):
-                r.hits += 1
-                if r.count is not None:
-                    r.count -= 1
-                return r
-        return None
-
-    @staticmethod
-    def parse(req: dict) -> FaultRule:
-        """A rule from a control request: {"action"|"kind": drop|delay|rst, "vm", "direction",
-        "op", "port", "count", "delay" (s) | "delay_ms", "probability", "duration" (s)}."""
-        action = req.get("action", req.get("kind"))
-        if action not in ("drop", "delay", "rst"):
-            raise ValueError(f"unknown fault action {action!r}")
-        op = req.get("op")
-        if isinstance(op, str):
-            op = Op[op.upper()]
-        direction = req.get("direction", req.get("dir", "both"))
-        if direction not in ("tx", "rx", "both"):
-            raise ValueError(f"bad direction {direction!r}")
-        delay = req.get("delay")
-        if delay is None:
-            delay = (req.get("delay_ms") or 0) / 1000.0
-        duration = req.get("duration")
-        prob = req.get("probability")
-        return FaultRule(action=action, vm=req.get("vm"), direction=direction, op=op,
-                         port=req.get("port"), count=req.get("count"), delay=float(delay),
-                         probability=1.0 if prob is None else float(prob),
-                         until=None if duration is None else time.monotonic() + float(duration))
 
 
 # --- per-device state -----------------------------------------------------------------------
@@ -143,6 +97,18 @@ class DevState:
     queued_ctrl: int = 0
     ready: dict = field(default_factory=dict)       # Connections with data for this guest
     pumping: bool = False
+
+
+_OPS = frozenset(int(o) for o in Op if o != Op.INVALID)
+
+
+def _copy(payload: list[memoryview]) -> list[memoryview]:
+    """Payload that must outlive the call that lent the views (one copy)."""
+    return [memoryview(b"".join(payload))] if payload else []
+
+
+def _join(payload: list[memoryview], hdr: Header) -> bytes | None:
+    return b"".join(payload) if payload and hdr.len else None
 
 
 FlowKey = tuple[int, int, int, int]   # normalized (cid_a, port_a, cid_b, port_b), a < b
@@ -205,47 +171,100 @@ class Router:
             payload = trim_views(payload, hdr.len)
         self.stats["tx_packets"] += 1
         self.stats["tx_bytes"] += hdr.len
+        if self.faults.rules:
+            rule = self.faults.check("tx", st.name, hdr)
+            if rule is not None:
+                self._fault(rule, hdr, payload, lambda h, p: self._accept_tx(st, h, p))
+                return
+        self._accept_tx(st, hdr, payload)
+
+    def _accept_tx(self, st: DevState, hdr: Header, payload: list[memoryview]) -> None:
+        """A guest's packet as the receiving side sees it (after faults): the checks a
+        receiver makes (a corrupted header must fail them), then routing."""
+        if hdr.src_cid != st.cid:
+            self.stats["spoofed"] += 1
+            return
         if hdr.type not in (Type.STREAM, Type.SEQPACKET) or (
                 hdr.type == Type.SEQPACKET and not getattr(st.dev, "seqpacket", True)):
             self.stats["bad_type"] += 1
             if hdr.op != Op.RST:
                 self.send_to_vm(st.name, rst_for(hdr))
             return
-        rule = self.faults.check("tx", st.name, hdr) if self.faults.rules else None
-        if rule is not None:
-            if self._apply_tx_fault(st, rule, hdr, payload):
-                return
-        if self.capture is not None:
-            self.capture(hdr, payload)
+        if hdr.op not in _OPS:
+            self.stats["bad_op"] += 1
+            if hdr.op != Op.RST:
+                self.send_to_vm(st.name, rst_for(hdr))
+            return
         self._route(st, hdr, payload)
 
-    def _apply_tx_fault(self, st: DevState, rule: FaultRule, hdr: Header,
-                        payload: list[memoryview]) -> bool:
-        self.stats[f"fault_{rule.action}"] += 1
-        if rule.action == "drop":
-            return True
-        if rule.action == "rst":
+    # --- faults: FaultRule (vsock/faults.py) decided; here the packet is acted on ----------
+    def _fault(self, rule: FaultRule, hdr: Header, payload: list[memoryview],
+               forward: Callable[[Header, list[memoryview]], None]) -> None:
+        """Apply a fault; `forward` sends a packet on to where it was going. `payload` views
+        are valid only during the call: whatever is kept for later is copied."""
+        kind = rule.kind
+        self.stats[f"fault_{kind}"] += 1
+        (log.info if rule.hits <= 10 else log.debug)(      # the first hits go into the bundle's log
+            "fault %s (rule %s, hit %d): %s", kind, rule.key, rule.hits, hdr.describe())
+        if kind == "drop":
+            return
+        if kind == "rst":
             self.reset_flow(hdr)
-            return True
-        if rule.action == "delay":
-            data = [memoryview(b"".join(payload))] if hdr.len else []
+        elif kind == "delay":
+            self.loop.call_later(rule.next_delay(), forward, hdr, _copy(payload))
+        elif kind == "duplicate":
+            forward(hdr, payload)
+            forward(hdr.copy(), payload)
+        elif kind == "corrupt":
+            forward(rule.corrupted(hdr), payload)
+        elif kind == "reorder":
+            held = rule.state.setdefault("held", [])
+            held.append((forward, hdr, _copy(payload)))
+            if len(held) >= rule.window:
+                self._release_reorder(rule)
+            elif "timer" not in rule.state:
+                rule.state["timer"] = self.loop.call_later(rule.delay, self._release_reorder,
+                                                           rule)
+        elif kind == "credit_stall":
+            if "stall_end" not in rule.state:
+                rule.state["stall_end"] = time.monotonic() + rule.stall
+                rule.state["last"] = {}
+                self.loop.call_later(rule.stall, self._end_stall, rule)
+            rule.state["last"][(hdr.src_cid, hdr.src_port, hdr.dst_cid, hdr.dst_port)] = (
+                forward, hdr)
+            if hdr.op != Op.CREDIT_UPDATE:       # credit updates are held back
+                forward(hdr.copy(buf_alloc=0), payload)
+        else:                                    # parse() only makes known kinds
+            forward(hdr, payload)
 
-            def later() -> None:
-                if self.capture is not None:
-                    self.capture(hdr, data)
-                self._route(st, hdr, data)
-            self.loop.call_later(rule.delay, later)
-            return True
-        return False
+    def _release_reorder(self, rule: FaultRule) -> None:
+        """A full (or timed-out) reorder window goes on in reverse order."""
+        held = rule.state.pop("held", [])
+        timer = rule.state.pop("timer", None)
+        if timer is not None:
+            timer.cancel()
+        for forward, hdr, data in reversed(held):
+            forward(hdr, data)
+
+    def _end_stall(self, rule: FaultRule) -> None:
+        """The stall is over: each stalled flow gets the credit its sender really advertised."""
+        rule.state["released"] = True
+        rule.state.pop("stall_end", None)
+        for forward, hdr in rule.state.pop("last", {}).values():
+            if hdr.op != Op.RST:
+                forward(hdr.copy(op=Op.CREDIT_UPDATE, len=0, flags=0), [])
 
     def _route(self, st: DevState, hdr: Header, payload: list[memoryview]) -> None:
         dst = hdr.dst_cid
+        if dst != VMADDR_CID_HOST or self.hybrid is None:
+            peer = self.by_cid.get(dst)
+            if peer is not None and peer is not st and peer.group == st.group:
+                self._relay(st, peer, hdr, payload)     # captured once, when queued for the peer
+                return
+        if self.capture is not None:
+            self.capture(hdr, payload)
         if dst == VMADDR_CID_HOST and self.hybrid is not None:
             self.hybrid.on_guest_packet(st.name, hdr, payload)
-            return
-        peer = self.by_cid.get(dst)
-        if peer is not None and peer is not st and peer.group == st.group:
-            self._relay(st, peer, hdr, payload)
             return
         self.stats["unroutable"] += 1
         if hdr.op != Op.RST:
@@ -259,6 +278,12 @@ class Router:
         else:
             self.flows[fk] = hdr.type
         self.stats["relayed"] += 1
+        if hdr.len and not dst.queue and not dst.pumping and self.capture is None \
+                and not self.faults.rules:
+            # Straight from the sender's tx buffers into the receiver's rx buffers: one copy.
+            hdr, payload = self._relay_direct(dst, hdr, payload)
+            if not hdr.len:
+                return
         data = b"".join(payload) if hdr.len else None
         if data is not None and dst.queued_bytes + len(data) > MAX_RELAY_BYTES:
             self.stats["relay_overflow"] += 1
@@ -266,7 +291,55 @@ class Router:
                         hdr.describe())
             self.reset_flow(hdr)
             return
-        self.send_to_vm(dst.name, hdr, data)
+        self.send_to_vm(dst.name, hdr, data, sender=src.name)
+
+    def _relay_direct(self, dst: DevState, hdr: Header,
+                      payload: list[memoryview]) -> tuple[Header, list[memoryview]]:
+        """Copy a relayed RW packet into as many of dst's rx buffers as it has; returns what
+        is left (a header with len 0 when everything went out; a header-only buffer ends
+        the batch and the rest waits in the queue). Splits as _deliver_queued does (EOM/EOR
+        on the last piece). No flush here: the device flushes what was pushed
+        once this loop iteration ends (one interrupt per tx batch, not per packet)."""
+        dev = dst.dev
+        left = hdr.len
+        src = list(payload)
+        seq = hdr.type == Type.SEQPACKET
+        mid_flags = hdr.flags & ~(SEQ_EOM | SEQ_EOR) if seq else hdr.flags
+        pack = HEADER.pack
+        pushed = moved = 0
+        pop_batch = getattr(dev, "rx_pop_batch", None)
+        if pop_batch is not None:
+            bufs = pop_batch(left, RX_BATCH, RX_BATCH_IOV)
+        else:
+            bufs = _pop_batch(dev, left, RX_BATCH, RX_BATCH_IOV)
+        filled: list[tuple[int, bytes]] = []
+        for buf in bufs:
+            if not left:
+                break
+            n = scatter(src, buf.payload, min(left, buf.capacity))
+            left -= n
+            if left:
+                self.stats["split"] += 1
+            filled.append((n, pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, n,
+                                   hdr.type, hdr.op, mid_flags if left else hdr.flags,
+                                   hdr.buf_alloc, hdr.fwd_cnt)))
+            moved += n
+        pushed = len(filled)
+        for buf in reversed(bufs[pushed:]):         # newest first: the device can unpop it
+            dev.rx_cancel(buf)
+        if pushed:
+            push_batch = getattr(dev, "rx_push_batch", None)
+            if push_batch is not None:
+                push_batch(bufs, filled)
+            else:
+                for buf, (n, header) in zip(bufs, filled):
+                    dev.rx_push(buf, header, n)
+        if pushed:
+            self.stats["rx_packets"] += pushed
+            self.stats["rx_bytes"] += moved
+        if left == hdr.len:
+            return hdr, payload
+        return hdr.copy(len=left), src
 
     def on_rx_ready(self, dev: DeviceLike) -> None:
         st = self.devs.get(dev.name)
@@ -278,23 +351,19 @@ class Router:
         self.reset_vm(dev.name, notify_guest=False)
 
     # --- towards a guest ------------------------------------------------------------------
-    def send_to_vm(self, name: str, hdr: Header, data: bytes | None = None) -> None:
-        """Queue a packet for a guest (control, or relay data) and deliver what fits now."""
+    def send_to_vm(self, name: str, hdr: Header, data: bytes | None = None,
+                   sender: str | None = None) -> None:
+        """Queue a packet for a guest (control, or relay data from VM `sender`) and deliver
+        what fits now."""
         st = self.devs.get(name)
         if st is None:
             return
         if self.faults.rules:
-            rule = self.faults.check("rx", name, hdr)
+            rule = self.faults.check("rx", name, hdr, sender)
             if rule is not None:
-                self.stats[f"fault_{rule.action}"] += 1
-                if rule.action == "drop":
-                    return
-                if rule.action == "rst":
-                    self.reset_flow(hdr)
-                    return
-                if rule.action == "delay":
-                    self.loop.call_later(rule.delay, self._enqueue, st, hdr, data)
-                    return
+                self._fault(rule, hdr, [memoryview(data)] if data else [],
+                            lambda h, p: self._enqueue(st, h, _join(p, h)))
+                return
         self._enqueue(st, hdr, data)
 
     def _enqueue(self, st: DevState, hdr: Header, data: bytes | None) -> None:
@@ -305,6 +374,8 @@ class Router:
             st.queued_ctrl += 1
         else:
             st.queued_bytes += len(data)
+        if self.capture is not None:             # whole, as sent: before any split
+            self.capture(hdr, [memoryview(data)] if data else [])
         st.queue.append((hdr, data))
         self.pump(st)
 
@@ -379,26 +450,20 @@ class Router:
 
     def _fill_batch(self, st: DevState, conn: Connection) -> int:
         """Stream host data into up to RX_BATCH guest rx buffers with one socket read (Linux
-        guests post 4 KiB buffers). Returns the buffers pushed, -1 when there is no rx buffer."""
+        guests post 4 KiB buffers), popping buffers only for what the socket holds (FIONREAD)
+        and the credit allows. Returns the buffers pushed, -1 when there is no rx buffer."""
         dev = st.dev
         credit = conn.credit.peer_credit()
         if credit <= 0:
             conn.fill_many([])                  # no buffer needed to ask for credit
             return 0
-        bufs: list[Any] = []
-        room = views = 0
-        while True:
-            buf = dev.rx_pop()
-            if buf is None:
-                break
-            if buf.capacity <= 0 or (bufs and views + len(buf.payload) > RX_BATCH_IOV):
-                dev.rx_cancel(buf)              # header-only buffer / too many pieces: later
-                break
-            bufs.append(buf)
-            room += buf.capacity
-            views += len(buf.payload)
-            if room >= credit or len(bufs) >= RX_BATCH:
-                break
+        queued = conn.readable_bytes()
+        room = min(credit, queued) if queued > 0 else 1   # 0: EOF or nothing; one read tells
+        pop_batch = getattr(dev, "rx_pop_batch", None)
+        if pop_batch is not None:
+            bufs = pop_batch(room, RX_BATCH, RX_BATCH_IOV)
+        else:
+            bufs = _pop_batch(dev, room, RX_BATCH, RX_BATCH_IOV)
         if not bufs:
             st.ready[conn] = None               # wait for (real) rx buffers
             return -1
@@ -411,27 +476,27 @@ class Router:
         k = len(filled)
         for buf in reversed(bufs[k:]):          # newest first: the device can unpop it
             dev.rx_cancel(buf)
-        total = 0
-        for buf, (n, header) in zip(bufs, filled):
-            dev.rx_push(buf, header, n)
-            total += n
         if k:
+            push_batch = getattr(dev, "rx_push_batch", None)
+            if push_batch is not None:
+                push_batch(bufs, filled)
+            else:
+                for buf, (n, header) in zip(bufs, filled):
+                    dev.rx_push(buf, header, n)
             self.stats["rx_packets"] += k
-            self.stats["rx_bytes"] += total
+            self.stats["rx_bytes"] += sum(n for n, _ in filled)
         return k
 
     def _host_data_fault(self, st: DevState, buf: Any, hdr: Header) -> bool:
-        """Faults on data already read into a guest buffer: drop/rst work, delay cannot."""
+        """Faults on host data already read into a guest buffer: drop/rst give the buffer back;
+        the other kinds copy the data out and go the queued way (like relay data)."""
         rule = self.faults.check("rx", st.name, hdr)
         if rule is None:
             return False
-        if rule.action == "delay":
-            self.stats["fault_delay_skipped"] += 1      # the bytes live in guest memory
-            return False
-        self.stats[f"fault_{rule.action}"] += 1
+        data = b"".join(trim_views(buf.payload, hdr.len)) if hdr.len else None
         st.dev.rx_cancel(buf)
-        if rule.action == "rst":
-            self.reset_flow(hdr)
+        self._fault(rule, hdr, [memoryview(data)] if data else [],
+                    lambda h, p: self._enqueue(st, h, _join(p, h)))
         return True
 
     def _deliver_queued(self, st: DevState, buf: Any) -> int:
@@ -439,26 +504,28 @@ class Router:
         if data is None:
             st.queue.popleft()
             st.queued_ctrl -= 1
-            return self._deliver(st, buf, hdr, 0)
+            return self._deliver(st, buf, hdr, 0, captured=True)
         n = min(len(data), buf.capacity)
         if n <= 0:                                  # header-only buffer: data must wait
             st.dev.rx_cancel(buf)
             self.stats["rx_buffer_too_small"] += 1
             raise _NoRoom
-        copy_into(buf.payload, memoryview(data)[:n])
+        view = memoryview(data)
+        copy_into(buf.payload, view[:n])
         if n < len(data):                       # split: EOM/EOR belong to the last piece
             piece = hdr.copy(len=n, flags=hdr.flags & ~(SEQ_EOM | SEQ_EOR)
                              if hdr.type == Type.SEQPACKET else hdr.flags)
-            st.queue[0] = (hdr.copy(len=len(data) - n), data[n:])
+            st.queue[0] = (hdr.copy(len=len(data) - n), view[n:])   # a view: no copy
             self.stats["split"] += 1
         else:
             piece = hdr
             st.queue.popleft()
         st.queued_bytes -= n
-        return self._deliver(st, buf, piece, n)
+        return self._deliver(st, buf, piece, n, captured=True)
 
-    def _deliver(self, st: DevState, buf: Any, hdr: Header, n: int) -> int:
-        if self.capture is not None:
+    def _deliver(self, st: DevState, buf: Any, hdr: Header, n: int,
+                 captured: bool = False) -> int:
+        if self.capture is not None and not captured:
             self.capture(hdr, trim_views(buf.payload, n) if n else [])
         st.dev.rx_push(buf, hdr.pack(), n)
         self.stats["rx_packets"] += 1
@@ -514,7 +581,7 @@ class Router:
                             "queued_packets": len(st.queue), "queued_bytes": st.queued_bytes,
                             "waiting_conns": len(st.ready)}
         out: dict[str, Any] = {"stats": dict(self.stats), "vms": vms, "flows": len(self.flows),
-                               "faults": [vars(r) for r in self.faults.rules]}
+                               "seed": self.faults.seed, "faults": self.faults.report()}
         if self.hybrid is not None:
             out["hybrid"] = self.hybrid.snapshot()
         return out

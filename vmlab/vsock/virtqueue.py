@@ -30,6 +30,8 @@ DEFAULT_MAX_CHAIN_BYTES = 64 << 20
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_IND2 = struct.Struct("<QIHHQIHH")        # a 2-entry indirect table in one read
+_RX_HDR_FLAGS = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT
 _ONE = (1).to_bytes(8, "little")
 
 _fence_lock = threading.Lock()
@@ -49,7 +51,7 @@ class VirtqueueError(Exception):
     """The guest broke the virtqueue rules; the device must stop using this queue."""
 
 
-@dataclass
+@dataclass(slots=True)
 class DescChain:
     """One popped descriptor chain: device-readable views first, then device-writable."""
 
@@ -151,6 +153,74 @@ class Virtqueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
+    def pop_rx_linux(self, max_n: int, room: int, hdr_len: int) -> list[tuple[int, memoryview, memoryview]]:
+        """Batch fast path for rx buffers laid out the way Linux lays them out with
+        INDIRECT_DESC: one ring descriptor pointing at a 32-byte indirect table of two
+        device-writable entries, `hdr_len` header bytes then the payload, each inside one memory
+        region. Pops up to max_n leading chains of exactly that shape (fewer once their payload
+        covers `room` bytes) and returns (head, header view, payload view) for each; it stops
+        at the first chain of any other shape, leaving it for pop(), whose generic walk checks
+        every rule (and raises if the chain is broken). Every guest-written field is checked
+        here too before use; anything unexpected only ends the fast batch."""
+        out: list[tuple[int, memoryview, memoryview]] = []
+        size = self.size
+        if not self.indirect or max_n <= 0 or size < 2:
+            return out
+        if self._avail_seen == self.last_avail:
+            self._avail_seen = self._read_avail_idx()
+        last = self.last_avail
+        have = (self._avail_seen - last) & 0xFFFF
+        if have > max_n:
+            have = max_n
+        avail, desc, mask = self.avail, self.desc, size - 1
+        mem = self.mem
+        locate = mem.locate
+        max_payload = self.max_chain_bytes - hdr_len
+        got = 0
+        for _ in range(have):
+            head = _U16.unpack_from(avail, 4 + 2 * (last & mask))[0]
+            if head >= size:
+                break
+            addr, length, flags, _nxt = _DESC.unpack_from(desc, 16 * head)
+            if flags != VRING_DESC_F_INDIRECT or length != 32:
+                break
+            # the usual case: table, header and payload all in the region used last
+            region = mem._last_gpa
+            if region is not None:
+                rview, rstart, rsize = region.view, region.gpa_start, region.size
+                toff = addr - rstart
+                if not (0 <= toff and toff + 32 <= rsize):
+                    region = None
+            if region is None:
+                table = locate(addr, 32)
+                if table is None:
+                    break
+                rview, toff = table
+                rstart, rsize = -1, 0               # no region known for the buffers
+            a0, l0, f0, n0, a1, l1, f1, _n1 = _IND2.unpack_from(rview, toff)
+            if (f0 != _RX_HDR_FLAGS or n0 != 1 or l0 != hdr_len or f1 != VRING_DESC_F_WRITE
+                    or not 0 < l1 <= max_payload):
+                break
+            hoff = a0 - rstart
+            poff = a1 - rstart
+            if rstart >= 0 and 0 <= hoff and hoff + l0 <= rsize and 0 <= poff \
+                    and poff + l1 <= rsize:
+                out.append((head, rview[hoff:hoff + l0], rview[poff:poff + l1]))
+            else:
+                hloc = locate(a0, l0)
+                ploc = locate(a1, l1)
+                if hloc is None or ploc is None:
+                    break
+                hview, hoff = hloc
+                pview, poff = ploc
+                out.append((head, hview[hoff:hoff + l0], pview[poff:poff + l1]))
+            last = (last + 1) & 0xFFFF
+            got += l1
+            if got >= room:
+                break
+        self.last_avail = last
+        return out
+
     def unpop(self) -> None:
         """Give the most recently popped chain back to the avail ring (it is re-read later)."""
         self.last_avail = (self.last_avail - 1) & 0xFFFF
@@ -159,6 +229,71 @@ class Virtqueue:
         size = self.size
         if head >= size:
             raise VirtqueueError(f"{self.name}: head {head} >= queue size {size}")
+        desc = self.desc
+        addr, length, flags, nxt = _DESC.unpack_from(desc, 16 * head)
+        if not flags & VRING_DESC_F_INDIRECT:
+            chain = self._walk_short(desc, size, head, addr, length, flags, nxt, head)
+            if chain is not None:
+                return chain
+        elif (self.indirect and not flags & VRING_DESC_F_NEXT and 16 <= length <= 32
+              and not length % 16 and length // 16 <= size):
+            # Linux puts multi-buffer chains into an indirect table when it may (rx: 2 entries)
+            table = self.mem.gpa_one(addr, length)
+            if table is not None:
+                try:
+                    first = _DESC.unpack_from(table, 0)
+                    chain = self._walk_short(table, length // 16, head, *first, 0)
+                finally:
+                    table.release()
+                if chain is not None:
+                    return chain
+        return self._walk_generic(head)
+
+    def _walk_short(self, table: memoryview, limit: int, head: int, addr: int, length: int,
+                    flags: int, nxt: int, idx: int) -> DescChain | None:
+        """Fast path for the common chain: 1 or 2 non-empty, non-indirect descriptors in
+        `table` (the ring's table, or an indirect table of `limit` entries), each inside one
+        memory region. (addr, length, flags, nxt) is entry `idx` of `table`, already read.
+        Returns None for anything else or anything wrong, and the caller walks the chain again
+        with the generic loop, which checks every rule and raises. Nothing the guest wrote is
+        trusted here either: indexes, flag combinations, lengths and addresses are checked
+        before they are used."""
+        if flags & VRING_DESC_F_INDIRECT:
+            return None
+        if flags & VRING_DESC_F_NEXT:
+            if nxt >= limit or nxt == idx:
+                return None
+            addr2, length2, flags2, _ = _DESC.unpack_from(table, 16 * nxt)
+            if flags2 & (VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT):
+                return None                 # longer chain, loop or indirect: generic walk
+            if flags & VRING_DESC_F_WRITE and not flags2 & VRING_DESC_F_WRITE:
+                return None                 # readable after writable: generic walk raises
+            if length + length2 > self.max_chain_bytes:
+                return None
+            mem = self.mem
+            first = mem.gpa_one(addr, length)
+            if first is None:
+                return None
+            second = mem.gpa_one(addr2, length2)
+            if second is None:
+                first.release()
+                return None
+            if flags & VRING_DESC_F_WRITE:
+                return DescChain(head, [], [first, second], 0, length + length2)
+            if flags2 & VRING_DESC_F_WRITE:
+                return DescChain(head, [first], [second], length, length2)
+            return DescChain(head, [first, second], [], length + length2, 0)
+        if length > self.max_chain_bytes:
+            return None
+        view = self.mem.gpa_one(addr, length)
+        if view is None:
+            return None
+        if flags & VRING_DESC_F_WRITE:
+            return DescChain(head, [], [view], 0, length)
+        return DescChain(head, [view], [], length, 0)
+
+    def _walk_generic(self, head: int) -> DescChain:
+        size = self.size
         table = self.desc
         limit = size
         idx = head

@@ -1,0 +1,116 @@
+"""`vmlab bisect` on a synthetic git tree whose "kernel" comes from a stub build command.
+
+The stub (data/stub_kernel_build.py) turns the stock kernel into one without vsock_loopback at
+the commits that carry the "bug"; one commit does not build. Every tested commit boots a real
+guest and runs a real scenario, so good/bad come from vmlab run, not from the stub.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+STUB = Path(__file__).resolve().parent / "data" / "stub_kernel_build.py"
+
+SCENARIO = """\
+name: loopback-works
+vms:
+  - name: guest
+    cid: 3
+steps:
+  - run: {vm: guest, command: "modprobe vsock_loopback && grep -q vsock_loopback /proc/modules"}
+"""
+
+pytestmark = pytest.mark.integration
+
+
+def git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
+
+
+def make_tree(repo: Path) -> list[str]:
+    """c0..c6: loopback in c0-c3, gone from c4 on (the first bad commit); c5 does not build."""
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "t@example.org")
+    git(repo, "config", "user.name", "t")
+    commits = []
+    for i in range(7):
+        (repo / "loopback").write_text("no\n" if i >= 4 else "yes\n")
+        (repo / "version").write_text(f"{i}\n")
+        broken = repo / "BROKEN"
+        if i == 5:
+            broken.write_text("x\n")
+        elif broken.exists():
+            broken.unlink()
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", f"c{i}" + (" drops vsock_loopback" if i == 4 else ""))
+        commits.append(git(repo, "rev-parse", "HEAD"))
+    return commits
+
+
+def stock_root() -> Path:
+    from vmlab.image.cache import cache_root
+    from vmlab.image.kernel import resolve_kernel
+
+    ksrc = resolve_kernel(None, cache_root())
+    if ksrc.modules_dir is None:
+        pytest.skip("the default kernel has no modules directory to build the stub from")
+    return ksrc.vmlinuz.parent.parent
+
+
+@pytest.fixture
+def forget_builds(tmp_path):
+    """The stub builds land in the real kernel store; remove them afterwards."""
+    yield
+    from vmlab.kernel import store
+    for build in store.all_builds():
+        if build.meta.source.startswith(str(tmp_path)):
+            store.remove(build)
+
+
+def test_bisect_finds_the_first_bad_commit(tmp_path, forget_builds):
+    repo = tmp_path / "linux"
+    commits = make_tree(repo)
+    scenario = tmp_path / "loopback.yaml"
+    scenario.write_text(SCENARIO)
+    logs = tmp_path / "logs"
+    env = {**os.environ, "STUB_KERNEL_ROOT": str(stock_root())}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmlab", "bisect", "--src", str(repo), "--logs", str(logs),
+         "--build-cmd", f"{sys.executable} {STUB}", commits[0], commits[6], "--", str(scenario)],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"first bad commit: {commits[4]}" in proc.stdout, proc.stdout
+    steps = [json.loads(l) for l in (logs / "steps.jsonl").read_text().splitlines()]
+    verdicts = {s["commit"]: s["verdict"] for s in steps}
+    assert verdicts[commits[4]] == "bad"
+    assert all(v == "good" for c, v in verdicts.items() if commits.index(c) < 4)
+    assert verdicts.get(commits[5], "skip") == "skip"
+    # the first bad commit's logs are kept: build log and the failing run's console
+    kept = logs / commits[4][:12]
+    assert (kept / "build.log").read_text().count("loopback=no") == 1
+    assert "FAILED" in (kept / "run-1.out").read_text()
+    assert list((kept / "run-1").glob("*.console.log"))
+    # the tree is back where it was, with no bisect in progress
+    assert git(repo, "rev-parse", "HEAD") == commits[6]
+    assert not (repo / ".git" / "BISECT_START").exists()
+
+
+def test_bisect_refuses_a_dirty_tree_and_bad_refs(tmp_path):
+    repo = tmp_path / "linux"
+    commits = make_tree(repo)
+    scenario = tmp_path / "s.yaml"
+    scenario.write_text(SCENARIO)
+    run = lambda *a: subprocess.run([sys.executable, "-m", "vmlab", "bisect", "--src", str(repo), *a],
+                                    cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    p = run("nonesuch", commits[6], "--", str(scenario))
+    assert p.returncode == 2 and "'nonesuch' is not a commit" in p.stderr
+    p = run(commits[0], commits[6])
+    assert p.returncode == 2 and "needs a scenario" in p.stderr
+    (repo / "version").write_text("dirty\n")
+    p = run(commits[0], commits[6], "--", str(scenario))
+    assert p.returncode == 2 and "uncommitted changes" in p.stderr

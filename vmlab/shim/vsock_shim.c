@@ -1,0 +1,1130 @@
+/* vmlab vsock shim: an LD_PRELOAD library that serves a program's AF_VSOCK sockets from a
+ * vmlab lab's vhost-user backend, so unmodified host programs (C, Python, socat) talk to the
+ * lab's guests on hosts without /dev/vhost-vsock.
+ *
+ * Design: socket(AF_VSOCK, SOCK_STREAM|SOCK_SEQPACKET) returns an AF_UNIX socket of the same
+ * type, so read/write/poll/epoll/select/MSG_PEEK/SO_RCVTIMEO/SO_SNDTIMEO/dup/fork work on it
+ * natively.  The vsock personality (addresses, options, errors) lives in a per-fd table:
+ *
+ *  - bind(port P) binds the Unix socket to the abstract name "\0<ns>:<P>" (<ns> is the lab's
+ *    host namespace, $VMLAB_VSOCK_NS): the name is the port reservation (EADDRINUSE comes from
+ *    the kernel, a dead process frees it).  The backend connects a guest's REQUEST for
+ *    (CID 2, P) to that name and first writes a 16-byte preamble "VSK1" + peer cid + peer port
+ *    + local port (little endian), which accept() consumes for the peer address.
+ *  - connect(cid, P) connects to the VM's hybrid socket ($VMLAB_VSOCK_VMS: "cid=path;..."),
+ *    writes "CONNECT <P> [<srcport>]\n" and waits for "OK <hostport>\n" (refused: EOF ->
+ *    ECONNRESET as the virtio transport reports it; SO_VM_SOCKETS_CONNECT_TIMEOUT -> ETIMEDOUT).
+ *    Non-blocking connect returns EINPROGRESS; getsockopt(SO_ERROR) waits for the verdict and
+ *    the first read consumes the OK line.
+ *
+ * Not the kernel: poll() reports POLLOUT during a non-blocking connect; select()/epoll ignore
+ * SO_RCVLOWAT (poll()/ppoll() honour it); MSG_EOR is not delivered to the host.
+ * See docs/exec.md.
+ */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <limits.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
+#include <sys/uio.h>
+#include <sys/un.h>
+#include <time.h>
+#include <unistd.h>
+#include <linux/capability.h>
+#include <linux/vm_sockets.h>
+
+#ifndef SO_VM_SOCKETS_CONNECT_TIMEOUT_NEW
+#define SO_VM_SOCKETS_CONNECT_TIMEOUT_NEW 8
+#endif
+#ifndef SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD
+#define SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD 6
+#endif
+#ifndef VMADDR_CID_LOCAL
+#define VMADDR_CID_LOCAL 1
+#endif
+
+#define EXPORT __attribute__((visibility("default")))
+#define PREAMBLE_LEN 16
+#define MAX_VMS 256
+#define LAST_RESERVED_PORT 1023
+#define DEFAULT_BUF 262144ULL
+#define MAX_BUF_DEFAULT 262144ULL
+#define MIN_BUF_DEFAULT 128ULL
+
+/* ---- real functions ------------------------------------------------------------------ */
+static int (*r_socket)(int, int, int);
+static int (*r_socketpair)(int, int, int, int[2]);
+static int (*r_bind)(int, const struct sockaddr *, socklen_t);
+static int (*r_listen)(int, int);
+static int (*r_accept4)(int, struct sockaddr *, socklen_t *, int);
+static int (*r_connect)(int, const struct sockaddr *, socklen_t);
+static int (*r_getsockname)(int, struct sockaddr *, socklen_t *);
+static int (*r_getpeername)(int, struct sockaddr *, socklen_t *);
+static int (*r_getsockopt)(int, int, int, void *, socklen_t *);
+static int (*r_setsockopt)(int, int, int, const void *, socklen_t);
+static int (*r_ioctl)(int, unsigned long, ...);
+static int (*r_close)(int);
+static int (*r_dup)(int);
+static int (*r_dup2)(int, int);
+static int (*r_dup3)(int, int, int);
+static int (*r_fcntl)(int, int, ...);
+static ssize_t (*r_read)(int, void *, size_t);
+static ssize_t (*r_readv)(int, const struct iovec *, int);
+static ssize_t (*r_recv)(int, void *, size_t, int);
+static ssize_t (*r_recvfrom)(int, void *, size_t, int, struct sockaddr *, socklen_t *);
+static ssize_t (*r_recvmsg)(int, struct msghdr *, int);
+static int (*r_open)(const char *, int, ...);
+static int (*r_open64)(const char *, int, ...);
+static int (*r_openat)(int, const char *, int, ...);
+static int (*r_openat64)(int, const char *, int, ...);
+static int (*r_poll)(struct pollfd *, nfds_t, int);
+static int (*r_ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+
+static void *need(const char *name)
+{
+    void *p = dlsym(RTLD_NEXT, name);
+    if (!p) {
+        fprintf(stderr, "vmlab-vsock: cannot find %s in libc\n", name);
+        abort();
+    }
+    return p;
+}
+
+/* ---- configuration (environment) ------------------------------------------------------ */
+struct vm { uint32_t cid; char path[108]; };
+static struct vm vms[MAX_VMS];
+static int nvms;
+static char ns[81];               /* the backend allows 80 bytes; "<ns>:<port>" fits 107 */
+static int debug;
+static pthread_once_t once = PTHREAD_ONCE_INIT;
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+
+#define DBG(...) do { if (debug) { fprintf(stderr, "vmlab-vsock[%d]: ", (int)getpid()); \
+                                   fprintf(stderr, __VA_ARGS__); fputc('\n', stderr); } } while (0)
+
+static void init(void)
+{
+    r_socket = need("socket"); r_socketpair = need("socketpair"); r_bind = need("bind");
+    r_listen = need("listen"); r_accept4 = need("accept4"); r_connect = need("connect");
+    r_getsockname = need("getsockname"); r_getpeername = need("getpeername");
+    r_getsockopt = need("getsockopt"); r_setsockopt = need("setsockopt");
+    r_ioctl = need("ioctl"); r_close = need("close"); r_dup = need("dup"); r_dup2 = need("dup2");
+    r_dup3 = need("dup3"); r_fcntl = need("fcntl"); r_read = need("read"); r_readv = need("readv");
+    r_recv = need("recv"); r_recvfrom = need("recvfrom"); r_recvmsg = need("recvmsg");
+    r_open = need("open"); r_open64 = need("open64"); r_openat = need("openat");
+    r_openat64 = need("openat64"); r_poll = need("poll"); r_ppoll = need("ppoll");
+    debug = getenv("VMLAB_VSOCK_DEBUG") != NULL;
+    const char *n = getenv("VMLAB_VSOCK_NS");
+    if (n && strlen(n) < sizeof ns)
+        snprintf(ns, sizeof ns, "%s", n);
+    else if (n)
+        fprintf(stderr, "vmlab-vsock: VMLAB_VSOCK_NS is longer than %zu bytes; "
+                        "host listeners are disabled\n", sizeof ns - 1);
+    const char *v = getenv("VMLAB_VSOCK_VMS");
+    while (v && *v && nvms < MAX_VMS) {
+        char *end;
+        unsigned long cid = strtoul(v, &end, 10);
+        if (*end != '=')
+            break;
+        const char *p = end + 1, *q = strchr(p, ';');
+        size_t len = q ? (size_t)(q - p) : strlen(p);
+        if (len > 0 && len < sizeof vms[0].path - 12) {
+            vms[nvms].cid = (uint32_t)cid;
+            memcpy(vms[nvms].path, p, len);
+            vms[nvms].path[len] = 0;
+            nvms++;
+        }
+        v = q ? q + 1 : NULL;
+    }
+    DBG("ns=%s, %d VM(s)", ns, nvms);
+}
+#define INIT() pthread_once(&once, init)
+
+__attribute__((constructor)) static void ctor(void) { INIT(); }
+
+/* ---- per-fd state ----------------------------------------------------------------------- */
+enum { K_SOCK = 1, K_DEV = 2 };
+
+struct vs {
+    int refs;                   /* fds sharing this socket (dup) */
+    int kind;                   /* K_SOCK or K_DEV (/dev/vsock) */
+    int type;                   /* SOCK_STREAM / SOCK_SEQPACKET */
+    int bound, listening, connected, pending;
+    int err;                    /* asynchronous error for SO_ERROR */
+    int lowat;                  /* SO_RCVLOWAT, honoured by poll()/ppoll() as vsock does */
+    uint32_t lcid, lport, pcid, pport;
+    unsigned long long buf, buf_min, buf_max;
+    struct timeval conn_timeout;
+    struct timespec deadline;   /* non-blocking connect */
+};
+
+#define L1 1024
+#define L2 1024
+static struct vs **tab[L1];
+
+static struct vs *get(int fd)
+{
+    if (fd < 0 || fd >= L1 * L2)
+        return NULL;
+    struct vs **page = __atomic_load_n(&tab[fd / L2], __ATOMIC_ACQUIRE);
+    return page ? __atomic_load_n(&page[fd % L2], __ATOMIC_ACQUIRE) : NULL;
+}
+
+static void put(int fd, struct vs *v)   /* under lock; v == NULL untracks */
+{
+    if (fd < 0 || fd >= L1 * L2)
+        return;
+    struct vs **page = tab[fd / L2];
+    if (!page) {
+        if (!v)
+            return;
+        page = calloc(L2, sizeof *page);
+        if (!page)
+            return;
+        __atomic_store_n(&tab[fd / L2], page, __ATOMIC_RELEASE);
+    }
+    struct vs *old = page[fd % L2];
+    if (v)
+        v->refs++;
+    __atomic_store_n(&page[fd % L2], v, __ATOMIC_RELEASE);
+    if (old && --old->refs == 0)
+        free(old);
+}
+
+/* A tracked vsock socket, checked against the fd itself: an fd closed behind our back (by libc
+ * internals, or a raw syscall) and reused for something else is untracked here, not misread. */
+static struct vs *sock_of(int fd)
+{
+    struct vs *v = get(fd);
+    if (!v || v->kind != K_SOCK)
+        return NULL;
+    int dom = -1, typ = -1;
+    socklen_t l = sizeof dom;
+    if (r_getsockopt(fd, SOL_SOCKET, SO_DOMAIN, &dom, &l) == 0 && dom == AF_UNIX) {
+        l = sizeof typ;
+        if (r_getsockopt(fd, SOL_SOCKET, SO_TYPE, &typ, &l) == 0 && typ == v->type)
+            return v;
+    }
+    pthread_mutex_lock(&lock);
+    if (get(fd) == v)
+        put(fd, NULL);
+    pthread_mutex_unlock(&lock);
+    return NULL;
+}
+
+static struct vs *new_vs(int kind, int type)
+{
+    struct vs *v = calloc(1, sizeof *v);
+    if (!v)
+        return NULL;
+    v->kind = kind;
+    v->type = type;
+    v->lcid = VMADDR_CID_ANY;
+    v->lport = VMADDR_PORT_ANY;
+    v->lowat = 1;
+    v->buf = DEFAULT_BUF;
+    v->buf_min = MIN_BUF_DEFAULT;
+    v->buf_max = MAX_BUF_DEFAULT;
+    v->conn_timeout.tv_sec = 2;           /* the kernel's VSOCK_DEFAULT_CONNECT_TIMEOUT */
+    const char *t = getenv("VMLAB_VSOCK_CONNECT_TIMEOUT");
+    if (t && atof(t) > 0) {
+        double d = atof(t);
+        v->conn_timeout.tv_sec = (time_t)d;
+        v->conn_timeout.tv_usec = (suseconds_t)((d - (double)(time_t)d) * 1e6);
+    }
+    return v;
+}
+
+static int fail(int e) { errno = e; return -1; }
+
+static void dup_track(int oldfd, int newfd)
+{
+    struct vs *v = get(oldfd);
+    pthread_mutex_lock(&lock);
+    put(newfd, NULL);
+    if (v && newfd >= 0)
+        put(newfd, v);
+    pthread_mutex_unlock(&lock);
+}
+
+/* ---- helpers -------------------------------------------------------------------------- */
+static socklen_t abstract_addr(struct sockaddr_un *un, uint32_t port)
+{
+    memset(un, 0, sizeof *un);
+    un->sun_family = AF_UNIX;
+    int n = snprintf(un->sun_path + 1, sizeof un->sun_path - 1, "%s:%u", ns, port);
+    return (socklen_t)(offsetof(struct sockaddr_un, sun_path) + 1 + n);
+}
+
+static int check_addr(const struct sockaddr *addr, socklen_t len, const struct sockaddr_vm **out)
+{
+    if (!addr || len < (socklen_t)sizeof(struct sockaddr_vm))
+        return EINVAL;
+    if (addr->sa_family != AF_VSOCK)
+        return EAFNOSUPPORT;
+    *out = (const struct sockaddr_vm *)addr;
+    return 0;
+}
+
+static void fill_addr(struct sockaddr *addr, socklen_t *len, uint32_t cid, uint32_t port)
+{
+    if (!addr || !len)
+        return;
+    struct sockaddr_vm vm;
+    memset(&vm, 0, sizeof vm);
+    vm.svm_family = AF_VSOCK;
+    vm.svm_cid = cid;
+    vm.svm_port = port;
+    memcpy(addr, &vm, *len < sizeof vm ? *len : sizeof vm);
+    *len = sizeof vm;
+}
+
+static int can_bind_privileged(void)
+{
+    struct __user_cap_header_struct h = { _LINUX_CAPABILITY_VERSION_3, 0 };
+    struct __user_cap_data_struct d[2];
+    if (syscall(SYS_capget, &h, d) != 0)
+        return geteuid() == 0;
+    return (d[0].effective >> CAP_NET_BIND_SERVICE) & 1;
+}
+
+static long ms_left(const struct timespec *deadline)
+{
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    long ms = (deadline->tv_sec - now.tv_sec) * 1000 + (deadline->tv_nsec - now.tv_nsec) / 1000000;
+    return ms < 0 ? 0 : ms;
+}
+
+static void deadline_in(struct timespec *d, const struct timeval *tv)
+{
+    clock_gettime(CLOCK_MONOTONIC, d);
+    d->tv_sec += tv->tv_sec;
+    d->tv_nsec += tv->tv_usec * 1000L;
+    if (d->tv_nsec >= 1000000000L) {
+        d->tv_sec++;
+        d->tv_nsec -= 1000000000L;
+    }
+}
+
+/* Wait until fd is readable or the deadline passes: 1 readable, 0 timeout, -1 error. */
+static int wait_in(int fd, const struct timespec *deadline)
+{
+    for (;;) {
+        struct pollfd p = { fd, POLLIN, 0 };
+        int r = poll(&p, 1, deadline ? (int)ms_left(deadline) : -1);
+        if (r < 0 && errno == EINTR)
+            continue;
+        return r < 0 ? -1 : r > 0;
+    }
+}
+
+/* Read one '\n'-terminated line (stream: exactly the line is consumed; seqpacket: one
+ * message).  Returns its length, 0 on EOF, -1 with errno (EAGAIN when incomplete). */
+static ssize_t take_line(int fd, int type, char *buf, size_t cap)
+{
+    if (type == SOCK_SEQPACKET) {
+        ssize_t n = r_recv(fd, buf, cap - 1, MSG_DONTWAIT);
+        if (n > 0)
+            buf[n] = 0;
+        return n;
+    }
+    ssize_t n = r_recv(fd, buf, cap - 1, MSG_DONTWAIT | MSG_PEEK);
+    if (n <= 0)
+        return n;
+    char *nl = memchr(buf, '\n', (size_t)n);
+    if (!nl) {
+        if ((size_t)n >= cap - 1)
+            return fail(EPROTO);
+        return fail(EAGAIN);
+    }
+    size_t want = (size_t)(nl - buf) + 1;
+    n = r_recv(fd, buf, want, MSG_DONTWAIT);
+    if (n > 0)
+        buf[n] = 0;
+    return n;
+}
+
+/* Consume the backend's "OK <port>\n".  wait: block until the deadline.
+ * Returns 0 done, or an errno (EAGAIN: not yet, with !wait). */
+static int finish_connect(int fd, struct vs *v, int wait)
+{
+    char line[64];
+    for (;;) {
+        ssize_t n = take_line(fd, v->type, line, sizeof line);
+        if (n > 0) {
+            unsigned long port;
+            if (sscanf(line, "OK %lu", &port) != 1) {
+                DBG("fd %d: bad handshake reply %.20s", fd, line);
+                return EPROTO;
+            }
+            v->lport = (uint32_t)port;
+            v->lcid = VMADDR_CID_HOST;
+            v->pending = 0;
+            v->connected = 1;
+            return 0;
+        }
+        if (n == 0)
+            return ECONNRESET;            /* the guest refused (RST): what virtio reports */
+        if (errno == EINTR)
+            continue;
+        if (errno != EAGAIN)
+            return errno == ECONNREFUSED ? ECONNRESET : errno;
+        if (!wait)
+            return EAGAIN;
+        int r = wait_in(fd, &v->deadline);
+        if (r == 0)
+            return ETIMEDOUT;
+        if (r < 0)
+            return errno;
+    }
+}
+
+/* A failed connect leaves a fresh, unconnected socket behind (vsock allows a new connect). */
+static void renew(int fd, struct vs *v)
+{
+    int fl = r_fcntl(fd, F_GETFL);
+    int fdfl = r_fcntl(fd, F_GETFD);
+    int s = r_socket(AF_UNIX, v->type | SOCK_CLOEXEC, 0);     /* options (SO_RCVLOWAT...) reset */
+    v->lowat = 1;
+    if (s < 0)
+        return;
+    r_dup3(s, fd, (fdfl >= 0 && (fdfl & FD_CLOEXEC)) ? O_CLOEXEC : 0);
+    r_close(s);
+    if (fl >= 0)
+        r_fcntl(fd, F_SETFL, fl);
+    v->pending = v->connected = 0;
+    if (v->bound) {                 /* the old socket, now closed, held the port name */
+        struct sockaddr_un un;
+        socklen_t l = abstract_addr(&un, v->lport);
+        if (r_bind(fd, (struct sockaddr *)&un, l) != 0)
+            v->bound = 0;
+    }
+}
+
+/* Completes a pending non-blocking connect seen from a read call: 0 go on, -1 errno set. */
+static int settle(int fd, struct vs *v)
+{
+    pthread_mutex_lock(&lock);
+    int e = v->pending ? finish_connect(fd, v, 0) : 0;
+    if (e && e != EAGAIN) {
+        v->pending = 0;
+        v->err = 0;
+        renew(fd, v);
+    }
+    pthread_mutex_unlock(&lock);
+    if (e) {
+        errno = e;
+        return -1;
+    }
+    return 0;
+}
+
+#define SETTLE(fd) do { struct vs *v_ = get(fd); \
+    if (v_ && v_->pending && settle(fd, v_) < 0) return -1; } while (0)
+
+/* ---- socket calls --------------------------------------------------------------------- */
+EXPORT int socket(int domain, int type, int protocol)
+{
+    INIT();
+    if (domain != AF_VSOCK)
+        return r_socket(domain, type, protocol);
+    int base = type & ~(SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (protocol != 0)
+        return fail(EPROTONOSUPPORT);
+    if (base == SOCK_DGRAM) {
+        if (!getenv("VMLAB_VSOCK_QUIET"))
+            fprintf(stderr, "vmlab-vsock: socket(AF_VSOCK, SOCK_DGRAM) is not supported: "
+                            "virtio-vsock has no datagram sockets (ENODEV, as the kernel)\n");
+        return fail(ENODEV);
+    }
+    if (base != SOCK_STREAM && base != SOCK_SEQPACKET)
+        return fail(ESOCKTNOSUPPORT);
+    struct vs *v = new_vs(K_SOCK, base);
+    if (!v)
+        return fail(ENOMEM);
+    int fd = r_socket(AF_UNIX, type, 0);
+    if (fd < 0) {
+        free(v);
+        return -1;
+    }
+    pthread_mutex_lock(&lock);
+    put(fd, v);
+    pthread_mutex_unlock(&lock);
+    DBG("socket fd %d type %d", fd, base);
+    return fd;
+}
+
+EXPORT int socketpair(int domain, int type, int protocol, int sv[2])
+{
+    INIT();
+    if (domain == AF_VSOCK)
+        return fail(EOPNOTSUPP);
+    return r_socketpair(domain, type, protocol, sv);
+}
+
+static int do_bind(int fd, struct vs *v, uint32_t cid, uint32_t port)
+{
+    if (v->bound || v->connected || v->pending)
+        return fail(EINVAL);
+    if (cid != VMADDR_CID_ANY && cid != VMADDR_CID_HOST)
+        return fail(EADDRNOTAVAIL);
+    struct sockaddr_un un;
+    if (port == VMADDR_PORT_ANY) {
+        uint32_t p = LAST_RESERVED_PORT + 1 + (uint32_t)(random() % 0x7ffff000U);
+        for (int i = 0; i < 1000; i++, p++) {
+            if (p <= LAST_RESERVED_PORT || p == VMADDR_PORT_ANY)
+                p = LAST_RESERVED_PORT + 1;
+            socklen_t l = abstract_addr(&un, p);
+            if (r_bind(fd, (struct sockaddr *)&un, l) == 0) {
+                port = p;
+                break;
+            }
+            if (errno != EADDRINUSE)
+                return -1;
+        }
+        if (port == VMADDR_PORT_ANY)
+            return fail(EADDRNOTAVAIL);
+    } else {
+        if (port <= LAST_RESERVED_PORT && !can_bind_privileged())
+            return fail(EACCES);
+        socklen_t l = abstract_addr(&un, port);
+        if (r_bind(fd, (struct sockaddr *)&un, l) != 0)
+            return -1;
+    }
+    v->bound = 1;
+    v->lcid = cid;
+    v->lport = port;
+    DBG("fd %d bound to %u:%u", fd, cid, port);
+    return 0;
+}
+
+EXPORT int bind(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_bind(fd, addr, len);
+    const struct sockaddr_vm *a;
+    int e = check_addr(addr, len, &a);
+    if (e)
+        return fail(e);
+    pthread_mutex_lock(&lock);
+    int r = do_bind(fd, v, a->svm_cid, a->svm_port);
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+EXPORT int listen(int fd, int backlog)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_listen(fd, backlog);
+    if (!v->bound || v->connected || v->pending)
+        return fail(EINVAL);
+    if (r_listen(fd, backlog) != 0)
+        return -1;
+    v->listening = 1;
+    return 0;
+}
+
+/* Read the backend's 16-byte preamble from a freshly accepted socket (within 5 s). */
+static int read_preamble(int fd, int type, uint32_t out[3])
+{
+    unsigned char b[PREAMBLE_LEN];
+    struct timespec dl;
+    struct timeval tv = { 5, 0 };
+    deadline_in(&dl, &tv);
+    for (;;) {
+        ssize_t n = r_recv(fd, b, sizeof b, MSG_DONTWAIT | (type == SOCK_STREAM ? MSG_PEEK : 0));
+        if (n == PREAMBLE_LEN) {
+            if (type == SOCK_STREAM)
+                r_recv(fd, b, sizeof b, MSG_DONTWAIT);
+            break;
+        }
+        if (n == 0 || (n > 0 && type == SOCK_SEQPACKET))
+            return -1;
+        if (n < 0 && errno != EAGAIN && errno != EINTR)
+            return -1;
+        if (wait_in(fd, &dl) <= 0)
+            return -1;
+        if (n > 0) {
+            struct timespec ts = { 0, 1000000 };   /* partial: give the writer a moment */
+            nanosleep(&ts, NULL);
+        }
+    }
+    if (memcmp(b, "VSK1", 4) != 0)
+        return -1;
+    for (int i = 0; i < 3; i++)
+        out[i] = (uint32_t)b[4 + 4 * i] | (uint32_t)b[5 + 4 * i] << 8 |
+                 (uint32_t)b[6 + 4 * i] << 16 | (uint32_t)b[7 + 4 * i] << 24;
+    return 0;
+}
+
+EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_accept4(fd, addr, len, flags);
+    if (!v->listening)
+        return fail(EINVAL);
+    for (;;) {
+        int nfd = r_accept4(fd, NULL, NULL, flags);
+        if (nfd < 0)
+            return -1;
+        uint32_t pre[3];
+        if (read_preamble(nfd, v->type, pre) != 0) {
+            DBG("fd %d: connection without a vmlab preamble dropped", fd);
+            r_close(nfd);
+            continue;
+        }
+        struct vs *c = new_vs(K_SOCK, v->type);
+        if (!c) {
+            r_close(nfd);
+            return fail(ENOMEM);
+        }
+        c->connected = 1;
+        c->lcid = VMADDR_CID_HOST;
+        c->lport = v->lport;
+        c->pcid = pre[0];
+        c->pport = pre[1];
+        c->buf = v->buf;
+        c->buf_min = v->buf_min;
+        c->buf_max = v->buf_max;
+        c->conn_timeout = v->conn_timeout;
+        pthread_mutex_lock(&lock);
+        put(nfd, c);
+        pthread_mutex_unlock(&lock);
+        fill_addr(addr, len, c->pcid, c->pport);
+        DBG("fd %d: accepted %u:%u as fd %d", fd, c->pcid, c->pport, nfd);
+        return nfd;
+    }
+}
+
+EXPORT int accept(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    return accept4(fd, addr, len, 0);
+}
+
+static const char *vm_path(uint32_t cid)
+{
+    for (int i = 0; i < nvms; i++)
+        if (vms[i].cid == cid)
+            return vms[i].path;
+    return NULL;
+}
+
+EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_connect(fd, addr, len);
+    const struct sockaddr_vm *a;
+    int e = check_addr(addr, len, &a);
+    if (e)
+        return fail(e);
+    pthread_mutex_lock(&lock);
+    int r = -1;
+    if (v->connected) {
+        errno = EISCONN;
+        goto out;
+    }
+    if (v->pending) {
+        errno = EALREADY;
+        goto out;
+    }
+    if (v->listening) {
+        errno = EINVAL;
+        goto out;
+    }
+    const char *path = vm_path(a->svm_cid);
+    if (!path) {
+        /* the kernel: no transport reaches that CID (CID 0, 1, 2, a CID not in the lab) */
+        DBG("connect to cid %u: not a VM of this lab", a->svm_cid);
+        errno = ENODEV;
+        goto out;
+    }
+    struct sockaddr_un un;
+    memset(&un, 0, sizeof un);
+    un.sun_family = AF_UNIX;
+    snprintf(un.sun_path, sizeof un.sun_path, "%s%s", path,
+             v->type == SOCK_SEQPACKET ? "_seqpacket" : "");
+    int fl = r_fcntl(fd, F_GETFL);
+    int nonblock = fl >= 0 && (fl & O_NONBLOCK);
+    if (nonblock)
+        r_fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+    int cr = r_connect(fd, (struct sockaddr *)&un, sizeof un);
+    int ce = errno;
+    if (cr == 0) {
+        char line[48];
+        int n = v->bound ? snprintf(line, sizeof line, "CONNECT %u %u\n", a->svm_port, v->lport)
+                         : snprintf(line, sizeof line, "CONNECT %u\n", a->svm_port);
+        if (write(fd, line, (size_t)n) != n) {
+            cr = -1;
+            ce = errno;
+        }
+    }
+    if (nonblock)
+        r_fcntl(fd, F_SETFL, fl);
+    if (cr != 0) {
+        DBG("connect to %s: %s", un.sun_path, strerror(ce));
+        renew(fd, v);
+        errno = (ce == ENOENT || ce == ECONNREFUSED) ? ENODEV : ce;
+        goto out;
+    }
+    v->pcid = a->svm_cid;
+    v->pport = a->svm_port;
+    v->pending = 1;
+    deadline_in(&v->deadline, &v->conn_timeout);
+    if (nonblock) {
+        errno = EINPROGRESS;
+        goto out;
+    }
+    e = finish_connect(fd, v, 1);
+    if (e) {
+        DBG("connect to %u:%u: %s", a->svm_cid, a->svm_port, strerror(e));
+        renew(fd, v);
+        errno = e;
+        goto out;
+    }
+    DBG("fd %d connected to %u:%u from port %u", fd, v->pcid, v->pport, v->lport);
+    r = 0;
+out:
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+EXPORT int getsockname(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_getsockname(fd, addr, len);
+    if (!len)
+        return fail(EFAULT);
+    fill_addr(addr, len, v->lcid, v->lport);
+    return 0;
+}
+
+EXPORT int getpeername(int fd, struct sockaddr *addr, socklen_t *len)
+{
+    INIT();
+    struct vs *v = sock_of(fd);
+    if (!v)
+        return r_getpeername(fd, addr, len);
+    if (v->pending)
+        settle(fd, v);
+    if (!v->connected)
+        return fail(ENOTCONN);
+    if (!len)
+        return fail(EFAULT);
+    fill_addr(addr, len, v->pcid, v->pport);
+    return 0;
+}
+
+static unsigned long long clamp_buf(struct vs *v, unsigned long long val)
+{
+    if (val > v->buf_max)
+        val = v->buf_max;
+    if (val < v->buf_min)
+        val = v->buf_min;
+    return val;
+}
+
+EXPORT int getsockopt(int fd, int level, int name, void *val, socklen_t *len)
+{
+    INIT();
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (!v)
+        return r_getsockopt(fd, level, name, val, len);
+    if (level == AF_VSOCK) {
+        if (!len)
+            return fail(EFAULT);
+        unsigned long long u;
+        switch (name) {
+        case SO_VM_SOCKETS_BUFFER_SIZE: u = v->buf; break;
+        case SO_VM_SOCKETS_BUFFER_MIN_SIZE: u = v->buf_min; break;
+        case SO_VM_SOCKETS_BUFFER_MAX_SIZE: u = v->buf_max; break;
+        case SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD:
+        case SO_VM_SOCKETS_CONNECT_TIMEOUT_NEW:
+            if (*len < (socklen_t)sizeof(struct timeval))
+                return fail(EINVAL);
+            memcpy(val, &v->conn_timeout, sizeof v->conn_timeout);
+            *len = sizeof v->conn_timeout;
+            return 0;
+        default:
+            return fail(ENOPROTOOPT);
+        }
+        if (*len < (socklen_t)sizeof u)
+            return fail(EINVAL);
+        memcpy(val, &u, sizeof u);
+        *len = sizeof u;
+        return 0;
+    }
+    if (level == SOL_SOCKET && len && *len >= (socklen_t)sizeof(int)) {
+        int i;
+        switch (name) {
+        case SO_DOMAIN: i = AF_VSOCK; break;
+        case SO_PROTOCOL: i = 0; break;
+        case SO_ERROR:
+            if (v->pending) {
+                pthread_mutex_lock(&lock);
+                int e = v->pending ? finish_connect(fd, v, 1) : 0;
+                if (e) {
+                    v->pending = 0;
+                    renew(fd, v);
+                }
+                pthread_mutex_unlock(&lock);
+                i = e;
+            } else {
+                i = v->err;
+                v->err = 0;
+                if (!i)
+                    return r_getsockopt(fd, level, name, val, len);
+            }
+            break;
+        case SO_ACCEPTCONN: i = v->listening; break;
+        default:
+            return r_getsockopt(fd, level, name, val, len);
+        }
+        memcpy(val, &i, sizeof i);
+        *len = sizeof i;
+        return 0;
+    }
+    return r_getsockopt(fd, level, name, val, len);
+}
+
+EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t len)
+{
+    INIT();
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (v && level == SOL_SOCKET && name == SO_RCVLOWAT) {
+        int r = r_setsockopt(fd, level, name, val, len);
+        if (r == 0 && val && len >= (socklen_t)sizeof(int)) {
+            int lw;
+            memcpy(&lw, val, sizeof lw);
+            v->lowat = lw < 1 ? 1 : lw;
+        }
+        return r;
+    }
+    if (!v || level != AF_VSOCK)
+        return r_setsockopt(fd, level, name, val, len);
+    if (!val)
+        return fail(EFAULT);
+    if (name == SO_VM_SOCKETS_CONNECT_TIMEOUT_OLD || name == SO_VM_SOCKETS_CONNECT_TIMEOUT_NEW) {
+        struct timeval tv;
+        if (len < (socklen_t)sizeof tv)
+            return fail(EINVAL);
+        memcpy(&tv, val, sizeof tv);
+        if (tv.tv_sec < 0 || tv.tv_usec < 0 || tv.tv_usec >= 1000000)
+            return fail(ERANGE);
+        v->conn_timeout = tv;
+        return 0;
+    }
+    if (name != SO_VM_SOCKETS_BUFFER_SIZE && name != SO_VM_SOCKETS_BUFFER_MIN_SIZE &&
+        name != SO_VM_SOCKETS_BUFFER_MAX_SIZE)
+        return fail(ENOPROTOOPT);
+    unsigned long long u;
+    if (len < (socklen_t)sizeof u)
+        return fail(EINVAL);
+    memcpy(&u, val, sizeof u);
+    if (name == SO_VM_SOCKETS_BUFFER_SIZE) {
+        v->buf = clamp_buf(v, u);
+    } else if (name == SO_VM_SOCKETS_BUFFER_MIN_SIZE) {
+        v->buf_min = u;
+        v->buf = clamp_buf(v, v->buf);
+    } else {
+        v->buf_max = u;
+        v->buf = clamp_buf(v, v->buf);
+    }
+    return 0;
+}
+
+EXPORT int ioctl(int fd, unsigned long req, ...)
+{
+    INIT();
+    va_list ap;
+    va_start(ap, req);
+    void *arg = va_arg(ap, void *);
+    va_end(ap);
+    struct vs *v = get(fd);
+    if (v && v->kind == K_DEV && req == IOCTL_VM_SOCKETS_GET_LOCAL_CID) {
+        if (!arg)
+            return fail(EFAULT);
+        uint32_t cid = VMADDR_CID_HOST;      /* the lab's guests see us as the host */
+        memcpy(arg, &cid, sizeof cid);
+        return 0;
+    }
+    if (v && v->kind == K_DEV)
+        return fail(ENOTTY);
+    return r_ioctl(fd, req, arg);     /* a vsock socket: ENOTTY from AF_UNIX, as the kernel */
+}
+
+/* ---- reads: a pending non-blocking connect finishes on the first read ------------------ */
+EXPORT ssize_t read(int fd, void *buf, size_t n)
+{
+    INIT();
+    SETTLE(fd);
+    return r_read(fd, buf, n);
+}
+
+EXPORT ssize_t readv(int fd, const struct iovec *iov, int n)
+{
+    INIT();
+    SETTLE(fd);
+    return r_readv(fd, iov, n);
+}
+
+EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
+{
+    INIT();
+    SETTLE(fd);
+    return r_recv(fd, buf, n, flags);
+}
+
+EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr *addr,
+                        socklen_t *alen)
+{
+    INIT();
+    struct vs *v = get(fd);
+    if (v && v->kind == K_SOCK) {
+        SETTLE(fd);
+        ssize_t r = r_recvfrom(fd, buf, n, flags, NULL, NULL);
+        if (r >= 0 && addr && alen)
+            fill_addr(addr, alen, v->pcid, v->pport);
+        return r;
+    }
+    return r_recvfrom(fd, buf, n, flags, addr, alen);
+}
+
+EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    INIT();
+    struct vs *v = get(fd);
+    if (v && v->kind == K_SOCK) {
+        SETTLE(fd);
+        void *name = msg->msg_name;
+        socklen_t nlen = msg->msg_namelen;
+        msg->msg_name = NULL;
+        msg->msg_namelen = 0;
+        ssize_t r = r_recvmsg(fd, msg, flags);
+        msg->msg_name = name;
+        msg->msg_namelen = nlen;
+        if (r >= 0 && name)
+            fill_addr(name, &msg->msg_namelen, v->pcid, v->pport);
+        return r;
+    }
+    return r_recvmsg(fd, msg, flags);
+}
+
+/* ---- poll: SO_RCVLOWAT -------------------------------------------------------------------
+ * vsock reports POLLIN only once SO_RCVLOWAT bytes are queued (or the peer shut down); an
+ * AF_UNIX socket reports it for one byte.  When a polled stream fd has a low-water mark, POLLIN
+ * below it is masked and poll waits on in 5 ms steps (only then: no cost otherwise).
+ * select() and epoll are not adjusted (docs/exec.md). */
+static int below_lowat(int fd)
+{
+    struct vs *v = get(fd);
+    if (!v || v->kind != K_SOCK || v->type != SOCK_STREAM || v->lowat <= 1 || !v->connected)
+        return 0;
+    int avail = 0;
+    if (r_ioctl(fd, FIONREAD, &avail) != 0 || avail >= v->lowat)
+        return 0;
+    struct pollfd p = { fd, POLLRDHUP, 0 };
+    if (r_poll(&p, 1, 0) > 0 && (p.revents & (POLLRDHUP | POLLHUP | POLLERR)))
+        return 0;                 /* EOF or error: readable whatever the mark */
+    return 1;
+}
+
+static int lowat_fds(struct pollfd *fds, nfds_t n)
+{
+    for (nfds_t i = 0; i < n; i++) {
+        struct vs *v = get(fds[i].fd);
+        if (v && v->kind == K_SOCK && v->lowat > 1 && (fds[i].events & (POLLIN | POLLRDNORM)))
+            return 1;
+    }
+    return 0;
+}
+
+static int mask_lowat(struct pollfd *fds, nfds_t n, int r)
+{
+    if (r <= 0)
+        return r;
+    int count = 0;
+    for (nfds_t i = 0; i < n; i++) {
+        if ((fds[i].revents & (POLLIN | POLLRDNORM)) && below_lowat(fds[i].fd))
+            fds[i].revents &= (short)~(POLLIN | POLLRDNORM);
+        if (fds[i].revents)
+            count++;
+    }
+    return count;
+}
+
+static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms)
+{
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long step = 5;
+        if (timeout_ms >= 0) {
+            struct timespec now;
+            clock_gettime(CLOCK_MONOTONIC, &now);
+            long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
+            long left = timeout_ms - spent;
+            if (left < 0)
+                left = 0;
+            if (left < step)
+                step = left;
+        }
+        int r = mask_lowat(fds, n, r_poll(fds, n, (int)step));
+        if (r != 0 || step == 0)
+            return r;
+    }
+}
+
+EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
+{
+    INIT();
+    if (!lowat_fds(fds, n))
+        return r_poll(fds, n, timeout);
+    return poll_lowat(fds, n, timeout);
+}
+
+EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
+{
+    INIT();
+    if (!lowat_fds(fds, n) || mask)
+        return r_ppoll(fds, n, ts, mask);
+    return poll_lowat(fds, n, ts ? ts->tv_sec * 1000 + ts->tv_nsec / 1000000 : -1);
+}
+
+/* ---- descriptors ---------------------------------------------------------------------- */
+EXPORT int close(int fd)
+{
+    INIT();
+    if (get(fd)) {
+        pthread_mutex_lock(&lock);
+        put(fd, NULL);
+        pthread_mutex_unlock(&lock);
+    }
+    return r_close(fd);
+}
+
+EXPORT int dup(int fd)
+{
+    INIT();
+    int n = r_dup(fd);
+    if (n >= 0)
+        dup_track(fd, n);
+    return n;
+}
+
+EXPORT int dup2(int fd, int fd2)
+{
+    INIT();
+    int n = r_dup2(fd, fd2);
+    if (n >= 0 && fd != fd2)
+        dup_track(fd, n);
+    return n;
+}
+
+EXPORT int dup3(int fd, int fd2, int flags)
+{
+    INIT();
+    int n = r_dup3(fd, fd2, flags);
+    if (n >= 0)
+        dup_track(fd, n);
+    return n;
+}
+
+EXPORT int fcntl(int fd, int cmd, ...)
+{
+    INIT();
+    va_list ap;
+    va_start(ap, cmd);
+    long arg = va_arg(ap, long);
+    va_end(ap);
+    int n = r_fcntl(fd, cmd, arg);
+    if (n >= 0 && (cmd == F_DUPFD || cmd == F_DUPFD_CLOEXEC))
+        dup_track(fd, n);
+    return n;
+}
+EXPORT int fcntl64(int fd, int cmd, ...) __attribute__((alias("fcntl")));
+
+/* ---- /dev/vsock: IOCTL_VM_SOCKETS_GET_LOCAL_CID answers VMADDR_CID_HOST ---------------- */
+static int track_dev(int fd)
+{
+    if (fd >= 0) {
+        struct vs *v = new_vs(K_DEV, 0);
+        pthread_mutex_lock(&lock);
+        put(fd, NULL);
+        if (v)
+            put(fd, v);
+        pthread_mutex_unlock(&lock);
+    }
+    return fd;
+}
+
+static int is_dev_vsock(const char *path) { return path && strcmp(path, "/dev/vsock") == 0; }
+
+static int open_dev(int (*o)(const char *, int, ...), const char *path, int flags, mode_t mode)
+{
+    int fd = o(path, flags, mode);
+    if (fd < 0 && errno == ENOENT)             /* no vsock module on this host: stand in */
+        fd = o("/dev/null", flags & ~(O_CREAT | O_EXCL | O_TRUNC), 0);
+    return track_dev(fd);
+}
+
+#define MODE_ARG(flags) mode_t mode = 0; if ((flags) & (O_CREAT | O_TMPFILE)) { \
+    va_list ap; va_start(ap, flags); mode = (mode_t)va_arg(ap, int); va_end(ap); }
+
+EXPORT int open(const char *path, int flags, ...)
+{
+    INIT();
+    MODE_ARG(flags);
+    if (is_dev_vsock(path))
+        return open_dev(r_open, path, flags, mode);
+    return r_open(path, flags, mode);
+}
+
+EXPORT int open64(const char *path, int flags, ...)
+{
+    INIT();
+    MODE_ARG(flags);
+    if (is_dev_vsock(path))
+        return open_dev(r_open64, path, flags, mode);
+    return r_open64(path, flags, mode);
+}
+
+EXPORT int openat(int dirfd, const char *path, int flags, ...)
+{
+    INIT();
+    MODE_ARG(flags);
+    if (is_dev_vsock(path))
+        return open_dev(r_open, path, flags, mode);
+    return r_openat(dirfd, path, flags, mode);
+}
+
+EXPORT int openat64(int dirfd, const char *path, int flags, ...)
+{
+    INIT();
+    MODE_ARG(flags);
+    if (is_dev_vsock(path))
+        return open_dev(r_open64, path, flags, mode);
+    return r_openat64(dirfd, path, flags, mode);
+}
