@@ -39,3 +39,18 @@ def no_leaked_processes():
         except OSError:
             pass
     assert not leaked, f"processes left behind: {leaked}"
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Print the timings slow tests record (`record_property("vmlab_timing", ...)`), also under xdist."""
+    lines = []
+    for reports in terminalreporter.stats.values():
+        for report in reports:
+            if getattr(report, "when", None) != "call":
+                continue
+            lines += [f"{report.nodeid}: {value}" for name, value in getattr(report, "user_properties", ())
+                      if name == "vmlab_timing"]
+    if lines:
+        terminalreporter.section("vmlab timings")
+        for line in lines:
+            terminalreporter.write_line(line)

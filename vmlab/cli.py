@@ -426,6 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--transport", choices=("auto", "vhost", "vhost-user"), default=None,
                      help="vsock transport for VMs the scenario leaves at auto (a transport the scenario "
                           "pins is kept)")
+    run.add_argument("--rootfs", choices=("image", "host"), default=None,
+                     help="root filesystem for VMs the scenario leaves open: image (vmlab's busybox initramfs, "
+                          "the default) or host (the host's / read-only over virtio-9p, tmpfs/overlays for writes)")
     run.add_argument("--kernel", default=None,
                      help="guest kernel for VMs that do not pin one: a vmlinuz path, build:NAME (vmlab kernel ls), "
                           "source:DIR (built on demand) or package:linux-image-...")

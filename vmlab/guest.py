@@ -16,7 +16,9 @@ from typing import Any
 from vmlab.endpoints import Endpoint
 from vmlab.scenario import VMADDR_CID_ANY, VMADDR_CID_HOST, VMADDR_PORT_ANY
 
-GUEST_HELPER = "/bin/vmlab-guest"
+GUEST_HELPER = "vmlab-guest"
+"""Found on the guest's PATH: /bin/vmlab-guest in the busybox image, /run/vmlab/bin/vmlab-guest
+with rootfs: host (the host's /bin is read-only)."""
 POLL_INTERVAL = 0.25
 _counter = itertools.count(1)
 

@@ -107,29 +107,46 @@ def find_qemu(name: str = "qemu-system-x86_64") -> Optional[str]:
     return shutil.which(os.environ.get("VMLAB_QEMU", name))
 
 
+QEMU_PROBE_TIMEOUT = float(os.environ.get("VMLAB_QEMU_PROBE_TIMEOUT", "120"))
+"""`qemu -version` / `-device help` take 0.1 s on a host but a minute in a TCG guest that loads
+qemu's libraries over 9p (the nested lab): a slow answer is waited for, and no answer is
+"unknown", never "qemu lacks the device"."""
+
+
 def qemu_version(path: str) -> Optional[str]:
     try:
         out = subprocess.run([path, "-version"], capture_output=True, text=True,
-                             timeout=10, stdin=subprocess.DEVNULL).stdout
+                             timeout=QEMU_PROBE_TIMEOUT, stdin=subprocess.DEVNULL).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     m = re.search(r"version\s+(\d+\.\d+(?:\.\d+)?)", out)
     return m.group(1) if m else None
 
 
-@functools.lru_cache(maxsize=8)
-def _qemu_devices(path: str) -> frozenset[str]:
+_DEVICES: dict[str, frozenset[str]] = {}
+
+
+def _qemu_devices(path: str) -> Optional[frozenset[str]]:
+    """qemu's device names, or None when qemu could not be asked (failures are not cached)."""
+    if path in _DEVICES:
+        return _DEVICES[path]
     try:
-        out = subprocess.run([path, "-device", "help"], capture_output=True, text=True,
-                             timeout=20, stdin=subprocess.DEVNULL).stdout
+        proc = subprocess.run([path, "-device", "help"], capture_output=True, text=True,
+                              timeout=QEMU_PROBE_TIMEOUT, stdin=subprocess.DEVNULL)
     except (OSError, subprocess.SubprocessError):
-        return frozenset()
-    return frozenset(re.findall(r'^name "([^"]+)"', out, re.M))
+        return None
+    names = frozenset(re.findall(r'^name "([^"]+)"', proc.stdout, re.M))
+    if not names:
+        return None
+    _DEVICES[path] = names
+    return names
 
 
-def qemu_has_device(path: str, device: str) -> bool:
-    """Whether this qemu binary was built with `device` (cached per path)."""
-    return device in _qemu_devices(path)
+def qemu_has_device(path: str, device: str) -> Optional[bool]:
+    """Whether this qemu binary was built with `device` (cached per path); None: qemu did not
+    answer (timed out, crashed), so nothing is known either way."""
+    names = _qemu_devices(path)
+    return None if names is None else device in names
 
 
 # --- KVM ----------------------------------------------------------------------
@@ -149,11 +166,13 @@ def _loaded_modules(names: tuple[str, ...]) -> list[str]:
     return [n for n in names if Path("/sys/module", n).exists()]
 
 
-def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe") -> tuple[bool, str]:
+def qemu_kvm_probe(path: str, timeout: Optional[float] = None, name: str = "vmlab-kvm-probe") -> tuple[bool, str]:
     """(ok, reason): start qemu with `-accel kvm -M none` and ask QMP `query-kvm`.
 
     Catches qemu builds without KVM and hosts where qemu's KVM init fails or
-    hangs; qemu is killed on timeout."""
+    hangs; qemu is killed on timeout (default QEMU_PROBE_TIMEOUT: qemu itself may take a
+    minute to start in a TCG guest)."""
+    timeout = QEMU_PROBE_TIMEOUT if timeout is None else timeout
     qmp = ('{"execute":"qmp_capabilities"}\n{"execute":"query-kvm"}\n'
            '{"execute":"quit"}\n')
     argv = [path, "-name", name, "-accel", "kvm", "-machine", "none", "-nodefaults",
@@ -171,7 +190,7 @@ def qemu_kvm_probe(path: str, timeout: float = 5.0, name: str = "vmlab-kvm-probe
 
 
 def kvm_usable(qemu_path: Optional[str] = None, probe_qemu: bool = True,
-               probe_timeout: float = 5.0) -> Check:
+               probe_timeout: Optional[float] = None) -> Check:
     """Can qemu run guests with KVM here? Each step must pass, in order."""
     name, hint_perm = "kvm", ("add yourself to the 'kvm' group or install the udev rule "
                               'KERNEL=="kvm", GROUP="kvm", MODE="0666"')
@@ -265,9 +284,13 @@ def vhost_user_usable(qemu_path: Optional[str] = None) -> Check:
     qemu_path = qemu_path or find_qemu()
     if not qemu_path:
         return Check(name, False, "qemu not found", "apt-get install qemu-system-x86")
-    if not qemu_has_device(qemu_path, "vhost-user-vsock-pci"):
+    has = qemu_has_device(qemu_path, "vhost-user-vsock-pci")
+    if has is False:
         return Check(name, False, f"{qemu_path} has no vhost-user-vsock-pci device",
                      "install qemu >= 5.1 built with vhost-user")
+    if has is None:
+        return Check(name, True, f"{qemu_path} did not list its devices within "
+                     f"{QEMU_PROBE_TIMEOUT:g}s; assuming vhost-user-vsock-pci; memfd available")
     return Check(name, True, "qemu has vhost-user-vsock-pci; memfd available")
 
 
@@ -279,7 +302,7 @@ def resolve_transport(requested: str, qemu_path: Optional[str] = None) -> tuple[
         raise ValueError(f"unknown transport {requested!r}: use auto, vhost or vhost-user")
     if requested in ("auto", "vhost"):
         vh = vhost_vsock_usable()
-        if vh.ok and qemu_path and not qemu_has_device(qemu_path, "vhost-vsock-pci"):
+        if vh.ok and qemu_path and qemu_has_device(qemu_path, "vhost-vsock-pci") is False:
             vh = Check(vh.name, False, f"{qemu_path} has no vhost-vsock-pci device")
         if vh.ok:
             return "vhost", None
@@ -420,7 +443,7 @@ def check_host(image_status: Optional[Callable[[], dict]] = None,
                     "" if qemu else "apt-get install qemu-system-x86")]
     kvm = dataclasses.replace(kvm_usable(qemu), optional=True)
     vh = vhost_vsock_usable()
-    if vh.ok and qemu and not qemu_has_device(qemu, "vhost-vsock-pci"):
+    if vh.ok and qemu and qemu_has_device(qemu, "vhost-vsock-pci") is False:
         vh = Check(vh.name, False, f"{qemu} has no vhost-vsock-pci device", optional=True)
     vu = vhost_user_usable(qemu)
     checks += [kvm, vh, vu, check_busybox(), check_gcc(),

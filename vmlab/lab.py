@@ -40,6 +40,7 @@ class LabOptions:
 
     transport: str | None = None        # transport for VMs whose scenario says auto
     kernel: str | None = None           # overrides the kernel of VMs that do not pin one
+    rootfs: str | None = None           # image | host, for VMs whose scenario does not say
     accel: str = "auto"                 # auto | kvm | tcg
     boot_timeout: float = 240.0
     artifacts_dir: Path | None = None   # logs are copied here on close (see keep_artifacts)
@@ -261,7 +262,12 @@ class Lab:
             cids[spec.name] = lease.cid
         return cids
 
-    def _image_for(self, spec: VmSpec) -> tuple[Path, Path]:
+    def rootfs_of(self, spec: VmSpec) -> str:
+        """The VM's root: the scenario's `rootfs:`, else the run-time option, else the image."""
+        return spec.rootfs or self.options.rootfs or "image"
+
+    def _image(self, spec: VmSpec) -> tuple[Path, Path, Path | None]:
+        """(kernel, initrd, the kernel's module tree on the host or None)."""
         from vmlab.image import ensure_image
         from vmlab.kernel.spec import describe_path, resolve
 
@@ -271,6 +277,18 @@ class Lab:
             # a path, build:<name>, source:<dir> (built on demand) or package:<name>
             resolved = resolve(ref, progress=self.options.progress)
             kernel, description = resolved.path, resolved.description
+        if self.rootfs_of(spec) == "host":
+            from vmlab import hostroot
+
+            why = hostroot.unsupported(spec)
+            if why:
+                raise LabError(f"VM {spec.name!r} with rootfs host: {why}")
+            env_file = self.run_dir / f"{spec.name}.host.env"
+            env_file.write_text(hostroot.host_env())
+            files = hostroot.guest_files(spec.files, env_file)
+            image = ensure_image(kernel=kernel, extra_files=files, progress=self.options.progress)
+            self.kernels[spec.name] = description or describe_path(image.kernel)
+            return image.kernel, image.initrd, image.modules_dir
         if spec.initrd is not None:
             if kernel is None:
                 kpath = ensure_image(progress=self.options.progress).kernel
@@ -278,15 +296,18 @@ class Lab:
                 from vmlab.image.kernel import from_path
                 kpath = from_path(Path(kernel), "kernel").vmlinuz  # a package root -> its vmlinuz
             self.kernels[spec.name] = description or describe_path(kpath)
-            return kpath, spec.initrd
+            return kpath, spec.initrd, None
         image = ensure_image(kernel=kernel, extra_files=spec.files or None, progress=self.options.progress)
         self.kernels[spec.name] = description or describe_path(image.kernel)
-        return image.kernel, image.initrd
+        return image.kernel, image.initrd, None
 
     def _vm_configs(self, transports: dict[str, str | None], cids: dict[str, int]) -> dict[str, VmConfig]:
         configs = {}
+        from vmlab import hostroot
+
         for spec in self.scenario.vms:
-            kernel, initrd = self._image_for(spec)
+            kernel, initrd, modules = self._image(spec)
+            rootfs = self.rootfs_of(spec)
             name = spec.name
             configs[name] = VmConfig(
                 name=name, kernel=kernel, initrd=initrd,
@@ -298,6 +319,8 @@ class Lab:
                 share_dir=spec.share,
                 extra_args=list(spec.qemu_args) + self._tool_args(name) + self._gdb_args(name),
                 lab_id=self.lab_id,
+                rootfs=rootfs, host_modules=modules if rootfs == "host" else None,
+                overlays=hostroot.overlay_dirs() if rootfs == "host" else [],
             )
         return configs
 

@@ -12,11 +12,15 @@ Fixtures
   host_run       host_run(lab, argv | "shell cmd", background=False) -> HostProcess: a host AF_VSOCK
                  program run against the lab (under the vmlab exec shim on vhost-user)
 
-Marker
-  @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., memory_mib=...)
+Markers
+  @pytest.mark.vmlab(scenario="x.yaml" | vms=[...] | vms=2, transport=..., kernel=..., rootfs=...)
+  @pytest.mark.vmlab_nested  the test boots a nested lab (vmlab inside a rootfs: host guest, for the
+                 kernel vhost transport on hosts without /dev/vhost-vsock): skipped unless
+                 --vmlab-nested (or VMLAB_NESTED=1); run first, since it is the longest
 
 Options
   --vmlab-transport, --vmlab-kernel, --vmlab-accel, --vmlab-keep-on-failure, --vmlab-artifacts DIR,
+  --vmlab-nested
   --vmlab-seed N (fault RNG seed; printed in the header), --vmlab-repeat N (run each lab test N
   times, run i with seed N+i-1)
 On failure the console tails, QMP events and backend log are attached to the report, and the full
@@ -56,6 +60,9 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vmlab-artifacts", default=None, metavar="DIR",
                     help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/ "
                          "(with bundle.tar.gz for `vmlab replay` when the lab came from a scenario file)")
+    group.addoption("--vmlab-nested", action="store_true", default=None,
+                    help="run tests marked vmlab_nested (vmlab inside a TCG guest: the kernel vhost "
+                         "transport where the host has none; slow). Also VMLAB_NESTED=1")
     group.addoption("--vmlab-seed", type=int, default=None, metavar="N",
                     help="seed of the backend's random fault decisions (default: random, printed)")
     group.addoption("--vmlab-repeat", type=int, default=1, metavar="N",
@@ -64,8 +71,34 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vmlab(scenario=None, vms=None, **options): lab for the `lab` fixture")
+    config.addinivalue_line("markers", "vmlab_nested: boots a nested lab (vmlab inside a guest); needs --vmlab-nested")
     seed = config.getoption("vmlab_seed")
     config.stash[_SEED_KEY] = seed if seed is not None else secrets.randbelow(2**32)
+
+
+def nested_enabled(config: pytest.Config) -> bool:
+    """--vmlab-nested or VMLAB_NESTED=1; VMLAB_NESTED=0 switches nested tests off even with the flag."""
+    import os
+
+    env = os.environ.get("VMLAB_NESTED", "")
+    if env == "0":
+        return False
+    return bool(config.getoption("vmlab_nested")) or env not in ("", "0")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """vmlab_nested tests: skipped unless asked for; otherwise moved to the front, so under
+    pytest-xdist the longest test starts first and the rest of the suite runs beside it."""
+    nested = [item for item in items if item.get_closest_marker("vmlab_nested")]
+    if not nested:
+        return
+    if not nested_enabled(config):
+        skip = pytest.mark.skip(reason="nested lab: run with --vmlab-nested (or VMLAB_NESTED=1)")
+        for item in nested:
+            item.add_marker(skip)
+        return
+    rest = [item for item in items if not item.get_closest_marker("vmlab_nested")]
+    items[:] = nested + rest
 
 
 def pytest_report_header(config: pytest.Config) -> str:

@@ -103,7 +103,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             art = work / f"run-{i}"
         elif artifacts is not None:
             art = artifacts / f"run-{i}" if repeating else artifacts
-        return LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel,
+        return LabOptions(transport=args.transport, kernel=args.kernel, accel=args.accel, rootfs=args.rootfs,
                           gdb=args.gdb,
                           artifacts_dir=art, keep_artifacts="always" if art else "never",
                           pcap=work / f"run-{i}.pcap" if auto_pcap and work else pcap,

@@ -14,7 +14,9 @@ from vmlab.scenario import load_scenario
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SCENARIOS = sorted((REPO / "scenarios").glob("*.yaml"))
+RUN_ELSEWHERE = {"nested-vhost": "tests/integration/test_nested_vhost.py"}
+"""Scenarios another test runs (with more checks around the same boot); not booted twice."""
+SCENARIOS = sorted(p for p in (REPO / "scenarios").glob("*.yaml") if p.stem not in RUN_ELSEWHERE)
 
 
 def test_there_are_scenarios():
@@ -26,6 +28,12 @@ def test_there_are_scenarios():
 
 # Scenarios whose point is a delay: (step name, at least this many seconds), checked on the result.
 MIN_SECONDS = {"fault-credit-stall": ("upload 1 MiB (blocked until the stall ends)", 2.5)}
+
+
+def test_scenarios_run_elsewhere_have_their_test():
+    for stem, test in RUN_ELSEWHERE.items():
+        assert (REPO / "scenarios" / f"{stem}.yaml").is_file()
+        assert f"{stem}.yaml" in (REPO / test).read_text()
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])

@@ -135,6 +135,17 @@ def test_qemu_has_device_parses_help_and_caches(tmp_path):
     assert counter.read_text().count("x") == 1
 
 
+def test_a_qemu_that_does_not_answer_is_unknown_not_missing(tmp_path, monkeypatch):
+    """In the nested lab `qemu -device help` takes a minute; a timeout must not read as 'no device'."""
+    monkeypatch.setattr(hc, "QEMU_PROBE_TIMEOUT", 0.5)
+    slow = _script(tmp_path, "qemu-slow", "sleep 5\n")
+    assert hc.qemu_has_device(slow, "vhost-vsock-pci") is None
+    vu = hc.vhost_user_usable(slow)
+    assert vu.ok and "did not list its devices" in vu.detail
+    broken = _script(tmp_path, "qemu-broken", "exit 1\n")
+    assert hc.qemu_has_device(broken, "vhost-vsock-pci") is None
+
+
 @needs_qemu
 def test_real_qemu_version_and_vsock_devices():
     assert hc.qemu_version(QEMU).count(".") >= 1

@@ -41,6 +41,7 @@ class GuestImage:
     initrd: Path
     kernel_version: str
     helper: str = HELPER_GUEST_PATH
+    modules_dir: Path | None = None  # the kernel's full module tree on the host (rootfs: host guests use it)
 
 
 @dataclass(frozen=True)
@@ -267,7 +268,8 @@ def ensure_image(kernel: str | Path | None = None,
                  style="yellow")
     base = _build_base(inp, root, rep, force)
     initrd = _with_extras(base, inp.key, extra_files, root, force) if extra_files else base
-    return GuestImage(kernel=ksrc.vmlinuz, initrd=initrd, kernel_version=ksrc.version)
+    return GuestImage(kernel=ksrc.vmlinuz, initrd=initrd, kernel_version=ksrc.version,
+                      modules_dir=ksrc.modules_dir)
 
 
 def image_status(kernel: str | Path | None = None) -> dict:

@@ -15,19 +15,22 @@ from typing import Iterable, Mapping
 
 _KO_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
-# Module groups the guest /init loads. "core" and "power" always, "share" with vmlab.share=1.
+# Module groups the guest /init loads. "core" and "power" always, "share" with vmlab.share=1,
+# "share" + "hostroot" with vmlab.rootfs=host (the host's / over 9p, overlays on it).
 # "power" (ACPI button + evdev) lets busybox acpid turn QMP system_powerdown into a poweroff.
 REQUIRED_GROUPS: dict[str, tuple[str, ...]] = {
     "core": ("virtio_pci", "vsock", "vmw_vsock_virtio_transport"),
     "power": ("button", "evdev"),
     "share": ("9p", "9pnet_virtio"),
+    "hostroot": ("overlay",),
 }
 # Groups whose modules may be missing (e.g. Ubuntu keeps 9p in linux-modules-extra):
 # the image still builds, only that feature is unavailable in the guest.
-OPTIONAL_GROUPS: frozenset[str] = frozenset({"share", "power"})
+OPTIONAL_GROUPS: frozenset[str] = frozenset({"share", "power", "hostroot"})
 # Shipped in the image but only loaded on request (vmlab.modules=a,b or modprobe).
 OPTIONAL_MODULES: tuple[str, ...] = (
     "virtio_console", "vsock_loopback", "vsock_diag", "vsockmon", "virtio_net", "virtio_blk",
+    "vhost_vsock",
 )
 
 

@@ -16,6 +16,12 @@ VSOCK_DEVICE_ID = "vsock0"
 SHARE_MOUNT_TAG = "vmlab"
 """virtio-9p mount tag the guest init mounts at /mnt/host."""
 
+ROOT_MOUNT_TAG = "vmlabroot"
+"""virtio-9p mount tag of the host's / for `rootfs: host` guests (exported readonly=on)."""
+
+ROOTFS_KINDS = ("image", "host")
+"""image: vmlab's busybox initramfs is the root; host: the host's / read-only over 9p."""
+
 TRANSPORTS = ("vhost", "vhost-user")
 """Resolved transports; `auto` is resolved before argv is built (see vmlab.hostcheck)."""
 
@@ -42,6 +48,9 @@ class VmConfig:
     accel: str = "tcg"
     cmdline: str = ""
     share_dir: Path | None = None
+    rootfs: str = "image"
+    host_modules: Path | None = None     # rootfs host: the guest kernel's module tree on the host
+    overlays: list[Path] = field(default_factory=list)  # rootfs host: more dirs made writable (tmpfs overlay)
     no_reboot: bool = False
     machine: str = "pc"
     extra_args: list[str] = field(default_factory=list)
@@ -54,6 +63,8 @@ class VmConfig:
             raise ValueError(f"VM {self.name!r}: a vsock device needs a guest CID")
         if self.transport == "vhost-user" and self.vhost_user_socket is None:
             raise ValueError(f"VM {self.name!r}: the vhost-user transport needs the backend's socket path")
+        if self.rootfs not in ROOTFS_KINDS:
+            raise ValueError(f"VM {self.name!r}: rootfs must be one of {ROOTFS_KINDS}, not {self.rootfs!r}")
         if self.accel not in ("tcg", "kvm"):
             raise ValueError(f"VM {self.name!r}: accel must be 'tcg' or 'kvm', not {self.accel!r}")
 
@@ -63,9 +74,21 @@ def kernel_cmdline(cfg: VmConfig) -> str:
     parts = [BASE_CMDLINE, f"vmlab.name={cfg.name}"]
     if cfg.share_dir is not None:
         parts.append("vmlab.share=1")
+    if cfg.rootfs == "host":
+        parts.append("vmlab.rootfs=host")
+        if cfg.host_modules is not None and _cmdline_safe(str(cfg.host_modules)):
+            parts.append(f"vmlab.hostmods={cfg.host_modules}")
+        overlays = [str(p) for p in cfg.overlays if _cmdline_safe(str(p))]
+        if overlays:
+            parts.append("vmlab.overlay=" + ",".join(overlays))
     if cfg.cmdline:
         parts.append(cfg.cmdline)
     return " ".join(parts)
+
+
+def _cmdline_safe(path: str) -> bool:
+    """A path the guest init can take from the kernel command line (no blanks, commas, quotes)."""
+    return path.startswith("/") and not any(c in path for c in " \t\n,\"'")
 
 
 def vsock_args(cfg: VmConfig) -> list[str]:
@@ -87,6 +110,16 @@ def memory_args(cfg: VmConfig) -> list[str]:
         "-object", f"memory-backend-memfd,id=mem,size={cfg.memory_mib}M,share=on",
         "-machine", f"{cfg.machine},memory-backend=mem",
     ]
+
+
+def rootfs_args(cfg: VmConfig) -> list[str]:
+    """rootfs host: the host's / as a 9p export QEMU itself refuses to write (readonly=on), so
+    the host is safe even from a guest that remounts it rw. multidevs=remap keeps inode numbers
+    unique across the host's mounts."""
+    if cfg.rootfs != "host":
+        return []
+    return ["-virtfs", f"local,path=/,mount_tag={ROOT_MOUNT_TAG},security_model=none,readonly=on,"
+                       "multidevs=remap,id=root0"]
 
 
 def accel_args(cfg: VmConfig) -> list[str]:
@@ -115,6 +148,7 @@ def build_argv(cfg: VmConfig, qemu: str = "qemu-system-x86_64") -> list[str]:
     ]
     if cfg.share_dir is not None:
         argv += ["-virtfs", f"local,path={cfg.share_dir},mount_tag={SHARE_MOUNT_TAG},security_model=none,id=share0"]
+    argv += rootfs_args(cfg)
     if cfg.no_reboot:
         argv.append("-no-reboot")
     argv += cfg.extra_args

@@ -27,6 +27,8 @@ KERNEL_ERROR_PATTERNS = re.compile(
 
 
 PANIC = re.compile(r"Kernel panic - not syncing")
+BOOT_FAIL = re.compile(r"VMLAB-(?:ROOTFS|FILES)-FAIL[^\r\n]*")
+"""What the init prints when a `rootfs: host` guest cannot set up its root (never comes up right)."""
 PANIC_END = re.compile(r"---\[ end Kernel panic[^\n]*")
 
 
@@ -144,10 +146,13 @@ class Console:
     def wait_ready(self, timeout: float = 120.0) -> None:
         """Wait for the init's ready marker, then put the shell in a scriptable state."""
         self._shell_ready = False
-        idx = self._expect([re.compile(r"^" + READY_MARKER + r"\r?$", re.M), PANIC], timeout)
+        idx = self._expect([re.compile(r"^" + READY_MARKER + r"\r?$", re.M), PANIC, BOOT_FAIL], timeout)
         if idx == 1:
             self._expect(PANIC_END, 10)
             raise self._fail("guest kernel panicked during boot", KernelError)
+        if idx == 2:
+            assert self._child is not None
+            raise self._fail(f"guest init failed: {self._child.after}")
         self._setup_shell(timeout=30)
 
     def _setup_shell(self, timeout: float) -> None:

@@ -18,6 +18,9 @@ from vmlab.runtime import open_private
 
 log = logging.getLogger("vmlab.machine")
 
+CONNECT_TIMEOUT = 300.0
+"""How long a live QEMU may take to create its serial and QMP sockets."""
+
 
 class MachineError(RuntimeError):
     """QEMU failed to start or died; the message includes the tail of its log."""
@@ -58,8 +61,10 @@ class Machine:
         except OSError as exc:
             raise MachineError(f"{self.name}: cannot start {self.qemu}: {exc}") from None
         try:
-            self.console.connect(timeout=15, alive=self.alive)
-            self.qmp.connect(timeout=15, alive=self.alive)
+            # QEMU creates its sockets after loading its libraries: 0.1 s on a host, but a minute
+            # inside a busy TCG guest (the nested lab). A QEMU that dies ends the wait at once.
+            self.console.connect(timeout=CONNECT_TIMEOUT, alive=self.alive)
+            self.qmp.connect(timeout=CONNECT_TIMEOUT, alive=self.alive)
         except Exception as exc:
             raise self._error(str(exc)) from None
 

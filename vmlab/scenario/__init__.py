@@ -13,6 +13,8 @@ from vmlab.scenario.model import (
     ACTION_TYPES,
     ACTIONS,
     DGRAM_ERROR,
+    HOST_ROOTFS_WRITABLE,
+    ROOTFS_KINDS,
     SOCKET_TYPES,
     TRANSPORTS,
     VMADDR_CID_ANY,
@@ -44,7 +46,8 @@ from vmlab.scenario.parse import load_scenario, parse_memory, parse_scenario
 from vmlab.scenario.validate import connect_cid_problem, guest_cid_problem, validate
 
 __all__ = [
-    "ACTION_TYPES", "ACTIONS", "DGRAM_ERROR", "SOCKET_TYPES", "TRANSPORTS",
+    "ACTION_TYPES", "ACTIONS", "DGRAM_ERROR", "HOST_ROOTFS_WRITABLE", "ROOTFS_KINDS", "SOCKET_TYPES",
+    "TRANSPORTS",
     "VMADDR_CID_ANY", "VMADDR_CID_HOST", "VMADDR_CID_HYPERVISOR", "VMADDR_CID_RESERVED",
     "VMADDR_PORT_ANY",
     "ExpectStep", "FaultStep", "GuestConnectStep", "GuestListenStep", "HostConnectStep",

@@ -21,6 +21,9 @@ FIRST_GUEST_CID = 3
 PRIVILEGED_PORT_LIMIT = 1024  # ports below this need root / CAP_NET_BIND_SERVICE to bind
 
 TRANSPORTS = ("auto", "vhost", "vhost-user")
+ROOTFS_KINDS = ("image", "host")  # image: vmlab's busybox initramfs; host: the host's / read-only
+HOST_ROOTFS_WRITABLE = ("/etc", "/root", "/tmp", "/run", "/var/tmp", "/var/log")
+"""Where a `rootfs: host` guest can write (tmpfs or an overlay in guest RAM); `files:` go there."""
 SOCKET_TYPES = ("stream", "seqpacket")
 DGRAM_ERROR = (
     "SOCK_DGRAM is not supported: virtio-vsock has no datagram sockets in stock kernels; "
@@ -123,6 +126,7 @@ class VmSpec:
     group: str = "default"
     files: dict[str, Path] = field(default_factory=dict)  # guest path -> host path
     share: Path | None = None
+    rootfs: str | None = None  # None: the run-time choice (--rootfs), else "image"
     vsock: bool = True
     qemu_args: list[str] = field(default_factory=list)
     location: Location | None = _meta()

@@ -36,9 +36,9 @@ from vmlab.scenario.validate import check
 from vmlab.scenario.yaml import MAP, SCALAR, SEQ, Node, YamlSyntaxError, compose
 
 TOP_KEYS = ("name", "description", "transport", "defaults", "timeout", "reuse", "vms", "steps")
-DEFAULT_KEYS = ("memory", "cpus", "kernel", "initrd", "cmdline")
+DEFAULT_KEYS = ("memory", "cpus", "kernel", "initrd", "cmdline", "rootfs")
 VM_KEYS = ("name", "cid", "memory", "cpus", "kernel", "initrd", "cmdline", "transport", "group",
-           "files", "share", "vsock", "qemu_args")
+           "files", "share", "rootfs", "vsock", "qemu_args")
 PATH_KEYS = ("kernel", "initrd", "share")
 HOST_PATH_PARAMS = {("host_connect", "send_file")}
 _SIZE_RE = re.compile(r"\s*(\d+)\s*([MG])(?:i?B)?\s*", re.IGNORECASE)

@@ -20,8 +20,10 @@ from vmlab.scenario.model import (
     DGRAM_ERROR,
     ENDPOINT_ACTIONS,
     LISTEN_ACTIONS,
+    HOST_ROOTFS_WRITABLE,
     MIN_MEMORY_MIB,
     PRIVILEGED_PORT_LIMIT,
+    ROOTFS_KINDS,
     SOCKET_TYPES,
     TRANSPORTS,
     U32_MAX,
@@ -186,10 +188,30 @@ class _ScenarioChecks(FieldChecker):
                        "([a-z0-9][a-z0-9_-]{0,31})")
         self.check_files(vm, ctx)
         self.path_field(vm, "share", ctx, "dir")
+        self.check_rootfs(vm, ctx)
         if self.bool_field(vm, "vsock", ctx) and not vm.vsock and is_int(vm.cid):
             self.warn(vm, "cid", ctx, "cid: ignored, the VM has no vsock device (vsock: false)")
         self.check_qemu_args(vm, ctx)
 
+    def check_rootfs(self, vm: VmSpec, ctx: str) -> None:
+        """rootfs: host needs vmlab's own initramfs (it mounts the host's /), and `files:` can only
+        land where that guest can write."""
+        if not self.choice_field(vm, "rootfs", ctx, ROOTFS_KINDS) or vm.rootfs != "host":
+            return
+        if vm.initrd is not None:
+            self.error(vm, "initrd", ctx, "initrd: cannot be combined with rootfs: host (vmlab's own "
+                       "initramfs mounts the host's root)")
+        if vm.share is not None:
+            self.error(vm, "share", ctx, "share: not available with rootfs: host; the host's files are "
+                       "already visible (read-only) at their own paths")
+        if not isinstance(vm.files, dict):
+            return
+        for guest in vm.files:
+            if not isinstance(guest, str) or self.skip(vm, f"files[{guest}]"):
+                continue
+            if not any(guest == d or guest.startswith(d + "/") for d in HOST_ROOTFS_WRITABLE):
+                self.error(vm, f"files[{guest}]", ctx, f"files: {guest} is on the host's read-only root; "
+                           f"with rootfs: host files go under {', '.join(HOST_ROOTFS_WRITABLE)}")
     def check_kernel(self, vm: VmSpec, ctx: str) -> None:
         """A kernel path (vmlinuz or package root), or a reference (see vmlab.kernel.spec)."""
         from vmlab.kernel.spec import KernelRef
