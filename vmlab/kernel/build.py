@@ -23,7 +23,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+
 
 from vmlab.image.cache import cache_root, locked
 from vmlab.image.kernel import ImageError, from_path, kernel_version
