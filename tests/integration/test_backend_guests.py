@@ -29,6 +29,7 @@ pytestmark = pytest.mark.integration
 # --- a tiny guest fixture (no vmlab.lab needed): TCG, memfd memory, vhost-user-vsock-pci on
 # our backend, serial console on stdio driven by pexpect -----------------------------------
 _ids = itertools.count()
+SHELL_BANNER = "built-in shell (ash)"   # what a new guest shell prints first
 
 
 
@@ -39,6 +40,7 @@ class Guest:
     vu_sock: Path
     uds_path: Path
     child: pexpect.spawn | None = None
+    shell_restarts: int = 0
 
     @property
     def endpoint(self) -> HostEndpoint:
@@ -68,12 +70,25 @@ class Guest:
                 if attempt == 5:
                     raise
 
-    def run(self, cmd: str, timeout: float = 60) -> tuple[int, str]:
-        """Run a shell command; returns (rc, output)."""
+    def run(self, cmd: str, timeout: float = 60, retried: bool = False) -> tuple[int, str]:
+        """Run a shell command; returns (rc, output).
+
+        Rarely (seen a few times in hundreds of runs, under load) the guest's busybox ash exits
+        while idle at its prompt, right after a background vmlab-guest job ends; /init starts a
+        new shell, which never saw the command (it was typed into the dying one). Then the command
+        is typed again, once, into the new shell. The cause is still open (docs/reliability.md)."""
         assert self.child is not None
         tag = f"__RC{next(_ids)}__"
         self.child.sendline(f"{cmd}; echo {tag}$?{tag}")
-        self.child.expect(re.escape(tag) + r"(\d+)" + re.escape(tag), timeout=timeout)
+        got = self.child.expect([re.escape(tag) + r"(\d+)" + re.escape(tag),
+                                 re.escape(SHELL_BANNER)], timeout=timeout)
+        if got == 1:
+            if retried:
+                raise AssertionError(f"the guest shell restarted twice running {cmd!r}")
+            self.shell_restarts += 1
+            self.child.expect(r"# ", timeout=60)
+            self.run("stty -echo 2>/dev/null; PS1=''", timeout=30, retried=True)
+            return self.run(cmd, timeout, retried=True)
         out = self.child.before
         out = out.split("\n", 1)[1] if "\n" in out else ""
         return int(self.child.match.group(1)), out.replace("\r", "")
