@@ -72,3 +72,16 @@ def machine_info(lab) -> dict:
 def mbs(nbytes: int, seconds: float) -> float:
     """MB/s, 1 MB = 10^6 bytes."""
     return nbytes / seconds / 1e6 if seconds > 0 else float("inf")
+
+
+def rss_detail_mib(pid: int | None) -> dict:
+    """VmRSS and its shared-memory part (guest RAM is a shared memfd) of one process, MiB."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("VmRSS", "RssShmem", "RssAnon", "RssFile"):
+                out[key] = round(int(line.split()[1]) / 1024, 1)
+    except (OSError, TypeError):
+        pass
+    return out

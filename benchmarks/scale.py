@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import cpu_seconds  # noqa: E402
+from _bench import cpu_seconds, rss_detail_mib  # noqa: E402
 
 from vmlab.guest import GuestHelper  # noqa: E402
 from vmlab.lab import Lab, LabOptions  # noqa: E402
@@ -97,19 +97,6 @@ def concurrent_connections(lab: Lab, total: int) -> dict:
             conn.close()
     return {"connections": total, "open_seconds": round(opened, 2),
             "connections_per_s": round(total / opened, 1), "backend_held_at_peak": held}
-
-
-def rss_detail_mib(pid: int | None) -> dict:
-    """VmRSS and its shared-memory part (guest RAM is a shared memfd) of one process, MiB."""
-    out = {}
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            key = line.split(":")[0]
-            if key in ("VmRSS", "RssShmem", "RssAnon", "RssFile"):
-                out[key] = round(int(line.split()[1]) / 1024, 1)
-    except (OSError, TypeError):
-        pass
-    return out
 
 
 def _scenario(n: int, memory: int):
