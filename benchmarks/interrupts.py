@@ -4,20 +4,21 @@
     python3 benchmarks/interrupts.py [--count 20] [--phases build,boot,steps,teardown,pytest]
                                      [--budget SECONDS] [--seed 13]
 
-Rounds cycle through the phases (build, boot, steps, teardown, pytest, build, ...). Each round
+Rounds cycle through the phases (build, steps, boot, teardown, pytest, build, ...). Each round
 starts its command, watches for the phase's marker, then sends SIGINT to the process group (as
 Ctrl-C does) or SIGTERM to the command's own process, at a random moment inside the phase:
 
 - build:    `vmlab run` with a fresh, empty VMLAB_CACHE_DIR (the kernel comes from the usual
             cache via VMLAB_KERNEL), signalled 0..--build-window s after the build began
             (the cache dir appeared) while no initrd.img exists yet and no QEMU runs;
-- boot:     once a QEMU of the run exists, 0..--boot-window s later, before "booted in";
+- boot:     once a QEMU of the run exists, 0..70 % of the last measured boot ("booted in
+            N s" of an earlier round; --boot-window before the first) later;
 - steps:    a scenario whose second step sleeps --sleep s; signalled inside that sleep
             (after the step-1 line, before the last step line);
 - teardown: scenarios/hello.yaml, signalled the moment its last step line appears (the lab is
             closing; the summary line comes after the close);
 - pytest:   `python3 -m pytest -n 2` of a two-test vmlab file (one VM per test), signalled
-            0..--boot-window s after the first QEMU appeared.
+            0..1 x the last measured boot after the first QEMU appeared (boot or test).
 
 The phase is recorded from what had happened when the signal was sent (output lines, QEMU
 processes, cache files), so a round that missed its phase says so. After each round: qemu and
@@ -32,6 +33,7 @@ import argparse
 import fcntl
 import os
 import random
+import re
 import signal
 import stat
 import subprocess
@@ -41,7 +43,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-PHASES = ("build", "boot", "steps", "teardown", "pytest")
+PHASES = ("build", "steps", "boot", "teardown", "pytest")  # steps first: it measures the boot
 
 STEPS_SCENARIO = """\
 name: interrupt-steps
@@ -159,8 +161,8 @@ class Watch:
             return "steps"
         if qemu_running(self.base):
             return "boot"
-        if self.cache is not None and self.cache.exists() and not self.image_built():
-            return "build"
+        if self.cache is not None and self.cache.exists():
+            return "setup" if self.image_built() else "build"
         return "startup"
 
 
@@ -181,8 +183,10 @@ def main() -> int:
     ap.add_argument("--count", type=int, default=20)
     ap.add_argument("--phases", default=",".join(PHASES), help="comma list, cycled in order")
     ap.add_argument("--budget", type=float, default=0.0, help="start no round after this many s (0: no limit)")
-    ap.add_argument("--build-window", type=float, default=2.0, help="signal within s after the build began")
-    ap.add_argument("--boot-window", type=float, default=15.0, help="signal within s after QEMU started")
+    ap.add_argument("--build-window", type=float, default=0.6,
+                    help="signal within s after the build began (it takes ~1 s on an idle machine)")
+    ap.add_argument("--boot-window", type=float, default=3.0,
+                    help="boot window (s) until a round has measured the boot")
     ap.add_argument("--sleep", type=float, default=15.0, help="the steps scenario's long step (s)")
     ap.add_argument("--seed", type=int, default=13)
     args = ap.parse_args()
@@ -209,6 +213,7 @@ def main() -> int:
     totals = {"processes": 0, "run_dirs": 0, "sockets": 0, "leases": 0}
     phases: dict[str, int] = {}
     missed, bad, ran = 0, 0, 0
+    boot_s = args.boot_window / 0.7
     for n in range(1, args.count + 1):
         if args.budget and time.monotonic() - started > args.budget:
             print(f"  budget of {args.budget:g} s used: stopping after {ran} rounds", flush=True)
@@ -242,7 +247,7 @@ def main() -> int:
             wait_for(p, lambda: w.phase(p) != "build", delay)
         elif kind in ("boot", "pytest"):
             wait_for(p, lambda: qemu_running(base), 600)
-            delay = rng.uniform(0, args.boot_window)
+            delay = rng.uniform(0, boot_s * (0.7 if kind == "boot" else 1.0))
             wait_for(p, lambda: "booted in" in w.text() if kind == "boot" else False, delay)
         elif kind == "steps":
             wait_for(p, lambda: "[ 1]" in w.text(), 600)
@@ -251,6 +256,7 @@ def main() -> int:
             wait_for(p, lambda: f"[{last_step:2d}]" in w.text(), 600)
         where = w.phase(p)
         at = time.monotonic() - t0
+        text = w.text()
         if p.poll() is None:
             if sig == signal.SIGINT:
                 os.killpg(p.pid, signal.SIGINT)       # Ctrl-C: the whole foreground group
@@ -273,6 +279,9 @@ def main() -> int:
             except ProcessLookupError:
                 pass
         ran += 1
+        booted = re.search(r"booted in ([0-9.]+)s", text + w.text())
+        if booted:
+            boot_s = float(booted.group(1))
         for k, v in left.items():
             totals[k] = totals.get(k, 0) + v
         hit = where == kind or (kind == "pytest" and where.startswith("pytest-")
