@@ -1,13 +1,15 @@
 """Unmodified host AF_VSOCK programs against real guests: `vmlab exec`, the `host_run` fixture.
 
 One lab of two guests for the module. On vhost-user (this machine) the programs run under the
-LD_PRELOAD shim; on vhost they run unchanged. The reference notes' servers are in tests/host/
-exactly as the notes have them (the C one with the stray "liesten" token removed).
+LD_PRELOAD shim; on vhost they run unchanged. The reference notes' servers are
+scenarios/repro/notes/, byte for byte as the notes have them; the C one is compiled from a copy
+with its stray "liesten" token line read as `listen(s, 0);`.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,8 +21,9 @@ import pytest
 pytestmark = pytest.mark.integration
 
 VMLAB_SCENARIO = [{"name": "a", "memory_mib": 256}, {"name": "b", "memory_mib": 256}]
-HOST = Path(__file__).resolve().parents[1] / "host"
 ROOT = Path(__file__).resolve().parents[2]
+NOTES = ROOT / "scenarios" / "repro" / "notes"
+STRAY_LISTEN = re.compile(r"^\tlisten\(s, 0\); -*liesten$", re.M)
 
 
 def _compile(src: Path, out: Path, *extra: str) -> Path:
@@ -31,7 +34,11 @@ def _compile(src: Path, out: Path, *extra: str) -> Path:
 
 @pytest.fixture(scope="module")
 def notes_c_server(tmp_path_factory) -> Path:
-    return _compile(HOST / "notes_server.c", tmp_path_factory.mktemp("bin") / "notes_server", "-w")
+    build = tmp_path_factory.mktemp("bin")
+    src = STRAY_LISTEN.subn("\tlisten(s, 0);", (NOTES / "server.c").read_text())
+    assert src[1] == 1, "the notes' server.c no longer has its stray listen line"
+    (build / "server.c").write_text(src[0])
+    return _compile(build / "server.c", build / "notes_server", "-w")
 
 
 def _vmlab_exec(lab, *argv: str, **kwargs) -> subprocess.Popen:
@@ -84,7 +91,7 @@ def test_notes_c_server_under_vmlab_exec(module_lab, guest, notes_c_server):
 
 def test_notes_python_server_with_host_run(module_lab, guest, host_run):
     b = module_lab.vm("b")
-    server = host_run(module_lab, [sys.executable, str(HOST / "notes_server.py")], background=True)
+    server = host_run(module_lab, [sys.executable, str(NOTES / "server.py")], background=True)
     server.wait_listening(9999, timeout=60)
     client = guest(b).connect(2, 9999, send="Hello, world!")
     assert client.errors() == [], client.summary()

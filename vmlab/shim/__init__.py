@@ -7,15 +7,14 @@ real AF_VSOCK reaches the guests). See docs/exec.md.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import struct
-import subprocess
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
+
+from vmlab.image.ccompile import CompileError, compile_cached, content_key
 
 SOURCE = Path(__file__).with_name("vsock_shim.c")
 CFLAGS = ("-O2", "-shared", "-fPIC", "-Wall", "-Wextra", "-std=gnu11", "-fvisibility=hidden")
@@ -28,42 +27,17 @@ class ShimError(RuntimeError):
 
 
 def shim_key(src: Path = SOURCE) -> str:
-    h = hashlib.sha256(src.read_bytes())
-    h.update(" ".join(CFLAGS + LIBS).encode())
-    return h.hexdigest()
+    return content_key(src, CFLAGS + LIBS)
 
 
 def build_shim(cache: Path | None = None, src: Path = SOURCE) -> Path:
     """Return the compiled shim, compiling it once per source version (cached by content)."""
-    from vmlab.image.cache import cache_root, locked
-
     if not src.is_file():
         raise ShimError(f"shim source {src} is missing (broken checkout or install?)")
-    cache = cache or cache_root()
-    key = shim_key(src)
-    out = cache / "shim" / key[:24] / "libvmlab-vsock.so"
-    if out.is_file():
-        return out
-    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
-    if not cc:
-        raise ShimError("no C compiler to build the vsock shim; install one: apt-get install gcc libc6-dev")
-    with locked(cache, f"shim-{key[:24]}"):
-        if out.is_file():
-            return out
-        out.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=".libvmlab-vsock.")
-        os.close(fd)
-        try:
-            r = subprocess.run([cc, *CFLAGS, "-o", tmp, str(src), *LIBS], stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True)
-            if r.returncode != 0:
-                raise ShimError(f"compiling {src.name} failed:\n{r.stdout.strip()}")
-            os.chmod(tmp, 0o755)
-            os.replace(tmp, out)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-    return out
+    try:
+        return compile_cached(src, "shim", "libvmlab-vsock.so", CFLAGS, LIBS, cache=cache)
+    except CompileError as exc:
+        raise ShimError(str(exc)) from None
 
 
 @dataclass
