@@ -469,11 +469,24 @@ class Lab:
 
     # -- teardown --------------------------------------------------------------------------
     def close(self) -> None:
-        """Tear everything down. Idempotent; never raises; safe to call from any state."""
+        """Tear everything down. Idempotent; safe to call from any state; raises nothing but a
+        Ctrl-C/SIGTERM that arrives meanwhile, and that only once every stage has run (an
+        interrupt must not skip the lease release or the runtime dir removal)."""
         if self._closed:
             return
         self._closed = True
         OPEN_LABS.discard(self)
+        interrupted: BaseException | None = None
+        for stage in (self._close_endpoints, self._halt_machines, self._stop_helpers,
+                      self._release_leases, self._finish_close):
+            try:
+                stage()
+            except KeyboardInterrupt as exc:  # teardown goes on; the interrupt is raised after
+                interrupted = interrupted or exc
+        if interrupted is not None:
+            raise interrupted
+
+    def _close_endpoints(self) -> None:
         with self._lock:
             endpoints, self._endpoints = self._endpoints, []
         for endpoint in endpoints:
@@ -481,10 +494,14 @@ class Lab:
                 endpoint.close()
             except Exception:  # noqa: BLE001 - teardown goes on
                 log.exception("closing %r", endpoint)
+
+    def _halt_machines(self) -> None:
         machines = [vm.machine for vm in self._vms.values()]
         if machines:
             with ThreadPoolExecutor(max_workers=len(machines), thread_name_prefix="halt") as pool:
                 list(pool.map(lambda m: m.shutdown(), machines))
+
+    def _stop_helpers(self) -> None:
         if self._vsockmon is not None:
             try:
                 self._vsockmon.stop()
@@ -495,12 +512,16 @@ class Lab:
                 self.backend.stop()
             except Exception:  # noqa: BLE001
                 log.exception("stopping the vsock backend")
-        for lease in self._leases:
+
+    def _release_leases(self) -> None:
+        while self._leases:
+            lease = self._leases.pop()
             try:
                 lease.release()
             except Exception:  # noqa: BLE001
                 log.exception("releasing %r", lease)
-        self._leases.clear()
+
+    def _finish_close(self) -> None:
         if any(self.kernel_errors().values()):
             self.failed = True
         self._save_artifacts()

@@ -32,7 +32,9 @@ from __future__ import annotations
 
 import re
 import secrets
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -74,6 +76,24 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "vmlab_nested: boots a nested lab (vmlab inside a guest); needs --vmlab-nested")
     seed = config.getoption("vmlab_seed")
     config.stash[_SEED_KEY] = seed if seed is not None else secrets.randbelow(2**32)
+    _sigterm_as_interrupt(config)
+
+
+def _raise_interrupt(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _sigterm_as_interrupt(config: pytest.Config) -> None:
+    """SIGTERM (CI cancel, `kill`) takes Ctrl-C's path, so the labs' fixtures tear down: by
+    default it ends pytest at once and leaves runtime dirs and sockets behind. Under xdist
+    the controller's KeyboardInterrupt stops the workers (execnet interrupts them in turn).
+    Only when nobody else has claimed SIGTERM; the old handler comes back at unconfigure."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
 
 
 def nested_enabled(config: pytest.Config) -> bool:
