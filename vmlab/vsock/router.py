@@ -54,6 +54,23 @@ class DeviceLike(Protocol):
     def flush(self) -> None: ...
 
 
+def _push_filled(dev: DeviceLike, bufs: list, filled: list[tuple[int, bytes]]) -> int:
+    """Publish the first len(filled) of `bufs` (payload length, header each) in one batch where
+    the device has one, and give the unused rest back, newest first so the device can unpop
+    it. Returns how many were pushed."""
+    k = len(filled)
+    for buf in reversed(bufs[k:]):
+        dev.rx_cancel(buf)
+    if k:
+        push_batch = getattr(dev, "rx_push_batch", None)
+        if push_batch is not None:
+            push_batch(bufs, filled)
+        else:
+            for buf, (n, header) in zip(bufs, filled):
+                dev.rx_push(buf, header, n)
+    return k
+
+
 def _pop_batch(dev: DeviceLike, room: int, max_bufs: int, max_views: int) -> list[Any]:
     """rx_pop() until `room` payload bytes (VsockDevice.rx_pop_batch's semantics), for
     devices without rx_pop_batch."""
@@ -324,16 +341,7 @@ class Router:
                                    hdr.type, hdr.op, mid_flags if left else hdr.flags,
                                    hdr.buf_alloc, hdr.fwd_cnt)))
             moved += n
-        pushed = len(filled)
-        for buf in reversed(bufs[pushed:]):         # newest first: the device can unpop it
-            dev.rx_cancel(buf)
-        if pushed:
-            push_batch = getattr(dev, "rx_push_batch", None)
-            if push_batch is not None:
-                push_batch(bufs, filled)
-            else:
-                for buf, (n, header) in zip(bufs, filled):
-                    dev.rx_push(buf, header, n)
+        pushed = _push_filled(dev, bufs, filled)
         if pushed:
             self.stats["rx_packets"] += pushed
             self.stats["rx_bytes"] += moved
@@ -473,16 +481,8 @@ class Router:
             log.exception("%r: fill failed", conn)
             filled = []
             conn.reset("internal error")
-        k = len(filled)
-        for buf in reversed(bufs[k:]):          # newest first: the device can unpop it
-            dev.rx_cancel(buf)
+        k = _push_filled(dev, bufs, filled)
         if k:
-            push_batch = getattr(dev, "rx_push_batch", None)
-            if push_batch is not None:
-                push_batch(bufs, filled)
-            else:
-                for buf, (n, header) in zip(bufs, filled):
-                    dev.rx_push(buf, header, n)
             self.stats["rx_packets"] += k
             self.stats["rx_bytes"] += sum(n for n, _ in filled)
         return k
