@@ -430,7 +430,7 @@ def build_parser() -> argparse.ArgumentParser:
                      help="root filesystem for VMs the scenario leaves open: image (vmlab's busybox initramfs, "
                           "the default) or host (the host's / read-only over virtio-9p, tmpfs/overlays for writes)")
     run.add_argument("--kernel", default=None,
-                     help="guest kernel for VMs that do not pin one: a vmlinuz path, build:NAME (vmlab kernel ls), "
+                     help="guest kernel for VMs that do not pin one: a vmlinuz path, minimal (vmlab's minimal kernel), build:NAME (vmlab kernel ls), "
                           "source:DIR (built on demand) or package:linux-image-...")
     run.add_argument("--accel", choices=("auto", "kvm", "tcg"), default="auto",
                      help="auto uses KVM only where it really works, else TCG")

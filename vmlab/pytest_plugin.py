@@ -55,7 +55,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     group.addoption("--vmlab-transport", choices=("auto", "vhost", "vhost-user"), default=None,
                     help="vsock transport for VMs whose scenario leaves it at auto (scenarios that pin one keep it)")
     group.addoption("--vmlab-kernel", default=None,
-                    help="guest kernel for labs that do not pin one: a vmlinuz path, build:NAME, source:DIR or package:NAME")
+                    help="guest kernel for labs that do not pin one: a vmlinuz path, minimal (vmlab's minimal kernel), build:NAME, source:DIR or package:NAME")
     group.addoption("--vmlab-accel", choices=("auto", "kvm", "tcg"), default="auto", help="accelerator (default auto)")
     group.addoption("--vmlab-keep-on-failure", action="store_true",
                     help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")

@@ -49,11 +49,12 @@ class VsockmonCapture:
     _link_made: bool = False
 
     def tool(self) -> list[str]:
-        """The capture command: dumpcap if there, else tshark (both write pcap with -F pcap)."""
-        for name in ("dumpcap", "tshark"):
+        """The capture command: dumpcap if there, else tshark, writing classic pcap (dumpcap's -P,
+        tshark's -F pcap), the format the backend's capture has."""
+        for name, fmt in (("dumpcap", ["-P"]), ("tshark", ["-F", "pcap"])):
             path = self.which(name)
             if path:
-                return [path, "-q", "-i", self.link, "-F", "pcap", "-w", str(self.pcap)]
+                return [path, "-q", "-i", self.link, *fmt, "-w", str(self.pcap)]
         raise VsockmonError("--pcap on the vhost transport needs dumpcap or tshark "
                             "(apt-get install tshark)")
 
@@ -63,10 +64,8 @@ class VsockmonCapture:
             raise VsockmonError("--pcap on the vhost transport creates a vsockmon link (`ip link add "
                                 "type vsockmon`), which needs root (CAP_NET_ADMIN); run as root or "
                                 "capture with --transport vhost-user")
-        if not self.module_loaded() and not self.modprobe():
-            raise VsockmonError("--pcap on the vhost transport needs the vsockmon kernel module, "
-                                "which is not loaded and `modprobe vsockmon` failed; or capture with "
-                                "--transport vhost-user")
+        if not self.module_loaded():
+            self.modprobe()  # may fail where vsockmon is built in (vmlab's minimal kernel): start() tells
         if self.which("ip") is None:
             raise VsockmonError("--pcap on the vhost transport needs `ip` (apt-get install iproute2)")
         return self.tool()
@@ -84,9 +83,29 @@ class VsockmonCapture:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
             if r.returncode != 0:
                 self.stop()
+                if cmd is add and not self.module_loaded():
+                    raise VsockmonError("--pcap on the vhost transport needs the vsockmon kernel module: "
+                                        f"`{' '.join(cmd)}` failed ({r.stderr.strip()}) and `modprobe "
+                                        "vsockmon` did not load it; or capture with --transport vhost-user")
                 raise VsockmonError(f"`{' '.join(cmd)}` failed: {r.stderr.strip()}")
             self._link_made = True
         self._proc = proc.spawn(argv, log_path)
+        self._wait_capturing(log_path)
+
+    def _wait_capturing(self, log_path: Path, timeout: float = 60.0) -> None:
+        """Until the tool has opened the link (it creates the pcap then): packets sent before that
+        would be missing from the capture. A tool that exits instead is an error with its log."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        while not self.pcap.exists():
+            if self._proc is not None and self._proc.poll() is not None:
+                detail = log_path.read_text(errors="replace").strip()[-400:] if log_path.exists() else ""
+                self.stop()
+                raise VsockmonError(f"the capture on {self.link} exited at once: {detail or 'no output'}")
+            if time.monotonic() > deadline:
+                break  # slow (a TCG guest); the capture may still start: go on
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """End the capture (its file is complete afterwards) and remove the link. Idempotent."""

@@ -88,3 +88,15 @@ def test_no_download_mode_does_not_fetch(tmp_path, monkeypatch):
     monkeypatch.setattr(kmod, "host_kernel", lambda: tmp_path / "none")
     with pytest.raises(ImageError, match="would download linux-image-9.9.9-amd64"):
         resolve_kernel(None, tmp_path / "cache", download=False)
+
+
+@pytest.mark.parametrize("modules, found", [("# CONFIG_MODULES is not set\n", False), ("CONFIG_MODULES=y\n", True)])
+def test_a_module_free_kernel_ignores_a_module_tree_of_its_version(tmp_path, modules, found):
+    # a vmlab build keeps its .config as `config` beside the bzImage; a nested lab's outer guest
+    # has a /lib/modules/<ver> of the same version that belongs to the outer kernel
+    k = fake_bzimage(tmp_path / "boot" / "vmlinuz-6.1.192", "6.1.192")
+    (tmp_path / "boot" / "config").write_text("CONFIG_64BIT=y\n" + modules)
+    tree = tmp_path / "lib" / "modules" / "6.1.192"
+    tree.mkdir(parents=True)
+    (tree / "modules.dep").write_text("")
+    assert from_path(k, "test").modules_dir == (tree if found else None)

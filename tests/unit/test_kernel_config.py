@@ -17,7 +17,8 @@ def test_required_options_cover_what_the_guest_uses():
     for opt in ("CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_VSOCKETS_LOOPBACK", "CONFIG_VSOCKMON",
                 "CONFIG_9P_FS", "CONFIG_NET_9P_VIRTIO", "CONFIG_VIRTIO_FS", "CONFIG_VIRTIO_NET",
                 "CONFIG_DEVTMPFS", "CONFIG_ACPI_BUTTON", "CONFIG_INPUT_EVDEV", "CONFIG_HOTPLUG_PCI_ACPI",
-                "CONFIG_BLK_DEV_INITRD", "CONFIG_BINFMT_ELF", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_64BIT"):
+                "CONFIG_BLK_DEV_INITRD", "CONFIG_BINFMT_ELF", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_64BIT",
+                "CONFIG_OVERLAY_FS", "CONFIG_VHOST_VSOCK"):
         assert opt in req
 
 
@@ -75,6 +76,8 @@ def test_merged_fragment_puts_the_user_last_and_hash_ignores_comments():
     ({"source": "../linux", "config": "kasan.config"}, KernelRef("source", "/linux", "/s/kasan.config")),
     ({"package": "linux-image-6.1.0-57-amd64"}, KernelRef("package", "linux-image-6.1.0-57-amd64")),
     ({"build": "x"}, KernelRef("build", "x")),
+    ("minimal", KernelRef("minimal", "minimal")),
+    ("./minimal", KernelRef("path", "/s/minimal")),
 ])
 def test_kernel_references_parse(value, ref):
     assert parse_ref(value, Path("/s")) == ref
@@ -156,11 +159,13 @@ def test_scenario_kernel_accepts_references_and_names_bad_ones(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("vms:\n  - {name: a, cid: 3, kernel: vmlinuz}\n"
                     "  - {name: b, cid: 4, kernel: {source: linux}}\n"
-                    "  - {name: c, cid: 5, kernel: 'package:linux-image-6.1.0-57-amd64'}\n")
+                    "  - {name: c, cid: 5, kernel: 'package:linux-image-6.1.0-57-amd64'}\n"
+                    "  - {name: d, cid: 6, kernel: minimal}\n")
     vms = load_scenario(good).vms
     assert vms[0].kernel == tmp_path / "vmlinuz"
     assert vms[1].kernel == KernelRef("source", str(tmp_path / "linux"))
     assert vms[2].kernel == KernelRef("package", "linux-image-6.1.0-57-amd64")
+    assert vms[3].kernel == KernelRef("minimal", "minimal") and str(vms[3].kernel) == "minimal"
     bad = tmp_path / "bad.yaml"
     bad.write_text("vms:\n  - {name: a, cid: 3, kernel: {source: nope}}\n"
                    "  - {name: b, cid: 4, kernel: 'build:no-such-build-here'}\n"

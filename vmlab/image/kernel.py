@@ -60,8 +60,27 @@ def kernel_version(vmlinuz: Path) -> str:
     return text.split()[0]
 
 
+def module_free(vmlinuz: Path) -> bool:
+    """Whether the kernel's own .config (a `config` or `.config` file beside it, as a vmlab build
+    and a build tree have) says it was built without module support."""
+    for name in ("config", ".config"):
+        cfg = vmlinuz.parent / name
+        if cfg.is_file():
+            try:
+                text = cfg.read_text(errors="replace")
+            except OSError:
+                return False
+            return "\nCONFIG_MODULES=y\n" not in "\n" + text
+    return False
+
+
 def _modules_for(vmlinuz: Path, version: str) -> Path | None:
-    """Sibling package tree (<root>/boot/vmlinuz + <root>/lib/modules/<ver>) or the host's."""
+    """Sibling package tree (<root>/boot/vmlinuz + <root>/lib/modules/<ver>) or the host's.
+
+    None for a module-free kernel: a /lib/modules/<ver> of the same version (a nested lab's outer
+    guest makes one for itself) belongs to another kernel."""
+    if module_free(vmlinuz):
+        return None
     candidates = []
     if vmlinuz.parent.name == "boot":
         root = vmlinuz.parent.parent

@@ -5,7 +5,10 @@
 - `source:<dir>` or `{source: <dir>, config: <fragment>}`: a Linux tree, built on demand
   (and cached like `vmlab kernel build`),
 - `package:<name>` or `{package: linux-image-6.1.0-57-amd64}`: that distribution kernel package,
-  downloaded with apt-get into the cache (never installed).
+  downloaded with apt-get into the cache (never installed),
+- `minimal`: vmlab's minimal kernel from the distribution's source (what a bare
+  `vmlab kernel build` makes; built on demand, then reused from the cache). A file called
+  `minimal` is `./minimal`.
 
 Every resolved kernel has a description naming it exactly (version, source commit or package,
 config hash), used by the run report and the JUnit XML.
@@ -20,6 +23,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 KINDS = ("path", "build", "source", "package")
+MINIMAL = "minimal"
 
 
 class KernelRefError(ValueError):
@@ -33,6 +37,8 @@ class KernelRef:
     config: str | None = None   # fragment for kind == "source"
 
     def __str__(self) -> str:
+        if self.kind == MINIMAL:
+            return MINIMAL
         text = self.value if self.kind == "path" else f"{self.kind}:{self.value}"
         return text + (f" (config {self.config})" if self.config else "")
 
@@ -51,6 +57,8 @@ def parse_ref(value: Any, base: Path | None = None) -> KernelRef:
     if isinstance(value, str):
         if not value.strip():
             raise KernelRefError("kernel: empty value")
+        if value == MINIMAL:
+            return KernelRef(MINIMAL, MINIMAL)
         kind, sep, rest = value.partition(":")
         if sep and kind in ("build", "source", "package", "path"):
             if not rest:
@@ -93,6 +101,9 @@ def resolve(ref: KernelRef | str, progress: bool = False) -> ResolvedKernel:
     from .build import BuildRequest, build_kernel
 
     ref = parse_ref(ref)
+    if ref.kind == MINIMAL:
+        b = build_kernel(BuildRequest(), progress=progress)
+        return ResolvedKernel(b.kernel, b.meta.describe())
     if ref.kind == "build":
         b = store.find(ref.value)
         return ResolvedKernel(b.kernel, b.meta.describe())

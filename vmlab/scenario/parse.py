@@ -90,12 +90,12 @@ class _Parser:
         return Where(fields={rename.get(k, k): self.loc(v) for k, v in entries.items()})
 
     def kernel(self, node: Node, where: Where, ctx: str) -> Any:
-        """kernel: a path (relative to the scenario), build:<name>, source:<dir>, package:<name>,
+        """kernel: a path (relative to the scenario), minimal, build:<name>, source:<dir>, package:<name>,
         or a mapping {source: DIR, config: FRAGMENT} / {package: NAME} / {build: NAME}."""
-        from vmlab.kernel.spec import KernelRefError, parse_ref
+        from vmlab.kernel.spec import MINIMAL, KernelRefError, parse_ref
 
         value = node.value if node.kind == SCALAR else node.plain()
-        if isinstance(value, str) and ":" not in value.split("/", 1)[0]:
+        if isinstance(value, str) and ":" not in value.split("/", 1)[0] and value != MINIMAL:
             return self.path(node, where, "kernel", ctx)  # a plain path, as before
         if not isinstance(value, (str, dict)):
             return value  # validate names the expected type
