@@ -3,7 +3,8 @@
 One outer boot (`scenarios/nested-vhost.yaml`: a rootfs: host guest with vhost_vsock loaded), then
 every check inside it: `vmlab check` says vhost is usable, `vmlab run --transport vhost hello.yaml`
 passes, and the reference notes' host servers (C and Python, unmodified) print the inner guest's
-"Hello, world!". TCG inside TCG is slow; the time of every step is printed (docs/nested.md).
+"Hello, world!". TCG inside TCG is slow; both guests boot vmlab's minimal kernel, and the time of
+every step is printed (docs/nested.md). On by default in this repository (pyproject addopts).
 """
 
 from __future__ import annotations
