@@ -354,3 +354,65 @@ def test_an_fd_closed_behind_the_shims_back_is_not_mistaken_for_vsock(target: La
     r = run_py(code, target, shim)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "''"], r.stdout
+
+
+class FakeCtl:
+    """The backend's per-VM socket as the shim's out-of-band channel: records CTL lines, says OK."""
+
+    def __init__(self, path: str) -> None:
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.bind(path)
+        self.sock.listen()
+        self.lines: list[str] = []
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with c:
+                self.lines.append(c.recv(64).decode())
+                c.send(b"OK\n")
+
+
+FRAMED = r'''
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_SEQPACKET)
+s.setsockopt(socket.AF_VSOCK, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE, 1 << 22)  # u64
+s.setsockopt(socket.AF_VSOCK, socket.SO_VM_SOCKETS_BUFFER_SIZE, 1 << 22)
+s.bind((socket.VMADDR_CID_ANY, 6002)); s.listen()
+c, peer = s.accept()
+for n in (100, 100, 2):
+    d, _, fl, _ = c.recvmsg(n)
+    print(d, bool(fl & socket.MSG_EOR), bool(fl & socket.MSG_TRUNC), flush=True)
+c.sendmsg([b"rec"], [], socket.MSG_EOR); c.send(b"msg")
+c.shutdown(socket.SHUT_RD)
+print("done", flush=True)
+'''
+
+
+def test_framed_seqpacket_eor_both_ways_and_ctl_for_shut_rd_and_buffer_size(
+        target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    ctl = FakeCtl(target.uds_paths[3])
+    proc = HostProcess([sys.executable, "-c", FRAMED], target, tmp_path / "out.log",
+                       env={"LD_PRELOAD": str(shim)}).start()
+    try:
+        name = f"{target.host_ns}:6002"
+        proc._until(lambda: unix_listening(name), "listener", 60)
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.connect("\0" + name)
+        b.send(struct.pack("<4sIII", b"VSK2", 3, 1234, 6002))
+        for m in (b"\x01one", b"\x00two", b"\x010123456789"):
+            b.send(m)
+        b.settimeout(20)
+        got = [b.recv(100), b.recv(100)]
+        assert proc.wait(60) == 0, proc.output()
+    finally:
+        proc.close()
+        ctl.sock.close()
+    assert proc.output().splitlines() == ["b'one' True False", "b'two' False False",
+                                          "b'01' True True", "done"]
+    assert got == [b"\x01rec", b"\x00msg"]                 # the flags byte carries MSG_EOR
+    assert ctl.lines == ["CTL 6002 1234 buf=4194304\n", "CTL 6002 1234 shut_rd\n"]

@@ -17,9 +17,15 @@
  *    Non-blocking connect returns EINPROGRESS; getsockopt(SO_ERROR) waits for the verdict and
  *    the first read consumes the OK line.
  *
- * Not the kernel: poll() reports POLLOUT during a non-blocking connect; select()/epoll ignore
- * SO_RCVLOWAT (poll()/ppoll() honour it); MSG_EOR is not delivered to the host.
- * See docs/exec.md.
+ *  - SEQPACKET connections are framed: every message between the shim and the backend is one
+ *    flags byte (FRAME_EOR: MSG_EOR <-> VIRTIO_VSOCK_SEQ_EOR) and the data; the shim adds it on
+ *    send and strips it on receive (CONNECT ... frame; the preamble magic "VSK2" on accept).
+ *  - What an AF_UNIX socket cannot tell its peer goes out of band: "CTL <hostport> <guestport>
+ *    shut_rd|buf=<n>\n" on the VM's hybrid socket (shutdown(SHUT_RD) and
+ *    SO_VM_SOCKETS_BUFFER_SIZE after connect/accept); buf=<n> also rides on the CONNECT line.
+ *  - poll/ppoll/select/epoll_wait honour SO_RCVLOWAT on stream sockets.
+ *
+ * Not the kernel: poll() reports POLLOUT during a non-blocking connect.  See docs/exec.md.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -62,6 +68,8 @@
 #define DEFAULT_BUF 262144ULL
 #define MAX_BUF_DEFAULT 262144ULL
 #define MIN_BUF_DEFAULT 128ULL
+#define MAX_BUF_ALLOC 0xFFFFFFFFULL   /* VIRTIO_VSOCK_MAX_BUF_SIZE: the transport's clamp */
+#define FRAME_EOR 0x01                /* framed SEQPACKET: this message ends a record */
 
 /* ---- real functions ------------------------------------------------------------------ */
 static int (*r_socket)(int, int, int);
@@ -91,6 +99,12 @@ static int (*r_openat)(int, const char *, int, ...);
 static int (*r_openat64)(int, const char *, int, ...);
 static int (*r_poll)(struct pollfd *, nfds_t, int);
 static int (*r_ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+static ssize_t (*r_write)(int, const void *, size_t);
+static ssize_t (*r_writev)(int, const struct iovec *, int);
+static ssize_t (*r_send)(int, const void *, size_t, int);
+static ssize_t (*r_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+static ssize_t (*r_sendmsg)(int, const struct msghdr *, int);
+static int (*r_shutdown)(int, int);
 
 static void *need(const char *name)
 {
@@ -125,6 +139,8 @@ static void init(void)
     r_recv = need("recv"); r_recvfrom = need("recvfrom"); r_recvmsg = need("recvmsg");
     r_open = need("open"); r_open64 = need("open64"); r_openat = need("openat");
     r_openat64 = need("openat64"); r_poll = need("poll"); r_ppoll = need("ppoll");
+    r_write = need("write"); r_writev = need("writev"); r_send = need("send");
+    r_sendto = need("sendto"); r_sendmsg = need("sendmsg"); r_shutdown = need("shutdown");
     debug = getenv("VMLAB_VSOCK_DEBUG") != NULL;
     const char *n = getenv("VMLAB_VSOCK_NS");
     if (n && strlen(n) < sizeof ns)
@@ -163,6 +179,9 @@ struct vs {
     int type;                   /* SOCK_STREAM / SOCK_SEQPACKET */
     int bound, listening, connected, pending;
     int err;                    /* asynchronous error for SO_ERROR */
+    int framed;                 /* SEQPACKET: a flags byte before each message on the wire */
+    int buf_set;                /* the program set SO_VM_SOCKETS_BUFFER_SIZE (tell the backend) */
+    int rd_shut;                /* shutdown(SHUT_RD) was told to the backend */
     int lowat;                  /* SO_RCVLOWAT, honoured by poll()/ppoll() as vsock does */
     uint32_t lcid, lport, pcid, pport;
     unsigned long long buf, buf_min, buf_max;
@@ -405,7 +424,7 @@ static void renew(int fd, struct vs *v)
     r_close(s);
     if (fl >= 0)
         r_fcntl(fd, F_SETFL, fl);
-    v->pending = v->connected = 0;
+    v->pending = v->connected = v->framed = 0;
     if (v->bound) {                 /* the old socket, now closed, held the port name */
         struct sockaddr_un un;
         socklen_t l = abstract_addr(&un, v->lport);
@@ -541,8 +560,9 @@ EXPORT int listen(int fd, int backlog)
     return 0;
 }
 
-/* Read the backend's 16-byte preamble from a freshly accepted socket (within 5 s). */
-static int read_preamble(int fd, int type, uint32_t out[3])
+/* Read the backend's 16-byte preamble from a freshly accepted socket (within 5 s); *framed:
+ * the magic was "VSK2" (SEQPACKET messages carry a flags byte). */
+static int read_preamble(int fd, int type, uint32_t out[3], int *framed)
 {
     unsigned char b[PREAMBLE_LEN];
     struct timespec dl;
@@ -566,13 +586,16 @@ static int read_preamble(int fd, int type, uint32_t out[3])
             nanosleep(&ts, NULL);
         }
     }
-    if (memcmp(b, "VSK1", 4) != 0)
+    if (memcmp(b, "VSK1", 4) != 0 && (memcmp(b, "VSK2", 4) != 0 || type != SOCK_SEQPACKET))
         return -1;
+    *framed = b[3] == '2';
     for (int i = 0; i < 3; i++)
         out[i] = (uint32_t)b[4 + 4 * i] | (uint32_t)b[5 + 4 * i] << 8 |
                  (uint32_t)b[6 + 4 * i] << 16 | (uint32_t)b[7 + 4 * i] << 24;
     return 0;
 }
+
+static int ctl(struct vs *v, const char *what);
 
 EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
@@ -587,7 +610,8 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
         if (nfd < 0)
             return -1;
         uint32_t pre[3];
-        if (read_preamble(nfd, v->type, pre) != 0) {
+        int framed = 0;
+        if (read_preamble(nfd, v->type, pre, &framed) != 0) {
             DBG("fd %d: connection without a vmlab preamble dropped", fd);
             r_close(nfd);
             continue;
@@ -602,13 +626,21 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
         c->lport = v->lport;
         c->pcid = pre[0];
         c->pport = pre[1];
-        c->buf = v->buf;
+        c->framed = framed;
+        c->buf = v->buf > MAX_BUF_ALLOC ? MAX_BUF_ALLOC : v->buf;   /* inherited, as in vsock */
+        c->buf_set = v->buf_set;
         c->buf_min = v->buf_min;
         c->buf_max = v->buf_max;
         c->conn_timeout = v->conn_timeout;
         pthread_mutex_lock(&lock);
         put(nfd, c);
         pthread_mutex_unlock(&lock);
+        if (c->buf_set) {             /* the backend answered with its default: resize */
+            char what[32];
+            snprintf(what, sizeof what, "buf=%llu", c->buf);
+            if (ctl(c, what) != 0)
+                DBG("fd %d: could not tell the backend SO_VM_SOCKETS_BUFFER_SIZE", nfd);
+        }
         fill_addr(addr, len, c->pcid, c->pport);
         DBG("fd %d: accepted %u:%u as fd %d", fd, c->pcid, c->pport, nfd);
         return nfd;
@@ -626,6 +658,34 @@ static const char *vm_path(uint32_t cid)
         if (vms[i].cid == cid)
             return vms[i].path;
     return NULL;
+}
+
+/* Out of band to the backend, for an established connection: "CTL <hostport> <guestport>
+ * <what>\n" on the VM's hybrid socket, answered "OK\n" (within 2 s).  0 done, -1 not. */
+static int ctl(struct vs *v, const char *what)
+{
+    const char *path = vm_path(v->pcid);
+    if (!path || !v->connected)
+        return -1;
+    int s = r_socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -1;
+    struct sockaddr_un un;
+    memset(&un, 0, sizeof un);
+    un.sun_family = AF_UNIX;
+    snprintf(un.sun_path, sizeof un.sun_path, "%s", path);
+    char line[80];
+    int n = snprintf(line, sizeof line, "CTL %u %u %s\n", v->lport, v->pport, what);
+    int ok = -1;
+    if (r_connect(s, (struct sockaddr *)&un, sizeof un) == 0 && r_write(s, line, (size_t)n) == n) {
+        struct pollfd p = { s, POLLIN, 0 };
+        char reply[8];
+        if (r_poll(&p, 1, 2000) > 0 && r_read(s, reply, sizeof reply) >= 3 && !memcmp(reply, "OK\n", 3))
+            ok = 0;
+    }
+    r_close(s);
+    DBG("ctl %u:%u %s: %s", v->pcid, v->pport, what, ok ? "failed" : "ok");
+    return ok;
 }
 
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
@@ -671,10 +731,16 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     int cr = r_connect(fd, (struct sockaddr *)&un, sizeof un);
     int ce = errno;
     if (cr == 0) {
-        char line[48];
-        int n = v->bound ? snprintf(line, sizeof line, "CONNECT %u %u\n", a->svm_port, v->lport)
-                         : snprintf(line, sizeof line, "CONNECT %u\n", a->svm_port);
-        if (write(fd, line, (size_t)n) != n) {
+        char line[64], src[16] = "", buf[24] = "";
+        if (v->bound)
+            snprintf(src, sizeof src, " %u", v->lport);
+        if (v->buf > MAX_BUF_ALLOC)
+            v->buf = MAX_BUF_ALLOC;       /* what the virtio transport does at connect */
+        if (v->buf_set)
+            snprintf(buf, sizeof buf, " buf=%llu", v->buf);
+        int n = snprintf(line, sizeof line, "CONNECT %u%s%s%s\n", a->svm_port, src,
+                         v->type == SOCK_SEQPACKET ? " frame" : "", buf);
+        if (r_write(fd, line, (size_t)n) != n) {
             cr = -1;
             ce = errno;
         }
@@ -690,6 +756,7 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     v->pcid = a->svm_cid;
     v->pport = a->svm_port;
     v->pending = 1;
+    v->framed = v->type == SOCK_SEQPACKET;   /* what we send from now on is framed */
     deadline_in(&v->deadline, &v->conn_timeout);
     if (nonblock) {
         errno = EINPROGRESS;
@@ -843,6 +910,7 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     if (len < (socklen_t)sizeof u)
         return fail(EINVAL);
     memcpy(&u, val, sizeof u);
+    unsigned long long before = v->buf;
     if (name == SO_VM_SOCKETS_BUFFER_SIZE) {
         v->buf = clamp_buf(v, u);
     } else if (name == SO_VM_SOCKETS_BUFFER_MIN_SIZE) {
@@ -851,6 +919,16 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     } else {
         v->buf_max = u;
         v->buf = clamp_buf(v, v->buf);
+    }
+    if (v->buf != before) {
+        v->buf_set = 1;
+        if (v->connected) {           /* the kernel clamps to the transport's maximum and */
+            char what[32];            /* tells the peer (a credit update) */
+            if (v->buf > MAX_BUF_ALLOC)
+                v->buf = MAX_BUF_ALLOC;
+            snprintf(what, sizeof what, "buf=%llu", v->buf);
+            ctl(v, what);
+        }
     }
     return 0;
 }
@@ -872,7 +950,85 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
     }
     if (v && v->kind == K_DEV)
         return fail(ENOTTY);
-    return r_ioctl(fd, req, arg);     /* a vsock socket: ENOTTY from AF_UNIX, as the kernel */
+    int r = r_ioctl(fd, req, arg);    /* a vsock socket: ENOTTY from AF_UNIX, as the kernel */
+    if (r == 0 && req == FIONREAD && arg && v && v->kind == K_SOCK && v->framed) {
+        int n;                        /* the next message's length: without its flags byte */
+        memcpy(&n, arg, sizeof n);
+        if (n > 0)
+            n--;
+        memcpy(arg, &n, sizeof n);
+    }
+    return r;
+}
+
+/* ---- framed SEQPACKET: a flags byte before every message ---------------------------------
+ * Unix SEQPACKET sockets neither keep nor report MSG_EOR, so on a framed connection each
+ * message is <flags byte><data> (FRAME_EOR: the message ends a record).  One extra iovec per
+ * call, no copy. */
+static struct vs *framed_of(int fd)
+{
+    struct vs *v = get(fd);             /* checked against the fd: never frame a reused fd */
+    return v && v->kind == K_SOCK && v->framed ? sock_of(fd) : NULL;
+}
+
+static ssize_t framed_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (msg->msg_iovlen >= IOV_MAX)
+        return fail(EMSGSIZE);
+    if (msg->msg_name && msg->msg_namelen)
+        return fail(EISCONN);             /* vsock: an address on a connected socket */
+    struct iovec iov[IOV_MAX];
+    unsigned char f = (flags & MSG_EOR) ? FRAME_EOR : 0;
+    iov[0].iov_base = &f;
+    iov[0].iov_len = 1;
+    if (msg->msg_iovlen)
+        memcpy(iov + 1, msg->msg_iov, msg->msg_iovlen * sizeof *iov);
+    struct msghdr m = *msg;
+    m.msg_name = NULL;
+    m.msg_namelen = 0;
+    m.msg_iov = iov;
+    m.msg_iovlen = msg->msg_iovlen + 1;
+    ssize_t r = r_sendmsg(fd, &m, flags & ~MSG_EOR);
+    return r > 0 ? r - 1 : r;
+}
+
+static ssize_t framed_recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    if (msg->msg_iovlen >= IOV_MAX)
+        return fail(EMSGSIZE);
+    struct iovec iov[IOV_MAX];
+    unsigned char f = 0;
+    iov[0].iov_base = &f;
+    iov[0].iov_len = 1;
+    if (msg->msg_iovlen)
+        memcpy(iov + 1, msg->msg_iov, msg->msg_iovlen * sizeof *iov);
+    struct msghdr m = *msg;
+    m.msg_name = NULL;
+    m.msg_namelen = 0;
+    m.msg_iov = iov;
+    m.msg_iovlen = msg->msg_iovlen + 1;
+    ssize_t r = r_recvmsg(fd, &m, flags);
+    msg->msg_controllen = m.msg_controllen;
+    msg->msg_flags = m.msg_flags & ~MSG_EOR;
+    if (r <= 0)
+        return r;                         /* 0: EOF (a framed message has at least the byte) */
+    if (f & FRAME_EOR)
+        msg->msg_flags |= MSG_EOR;
+    return r - 1;                         /* with MSG_TRUNC: the real length, as vsock */
+}
+
+static ssize_t framed_send(int fd, const void *buf, size_t n, int flags)
+{
+    struct iovec iov = { (void *)buf, n };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+    return framed_sendmsg(fd, &m, flags);
+}
+
+static ssize_t framed_recv(int fd, void *buf, size_t n, int flags)
+{
+    struct iovec iov = { buf, n };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+    return framed_recvmsg(fd, &m, flags);
 }
 
 /* ---- reads: a pending non-blocking connect finishes on the first read ------------------ */
@@ -880,6 +1036,8 @@ EXPORT ssize_t read(int fd, void *buf, size_t n)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd))
+        return framed_recv(fd, buf, n, 0);
     return r_read(fd, buf, n);
 }
 
@@ -887,6 +1045,10 @@ EXPORT ssize_t readv(int fd, const struct iovec *iov, int n)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd) && n >= 0) {
+        struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        return framed_recvmsg(fd, &m, 0);
+    }
     return r_readv(fd, iov, n);
 }
 
@@ -894,6 +1056,8 @@ EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd))
+        return framed_recv(fd, buf, n, flags);
     return r_recv(fd, buf, n, flags);
 }
 
@@ -904,7 +1068,8 @@ EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr 
     struct vs *v = get(fd);
     if (v && v->kind == K_SOCK) {
         SETTLE(fd);
-        ssize_t r = r_recvfrom(fd, buf, n, flags, NULL, NULL);
+        ssize_t r = v->framed ? framed_recv(fd, buf, n, flags)
+                              : r_recvfrom(fd, buf, n, flags, NULL, NULL);
         if (r >= 0 && addr && alen)
             fill_addr(addr, alen, v->pcid, v->pport);
         return r;
@@ -922,7 +1087,7 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
         socklen_t nlen = msg->msg_namelen;
         msg->msg_name = NULL;
         msg->msg_namelen = 0;
-        ssize_t r = r_recvmsg(fd, msg, flags);
+        ssize_t r = v->framed ? framed_recvmsg(fd, msg, flags) : r_recvmsg(fd, msg, flags);
         msg->msg_name = name;
         msg->msg_namelen = nlen;
         if (r >= 0 && name)
@@ -930,6 +1095,105 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
         return r;
     }
     return r_recvmsg(fd, msg, flags);
+}
+
+/* _FORTIFY_SOURCE builds call these instead; the length check stays glibc's */
+static ssize_t (*r_read_chk)(int, void *, size_t, size_t);
+static ssize_t (*r_recv_chk)(int, void *, size_t, size_t, int);
+static ssize_t (*r_recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
+
+EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_read_chk)
+            r_read_chk = need("__read_chk");
+        return r_read_chk(fd, buf, n, buflen);
+    }
+    return read(fd, buf, n);
+}
+
+EXPORT ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_recv_chk)
+            r_recv_chk = need("__recv_chk");
+        return r_recv_chk(fd, buf, n, buflen, flags);
+    }
+    return recv(fd, buf, n, flags);
+}
+
+EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+                              struct sockaddr *addr, socklen_t *alen)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_recvfrom_chk)
+            r_recvfrom_chk = need("__recvfrom_chk");
+        return r_recvfrom_chk(fd, buf, n, buflen, flags, addr, alen);
+    }
+    return recvfrom(fd, buf, n, flags, addr, alen);
+}
+
+/* ---- writes: framed SEQPACKET only; everything else goes straight to libc ------------- */
+EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_send(fd, buf, n, 0);
+    return r_write(fd, buf, n);
+}
+
+EXPORT ssize_t writev(int fd, const struct iovec *iov, int n)
+{
+    INIT();
+    if (framed_of(fd) && n >= 0) {
+        struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        return framed_sendmsg(fd, &m, 0);
+    }
+    return r_writev(fd, iov, n);
+}
+
+EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_send(fd, buf, n, flags);
+    return r_send(fd, buf, n, flags);
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
+                      socklen_t alen)
+{
+    INIT();
+    if (framed_of(fd)) {
+        if (addr && alen)
+            return fail(EISCONN);
+        return framed_send(fd, buf, n, flags);
+    }
+    return r_sendto(fd, buf, n, flags, addr, alen);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_sendmsg(fd, msg, flags);
+    return r_sendmsg(fd, msg, flags);
+}
+
+/* ---- shutdown: SHUT_RD is told to the backend (the guest gets SHUTDOWN(RCV)) ------------ */
+EXPORT int shutdown(int fd, int how)
+{
+    INIT();
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (v && v->connected && !v->rd_shut && (how == SHUT_RD || how == SHUT_RDWR)) {
+        v->rd_shut = 1;
+        if (ctl(v, "shut_rd") != 0)
+            DBG("fd %d: could not tell the backend about SHUT_RD", fd);
+    }
+    return r_shutdown(fd, how);
 }
 
 /* ---- poll: SO_RCVLOWAT -------------------------------------------------------------------
