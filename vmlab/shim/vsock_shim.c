@@ -40,7 +40,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -1196,11 +1198,22 @@ EXPORT int shutdown(int fd, int how)
     return r_shutdown(fd, how);
 }
 
-/* ---- poll: SO_RCVLOWAT -------------------------------------------------------------------
+/* ---- readiness with SO_RCVLOWAT: poll, ppoll, select, pselect, epoll_wait -----------------
  * vsock reports POLLIN only once SO_RCVLOWAT bytes are queued (or the peer shut down); an
- * AF_UNIX socket reports it for one byte.  When a polled stream fd has a low-water mark, POLLIN
- * below it is masked and poll waits on in 5 ms steps (only then: no cost otherwise).
- * select() and epoll are not adjusted (docs/exec.md). */
+ * AF_UNIX socket reports it for one byte.  Only when a waited-on stream socket has a mark above
+ * one (no cost otherwise): poll/select wait without POLLIN for the sockets below their mark and
+ * look at them again every LOWAT_STEP_MS; epoll_wait drops their POLLIN from what it returns
+ * (re-arming EPOLLONESHOT) and, for level-triggered ones, waits LOWAT_STEP_MS before asking
+ * again (so another fd's event may come up to that much later while one sits below its mark). */
+#define LOWAT_STEP_MS 5
+#define RD_EVENTS (POLLIN | POLLRDNORM)
+
+static int has_mark(int fd)
+{
+    struct vs *v = get(fd);
+    return v && v->kind == K_SOCK && v->type == SOCK_STREAM && v->lowat > 1;
+}
+
 static int below_lowat(int fd)
 {
     struct vs *v = get(fd);
@@ -1217,48 +1230,73 @@ static int below_lowat(int fd)
 
 static int lowat_fds(struct pollfd *fds, nfds_t n)
 {
-    for (nfds_t i = 0; i < n; i++) {
-        struct vs *v = get(fds[i].fd);
-        if (v && v->kind == K_SOCK && v->lowat > 1 && (fds[i].events & (POLLIN | POLLRDNORM)))
+    for (nfds_t i = 0; i < n; i++)
+        if ((fds[i].events & RD_EVENTS) && has_mark(fds[i].fd))
             return 1;
-    }
     return 0;
 }
 
-static int mask_lowat(struct pollfd *fds, nfds_t n, int r)
+static long ms_since(const struct timespec *start)
 {
-    if (r <= 0)
-        return r;
-    int count = 0;
-    for (nfds_t i = 0; i < n; i++) {
-        if ((fds[i].revents & (POLLIN | POLLRDNORM)) && below_lowat(fds[i].fd))
-            fds[i].revents &= (short)~(POLLIN | POLLRDNORM);
-        if (fds[i].revents)
-            count++;
-    }
-    return count;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
 }
 
-static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms)
+/* The wait of one step: ppoll with the caller's signal mask (atomic, as theirs), else poll. */
+static int poll_step(struct pollfd *fds, nfds_t n, long ms, const sigset_t *mask)
 {
+    if (!mask)
+        return r_poll(fds, n, (int)ms);
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L }, *tp = ms < 0 ? NULL : &ts;
+    return r_ppoll(fds, n, tp, mask);
+}
+
+static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms, const sigset_t *mask)
+{
+    short stack_ev[64];
+    short *orig = n <= 64 ? stack_ev : malloc(n * sizeof *orig);
+    if (!orig)
+        return fail(ENOMEM);
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
+    int r;
     for (;;) {
-        long step = 5;
-        if (timeout_ms >= 0) {
-            struct timespec now;
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-            long left = timeout_ms - spent;
-            if (left < 0)
-                left = 0;
-            if (left < step)
-                step = left;
+        int held = 0;             /* sockets below their mark wait without POLLIN this step */
+        for (nfds_t i = 0; i < n; i++) {
+            orig[i] = fds[i].events;
+            if ((fds[i].events & RD_EVENTS) && below_lowat(fds[i].fd)) {
+                fds[i].events = (short)((fds[i].events & ~RD_EVENTS) | POLLRDHUP);
+                held = 1;
+            }
         }
-        int r = mask_lowat(fds, n, r_poll(fds, n, (int)step));
-        if (r != 0 || step == 0)
-            return r;
+        long left = timeout_ms < 0 ? -1 : timeout_ms - ms_since(&start);
+        if (timeout_ms >= 0 && left < 0)
+            left = 0;
+        long step = held && (left < 0 || left > LOWAT_STEP_MS) ? LOWAT_STEP_MS : left;
+        r = poll_step(fds, n, step, mask);
+        int count = 0;
+        for (nfds_t i = 0; i < n; i++) {
+            if (fds[i].events != orig[i]) {        /* held: readable now if at the mark */
+                fds[i].revents &= (short)(orig[i] | POLLHUP | POLLERR | POLLNVAL);
+                if (!below_lowat(fds[i].fd))
+                    fds[i].revents |= (short)(orig[i] & RD_EVENTS);
+                fds[i].events = orig[i];
+            } else if ((fds[i].revents & RD_EVENTS) && below_lowat(fds[i].fd)) {
+                fds[i].revents &= (short)~RD_EVENTS;
+            }
+            if (r >= 0 && fds[i].revents)
+                count++;
+        }
+        if (r < 0)
+            break;
+        r = count;
+        if (count || (timeout_ms >= 0 && ms_since(&start) >= timeout_ms))
+            break;
     }
+    if (orig != stack_ev)
+        free(orig);
+    return r;
 }
 
 EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
@@ -1266,24 +1304,251 @@ EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
     INIT();
     if (!lowat_fds(fds, n))
         return r_poll(fds, n, timeout);
-    return poll_lowat(fds, n, timeout);
+    return poll_lowat(fds, n, timeout, NULL);
+}
+
+static long ts_ms(const struct timespec *ts)
+{
+    return ts ? ts->tv_sec * 1000 + (ts->tv_nsec + 999999) / 1000000 : -1;
 }
 
 EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
 {
     INIT();
-    if (!lowat_fds(fds, n) || mask)
+    if (!lowat_fds(fds, n))
         return r_ppoll(fds, n, ts, mask);
-    return poll_lowat(fds, n, ts ? ts->tv_sec * 1000 + ts->tv_nsec / 1000000 : -1);
+    return poll_lowat(fds, n, ts_ms(ts), mask);
+}
+
+/* select/pselect: only when a socket with a mark is in readfds, the sets become a poll */
+static int (*r_select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+static int (*r_pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+
+static int select_has_mark(int nfds, fd_set *rd)
+{
+    if (!rd || nfds > FD_SETSIZE)
+        return 0;
+    for (int fd = 0; fd < nfds; fd++)
+        if (FD_ISSET(fd, rd) && has_mark(fd))
+            return 1;
+    return 0;
+}
+
+static int select_lowat(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, long ms, const sigset_t *mask)
+{
+    struct pollfd fds[FD_SETSIZE];
+    nfds_t n = 0;
+    for (int fd = 0; fd < nfds; fd++) {
+        short ev = (short)((rd && FD_ISSET(fd, rd) ? POLLIN : 0) |
+                           (wr && FD_ISSET(fd, wr) ? POLLOUT : 0) |
+                           (ex && FD_ISSET(fd, ex) ? POLLPRI : 0));
+        if (ev) {
+            fds[n].fd = fd;
+            fds[n].events = ev;
+            fds[n].revents = 0;
+            n++;
+        }
+    }
+    int r = poll_lowat(fds, n, ms, mask);
+    if (r < 0)
+        return r;
+    for (nfds_t i = 0; i < n; i++)
+        if (fds[i].revents & POLLNVAL)
+            return fail(EBADF);
+    int count = 0;
+    for (nfds_t i = 0; i < n; i++) {     /* the kernel's POLLIN_SET / POLLOUT_SET / POLLEX_SET */
+        int fd = fds[i].fd;
+        short re = fds[i].revents;
+        if (rd && FD_ISSET(fd, rd) && !(re & (POLLIN | POLLRDNORM | POLLRDBAND | POLLHUP | POLLERR)))
+            FD_CLR(fd, rd);
+        else if (rd && FD_ISSET(fd, rd))
+            count++;
+        if (wr && FD_ISSET(fd, wr) && !(re & (POLLOUT | POLLWRNORM | POLLWRBAND | POLLERR)))
+            FD_CLR(fd, wr);
+        else if (wr && FD_ISSET(fd, wr))
+            count++;
+        if (ex && FD_ISSET(fd, ex) && !(re & POLLPRI))
+            FD_CLR(fd, ex);
+        else if (ex && FD_ISSET(fd, ex))
+            count++;
+    }
+    return count;
+}
+
+EXPORT int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval *tv)
+{
+    INIT();
+    if (!r_select)
+        r_select = need("select");
+    if (!select_has_mark(nfds, rd))
+        return r_select(nfds, rd, wr, ex, tv);
+    if (tv && (tv->tv_sec < 0 || tv->tv_usec < 0))
+        return fail(EINVAL);
+    long ms = tv ? tv->tv_sec * 1000 + (tv->tv_usec + 999) / 1000 : -1;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    int r = select_lowat(nfds, rd, wr, ex, ms, NULL);
+    if (tv) {                     /* Linux leaves the time not slept in *timeout */
+        long left = ms - ms_since(&start);
+        if (left < 0)
+            left = 0;
+        tv->tv_sec = left / 1000;
+        tv->tv_usec = (left % 1000) * 1000;
+    }
+    return r;
+}
+
+EXPORT int pselect(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, const struct timespec *ts,
+                   const sigset_t *mask)
+{
+    INIT();
+    if (!r_pselect)
+        r_pselect = need("pselect");
+    if (!select_has_mark(nfds, rd))
+        return r_pselect(nfds, rd, wr, ex, ts, mask);
+    return select_lowat(nfds, rd, wr, ex, ts_ms(ts), mask);
+}
+
+/* epoll: what the program registered (epoll_event.data is all an event says, so the fd is
+ * found by its data, and only when no other registration has the same data) */
+struct ep_reg { int epfd, fd; struct epoll_event ev; };
+static struct ep_reg *eps;
+static size_t neps, caps;
+static int (*r_epoll_ctl)(int, int, int, struct epoll_event *);
+static int (*r_epoll_wait)(int, struct epoll_event *, int, int);
+static int (*r_epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+
+static void ep_forget(int epfd, int fd)    /* under lock; -1 matches any */
+{
+    for (size_t i = 0; i < neps;)
+        if ((epfd < 0 || eps[i].epfd == epfd) && (fd < 0 || eps[i].fd == fd))
+            eps[i] = eps[--neps];
+        else
+            i++;
+}
+
+EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    INIT();
+    if (!r_epoll_ctl)
+        r_epoll_ctl = need("epoll_ctl");
+    int r = r_epoll_ctl(epfd, op, fd, ev);
+    if (r != 0)
+        return r;
+    /* every fd of the instance is kept: an event is ours only if its data is ours alone */
+    pthread_mutex_lock(&lock);
+    ep_forget(epfd, fd);
+    if (op != EPOLL_CTL_DEL && ev) {
+        if (neps == caps) {
+            size_t nc = caps ? caps * 2 : 16;
+            struct ep_reg *ne = realloc(eps, nc * sizeof *ne);
+            if (ne) {
+                eps = ne;
+                caps = nc;
+            }
+        }
+        if (neps < caps)
+            eps[neps++] = (struct ep_reg){ epfd, fd, *ev };
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+static int ep_has_mark(int epfd)
+{
+    int yes = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < neps && !yes; i++)
+        yes = eps[i].epfd == epfd && (eps[i].ev.events & EPOLLIN) && has_mark(eps[i].fd);
+    pthread_mutex_unlock(&lock);
+    return yes;
+}
+
+/* Drop POLLIN of events from sockets below their mark; returns the events left, *lt set when
+ * a level-triggered one was held back (it would come straight back). */
+static int ep_filter(int epfd, struct epoll_event *evs, int n, int *lt)
+{
+    int out = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < n; i++) {
+        struct ep_reg *hit = NULL;
+        int matches = 0;
+        for (size_t k = 0; k < neps; k++)
+            if (eps[k].epfd == epfd && eps[k].ev.data.u64 == evs[i].data.u64) {
+                hit = &eps[k];
+                matches++;
+            }
+        if (matches == 1 && (evs[i].events & EPOLLIN) && below_lowat(hit->fd)) {
+            evs[i].events &= ~(uint32_t)(EPOLLIN | EPOLLRDNORM);
+            if (hit->ev.events & EPOLLONESHOT) {      /* it fired: arm it again */
+                struct epoll_event again = hit->ev;
+                r_epoll_ctl(epfd, EPOLL_CTL_MOD, hit->fd, &again);
+            } else if (!(hit->ev.events & EPOLLET)) {
+                *lt = 1;
+            }
+        }
+        if (evs[i].events)
+            evs[out++] = evs[i];
+    }
+    pthread_mutex_unlock(&lock);
+    return out;
+}
+
+static int epoll_lowat(int epfd, struct epoll_event *evs, int max, int timeout, const sigset_t *mask)
+{
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long left = timeout < 0 ? -1 : timeout - ms_since(&start);
+        if (timeout >= 0 && left < 0)
+            left = 0;
+        int r = mask ? r_epoll_pwait(epfd, evs, max, (int)left, mask)
+                     : r_epoll_wait(epfd, evs, max, (int)left);
+        if (r <= 0)
+            return r;
+        int lt = 0;
+        r = ep_filter(epfd, evs, r, &lt);
+        if (r > 0 || left == 0)
+            return r;
+        if (lt) {
+            long nap = left < 0 || left > LOWAT_STEP_MS ? LOWAT_STEP_MS : left;
+            struct timespec ts = { 0, nap * 1000000L };
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+EXPORT int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout)
+{
+    INIT();
+    if (!r_epoll_wait)
+        r_epoll_wait = need("epoll_wait");
+    if (!ep_has_mark(epfd))
+        return r_epoll_wait(epfd, evs, max, timeout);
+    return epoll_lowat(epfd, evs, max, timeout, NULL);
+}
+
+EXPORT int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout, const sigset_t *mask)
+{
+    INIT();
+    if (!r_epoll_pwait)
+        r_epoll_pwait = need("epoll_pwait");
+    if (!ep_has_mark(epfd))
+        return r_epoll_pwait(epfd, evs, max, timeout, mask);
+    if (!r_epoll_wait)
+        r_epoll_wait = need("epoll_wait");
+    return epoll_lowat(epfd, evs, max, timeout, mask);
 }
 
 /* ---- descriptors ---------------------------------------------------------------------- */
 EXPORT int close(int fd)
 {
     INIT();
-    if (get(fd)) {
+    if (get(fd) || __atomic_load_n(&neps, __ATOMIC_RELAXED)) {
         pthread_mutex_lock(&lock);
         put(fd, NULL);
+        ep_forget(fd, -1);            /* an epoll instance closed, or a socket in one */
+        ep_forget(-1, fd);
         pthread_mutex_unlock(&lock);
     }
     return r_close(fd);
