@@ -14,9 +14,11 @@
  *       the other end for the client: on PORT a SEQPACKET echo that says what it saw (each
  *       message comes back with 'E' or 'n' appended and with MSG_EOR iff it had MSG_EOR); on
  *       PORT+1 accepts A then B, reads "go" from B, sends on A and writes the errno to B
- *   vsock_conformance push CID PORT BYTES MS
- *       connect and send BYTES of the vmlab pattern; reports how many bytes send() had taken
- *       after MS ms (the peer's credit window, while the `stall` peer reads nothing)
+ *   vsock_conformance push CID PORT BYTES MS BUFSIZE
+ *       connect with SO_VM_SOCKETS_BUFFER_SIZE BUFSIZE and send BYTES of the vmlab pattern;
+ *       reports how many bytes send() had taken after MS ms: the peer's credit window while
+ *       the `stall` peer reads nothing (capped by our own buffer size where the kernel has
+ *       "vsock/virtio: cap TX credit to local buffer size", as Debian's 6.1 does)
  *   vsock_conformance bind-only PORT SECONDS    bind, never listen, for SECONDS
  *   vsock_conformance peer-close PORT           accept one, read to EOF, then send: EPIPE
  *   vsock_conformance server-close PORT         accept one, send "bye", close
@@ -604,10 +606,12 @@ static void peer_shut_rd(unsigned port)
 	}
 }
 
-static int push(unsigned port, long long total, int ms)
+static int push(unsigned port, long long total, int ms, unsigned long long bs)
 {
 	struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port};
 	int s = vsock(SOCK_STREAM);
+	setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, &bs, sizeof bs);
+	setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &bs, sizeof bs);
 	if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
 		report("credit_push", 0, "\"connect\":\"%s\"", ename(errno));
 		return 1;
@@ -662,9 +666,9 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: see the comment at the top of vsock_conformance.c\n");
 		return 2;
 	}
-	if (argc >= 6 && !strcmp(argv[1], "push")) {
+	if (argc >= 7 && !strcmp(argv[1], "push")) {
 		cid = (unsigned)strtoul(argv[2], NULL, 0);
-		return push((unsigned)atoi(argv[3]), atoll(argv[4]), atoi(argv[5]));
+		return push((unsigned)atoi(argv[3]), atoll(argv[4]), atoi(argv[5]), strtoull(argv[6], NULL, 0));
 	}
 	unsigned port = (unsigned)atoi(argv[2]);
 	const char *cmd = argv[1];

@@ -509,11 +509,7 @@ class Connection:
         n = max(0, min(n, MAX_BUF_ALLOC))
         if n == self.credit.buf_alloc:
             return
-        self.credit.resize(n)
-        try:      # room in the Unix socket for the window (the kernel caps it at wmem_max)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, min(n, 1 << 30))
-        except OSError:
-            pass
+        self.credit.resize(n)   # the Unix socket's SO_SNDBUF stays: it is window on top (docs)
         if self.state is State.ESTABLISHED:
             self.send(Op.CREDIT_UPDATE)
 
