@@ -198,17 +198,17 @@ class FakeHybrid:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            line = c.recv(64).decode()
-            self.lines.append(line)
-            port = int(line.split()[1])
-            if port in self.refuse:
-                c.close()
-                continue
-            time.sleep(0.3)                                   # the guest takes its time
-            c.send(b"OK 4242\n")
-            c.send(b"data from the guest")
-            time.sleep(0.5)
-            c.close()
+            with c:
+                self.handle(c, c.recv(64).decode())
+
+    def handle(self, c: socket.socket, line: str) -> None:
+        self.lines.append(line)
+        if int(line.split()[1]) in self.refuse:
+            return
+        time.sleep(0.3)                                       # the guest takes its time
+        c.send(b"OK 4242\n")
+        c.send(b"data from the guest")
+        time.sleep(0.5)
 
     def close(self) -> None:
         self.sock.close()
@@ -291,12 +291,22 @@ print("at", [ev for _, ev in p.poll(10000)], len(select.select([c], [], [], 10)[
 '''
 
 
-def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_path: Path) -> None:
-    proc = HostProcess([sys.executable, "-c", LOWAT], target, tmp_path / "out.log",
+def start_listener(code: str, port: int, target: LabTarget, shim: Path, tmp_path: Path) -> HostProcess:
+    """A Python program under the shim, once its vsock listener on `port` is up."""
+    proc = HostProcess([sys.executable, "-c", code], target, tmp_path / "out.log",
                        env={"LD_PRELOAD": str(shim)}).start()
     try:
+        proc._until(lambda: unix_listening(f"{target.host_ns}:{port}"), "listener", 60)
+    except BaseException:
+        proc.close()
+        raise
+    return proc
+
+
+def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    proc = start_listener(LOWAT, 6001, target, shim, tmp_path)
+    try:
         name = f"{target.host_ns}:6001"
-        proc._until(lambda: unix_listening(name), "listener", 60)
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         b.connect("\0" + name)
         b.send(struct.pack("<4sIII", b"VSK1", 7, 1234, 6001) + b"abc")
@@ -361,25 +371,15 @@ def test_an_fd_closed_behind_the_shims_back_is_not_mistaken_for_vsock(target: La
     assert r.stdout.split() == ["True", "''"], r.stdout
 
 
-class FakeCtl:
+class FakeCtl(FakeHybrid):
     """The backend's per-VM socket as the shim's out-of-band channel: records CTL lines, says OK."""
 
     def __init__(self, path: str) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.bind(path)
-        self.sock.listen()
-        self.lines: list[str] = []
-        threading.Thread(target=self.serve, daemon=True).start()
+        super().__init__(path, socket.SOCK_STREAM, refuse=set())
 
-    def serve(self) -> None:
-        while True:
-            try:
-                c, _ = self.sock.accept()
-            except OSError:
-                return
-            with c:
-                self.lines.append(c.recv(64).decode())
-                c.send(b"OK\n")
+    def handle(self, c: socket.socket, line: str) -> None:
+        self.lines.append(line)
+        c.send(b"OK\n")
 
 
 FRAMED = r'''
@@ -401,13 +401,10 @@ print("done", flush=True)
 def test_framed_seqpacket_eor_both_ways_and_ctl_for_shut_rd_and_buffer_size(
         target: LabTarget, shim: Path, tmp_path: Path) -> None:
     ctl = FakeCtl(target.uds_paths[3])
-    proc = HostProcess([sys.executable, "-c", FRAMED], target, tmp_path / "out.log",
-                       env={"LD_PRELOAD": str(shim)}).start()
+    proc = start_listener(FRAMED, 6002, target, shim, tmp_path)
     try:
-        name = f"{target.host_ns}:6002"
-        proc._until(lambda: unix_listening(name), "listener", 60)
         b = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        b.connect("\0" + name)
+        b.connect(f"\0{target.host_ns}:6002")
         b.send(struct.pack("<4sIII", b"VSK2", 3, 1234, 6002))
         for m in (b"\x01one", b"\x00two", b"\x010123456789"):
             b.send(m)

@@ -973,42 +973,43 @@ static struct vs *framed_of(int fd)
     return v && v->kind == K_SOCK && v->framed ? sock_of(fd) : NULL;
 }
 
-static ssize_t framed_sendmsg(int fd, const struct msghdr *msg, int flags)
+/* m = msg with the flags byte *f as its first iovec (iov: IOV_MAX entries); -1 if too long */
+static int frame(struct msghdr *m, const struct msghdr *msg, struct iovec *iov, unsigned char *f)
 {
     if (msg->msg_iovlen >= IOV_MAX)
         return fail(EMSGSIZE);
-    if (msg->msg_name && msg->msg_namelen)
-        return fail(EISCONN);             /* vsock: an address on a connected socket */
-    struct iovec iov[IOV_MAX];
-    unsigned char f = (flags & MSG_EOR) ? FRAME_EOR : 0;
-    iov[0].iov_base = &f;
+    iov[0].iov_base = f;
     iov[0].iov_len = 1;
     if (msg->msg_iovlen)
         memcpy(iov + 1, msg->msg_iov, msg->msg_iovlen * sizeof *iov);
-    struct msghdr m = *msg;
-    m.msg_name = NULL;
-    m.msg_namelen = 0;
-    m.msg_iov = iov;
-    m.msg_iovlen = msg->msg_iovlen + 1;
+    *m = *msg;
+    m->msg_name = NULL;
+    m->msg_namelen = 0;
+    m->msg_iov = iov;
+    m->msg_iovlen = msg->msg_iovlen + 1;
+    return 0;
+}
+
+static ssize_t framed_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (msg->msg_name && msg->msg_namelen)
+        return fail(EISCONN);             /* vsock: an address on a connected socket */
+    struct iovec iov[IOV_MAX];
+    struct msghdr m;
+    unsigned char f = (flags & MSG_EOR) ? FRAME_EOR : 0;
+    if (frame(&m, msg, iov, &f) != 0)
+        return -1;
     ssize_t r = r_sendmsg(fd, &m, flags & ~MSG_EOR);
     return r > 0 ? r - 1 : r;
 }
 
 static ssize_t framed_recvmsg(int fd, struct msghdr *msg, int flags)
 {
-    if (msg->msg_iovlen >= IOV_MAX)
-        return fail(EMSGSIZE);
     struct iovec iov[IOV_MAX];
+    struct msghdr m;
     unsigned char f = 0;
-    iov[0].iov_base = &f;
-    iov[0].iov_len = 1;
-    if (msg->msg_iovlen)
-        memcpy(iov + 1, msg->msg_iov, msg->msg_iovlen * sizeof *iov);
-    struct msghdr m = *msg;
-    m.msg_name = NULL;
-    m.msg_namelen = 0;
-    m.msg_iov = iov;
-    m.msg_iovlen = msg->msg_iovlen + 1;
+    if (frame(&m, msg, iov, &f) != 0)
+        return -1;
     ssize_t r = r_recvmsg(fd, &m, flags);
     msg->msg_controllen = m.msg_controllen;
     msg->msg_flags = m.msg_flags & ~MSG_EOR;
