@@ -8,7 +8,17 @@
  *   vsock_conformance client CID ECHO_PORT SEQ_ECHO_PORT CLOSED_PORT
  *       host as the client of a stream echo server, a seqpacket echo server and a closed port;
  *       client_close and shut_rd use their own echo servers on ECHO_PORT+50 and +51 (the guest
- *       helper's echo exits when its peer is gone mid-echo)
+ *       helper's echo exits when its peer is gone mid-echo); seqpacket_eor and shut_rd_told
+ *       talk to `peer ECHO_PORT+52` (this program on the other end)
+ *   vsock_conformance peer PORT
+ *       the other end for the client: on PORT a SEQPACKET echo that says what it saw (each
+ *       message comes back with 'E' or 'n' appended and with MSG_EOR iff it had MSG_EOR); on
+ *       PORT+1 accepts A then B, reads "go" from B, sends on A and writes the errno to B
+ *   vsock_conformance push CID PORT BYTES MS BUFSIZE
+ *       connect with SO_VM_SOCKETS_BUFFER_SIZE BUFSIZE and send BYTES of the vmlab pattern;
+ *       reports how many bytes send() had taken after MS ms: the peer's credit window while
+ *       the `stall` peer reads nothing (capped by our own buffer size where the kernel has
+ *       "vsock/virtio: cap TX credit to local buffer size", as Debian's 6.1 does)
  *   vsock_conformance bind-only PORT SECONDS    bind, never listen, for SECONDS
  *   vsock_conformance peer-close PORT           accept one, read to EOF, then send: EPIPE
  *   vsock_conformance server-close PORT         accept one, send "bye", close
@@ -25,6 +35,8 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <poll.h>
+#include <sys/epoll.h>
+#include <sys/select.h>
 #include <stdarg.h>
 #include <stdint.h>
 #include <stdio.h>
@@ -274,17 +286,34 @@ static void case_rcvlowat(unsigned port)
 	ioctl(s, FIONREAD, &avail);
 	struct pollfd p = {s, POLLIN, 0};
 	int early = poll(&p, 1, 500) > 0 && (p.revents & POLLIN);
+	fd_set rd;
+	FD_ZERO(&rd);
+	FD_SET(s, &rd);
+	struct timeval stv = {0, 300000};
+	int sel_early = select(s + 1, &rd, NULL, NULL, &stv) > 0 && FD_ISSET(s, &rd);
+	int ep = epoll_create1(EPOLL_CLOEXEC);
+	struct epoll_event ev = {.events = EPOLLIN, .data.u64 = 77}, out[4];
+	epoll_ctl(ep, EPOLL_CTL_ADD, s, &ev);
+	int ep_early = epoll_wait(ep, out, 4, 300) > 0 && (out[0].events & EPOLLIN);
 	send_all(s, buf, 90);
 	p.revents = 0;
 	int late = poll(&p, 1, 10000) > 0 && (p.revents & POLLIN);
+	FD_ZERO(&rd);
+	FD_SET(s, &rd);
+	stv.tv_sec = 10;
+	int sel_late = select(s + 1, &rd, NULL, NULL, &stv) > 0 && FD_ISSET(s, &rd);
+	int ep_late = epoll_wait(ep, out, 4, 10000) == 1 && (out[0].events & EPOLLIN) && out[0].data.u64 == 77;
+	close(ep);
 	msleep(300);
 	struct timeval tv = {5, 0};
 	setsockopt(s, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
 	ssize_t r = recv(s, buf, sizeof buf, 0);
 	close(s);
 	/* upstream: no POLLIN below the low-water mark; guest 6.1 (and AF_UNIX): POLLIN at once */
-	report("poll_rcvlowat", late && r == 100, "\"queued\":%d,\"pollin_below_lowat\":%s,\"read\":%zd",
-	       avail, early ? "true" : "false", r);
+	report("poll_rcvlowat", late && sel_late && ep_late && r == 100,
+	       "\"queued\":%d,\"pollin_below_lowat\":%s,\"select_below_lowat\":%s,"
+	       "\"epoll_below_lowat\":%s,\"read\":%zd", avail, early ? "true" : "false",
+	       sel_early ? "true" : "false", ep_early ? "true" : "false", r);
 }
 
 static void case_shut_wr(unsigned port)
@@ -394,6 +423,81 @@ static void case_seqpacket(unsigned port)
 	       bounds_ok ? "true" : "false", t1, trunc_flag ? "true" : "false", t2, t3);
 }
 
+/* MSG_EOR both ways: `peer` appends 'E'/'n' for what it saw and echoes with MSG_EOR iff it
+ * got MSG_EOR; the last reply is read into a short buffer (MSG_TRUNC and MSG_EOR together) */
+static void case_seqpacket_eor(unsigned port)
+{
+	int e, s = connect_to(SOCK_SEQPACKET, port, &e);
+	if (s < 0) {
+		report("seqpacket_eor", 0, "\"connect\":\"%s\"", ename(e));
+		return;
+	}
+	const char *msgs[] = {"first", "second", "0123456789"};
+	int eor[] = {1, 0, 1};
+	char to_guest[4] = "???", to_host[4] = "???";
+	int trunc = 0, lens_ok = 1;
+	for (int k = 0; k < 3; k++) {
+		struct iovec iov = {(void *)msgs[k], strlen(msgs[k])};
+		struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+		if (sendmsg(s, &mh, MSG_NOSIGNAL | (eor[k] ? MSG_EOR : 0)) != (ssize_t)strlen(msgs[k]))
+			lens_ok = 0;
+		char in[64];
+		struct iovec riov = {in, k == 2 ? 4 : sizeof in};
+		struct msghdr rh = {.msg_iov = &riov, .msg_iovlen = 1};
+		wait_in(s, 10000);
+		ssize_t r = recvmsg(s, &rh, 0);
+		size_t want = strlen(msgs[k]) + 1;
+		if (k < 2 && (r != (ssize_t)want || memcmp(in, msgs[k], want - 1)))
+			lens_ok = 0;
+		if (k == 2 && (r != 4 || memcmp(in, "0123", 4)))
+			lens_ok = 0;
+		if (k < 2 && r > 0)
+			to_guest[k] = in[r - 1] == 'E' ? '1' : in[r - 1] == 'n' ? '0' : '?';
+		to_host[k] = rh.msg_flags & MSG_EOR ? '1' : '0';
+		if (k == 2)
+			trunc = !!(rh.msg_flags & MSG_TRUNC);
+	}
+	/* the third reply was truncated: ask again with the tag in the middle of a longer message */
+	struct iovec iov = {"x", 1};
+	struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+	sendmsg(s, &mh, MSG_NOSIGNAL | MSG_EOR);
+	char in[8];
+	wait_in(s, 10000);
+	ssize_t r = recv(s, in, sizeof in, 0);
+	to_guest[2] = r == 2 ? (in[1] == 'E' ? '1' : '0') : '?';
+	close(s);
+	report("seqpacket_eor", lens_ok && !strcmp(to_guest, "101") && !strcmp(to_host, "101") && trunc,
+	       "\"to_guest\":\"%s\",\"to_host\":\"%s\",\"trunc_with_eor\":%s,\"lengths\":%s",
+	       to_guest, to_host, trunc ? "true" : "false", lens_ok ? "true" : "false");
+}
+
+/* shutdown(SHUT_RD) reaches the peer: its next send fails with EPIPE (SHUTDOWN(RCV) arrived) */
+static void case_shut_rd_told(unsigned port)
+{
+	int e, a = connect_to(SOCK_STREAM, port, &e);
+	if (a < 0) {
+		report("shut_rd_told", 0, "\"connect\":\"%s\"", ename(e));
+		return;
+	}
+	msleep(200);                         /* the peer has accepted A before B comes */
+	shutdown(a, SHUT_RD);
+	int b = connect_to(SOCK_STREAM, port, &e);
+	char res[32] = "";
+	long n = -1;
+	if (b >= 0) {
+		send_all(b, "go", 2);
+		n = read_eof(b, res, sizeof res - 1);
+		close(b);
+	}
+	if (n >= 0)
+		res[n] = 0;
+	char buf[4];
+	ssize_t r = recv(a, buf, sizeof buf, MSG_DONTWAIT);
+	close(a);
+	report("shut_rd_told", n > 0 && !strcmp(res, "EPIPE") && r == 0,
+	       "\"peer_send\":\"%s\",\"recv\":%zd", n > 0 ? res : "none", r);
+}
+
 static void case_dgram(void)
 {
 	double t = now();
@@ -417,6 +521,8 @@ static int client(unsigned echo, unsigned seq, unsigned closed)
 	case_seqpacket(seq);
 	case_dgram();
 	case_shut_rd(echo + 51);
+	case_seqpacket_eor(echo + 52);
+	case_shut_rd_told(echo + 53);
 	return failures ? 1 : 0;
 }
 
@@ -446,6 +552,109 @@ static int accept_one(int l)
 	return accept(l, NULL, NULL);
 }
 
+static int listen_on(int type, unsigned port)
+{
+	struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = VMADDR_CID_ANY, .svm_port = port};
+	int s = vsock(type);
+	if (bind(s, (struct sockaddr *)&a, sizeof a) != 0 || listen(s, 16) != 0) {
+		perror("bind/listen");
+		exit(2);
+	}
+	return s;
+}
+
+static void peer_eor_echo(unsigned port)
+{
+	int l = listen_on(SOCK_SEQPACKET, port);
+	for (;;) {
+		int c = accept(l, NULL, NULL);
+		if (c < 0)
+			continue;
+		for (;;) {
+			char in[256];
+			struct iovec iov = {in, sizeof in - 1};
+			struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1};
+			ssize_t r = recvmsg(c, &mh, 0);
+			if (r <= 0)
+				break;
+			int eor = !!(mh.msg_flags & MSG_EOR);
+			in[r] = eor ? 'E' : 'n';
+			struct iovec oiov = {in, (size_t)r + 1};
+			struct msghdr oh = {.msg_iov = &oiov, .msg_iovlen = 1};
+			if (sendmsg(c, &oh, MSG_NOSIGNAL | (eor ? MSG_EOR : 0)) < 0)
+				break;
+		}
+		close(c);
+	}
+}
+
+static void peer_shut_rd(unsigned port)
+{
+	int l = listen_on(SOCK_STREAM, port);
+	for (;;) {
+		int a = accept(l, NULL, NULL), b = accept(l, NULL, NULL);
+		char go[2];
+		if (a >= 0 && b >= 0 && recv(b, go, 2, MSG_WAITALL) == 2) {
+			ssize_t w = send(a, "x", 1, MSG_NOSIGNAL);
+			const char *res = w < 0 ? ename(errno) : "sent";
+			send_all(b, res, strlen(res));
+		}
+		if (a >= 0)
+			close(a);
+		if (b >= 0)
+			close(b);
+	}
+}
+
+static int push(unsigned port, long long total, int ms, unsigned long long bs)
+{
+	struct sockaddr_vm a = {.svm_family = AF_VSOCK, .svm_cid = cid, .svm_port = port};
+	int s = vsock(SOCK_STREAM);
+	setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_BUFFER_MAX_SIZE, &bs, sizeof bs);
+	setsockopt(s, AF_VSOCK, SO_VM_SOCKETS_BUFFER_SIZE, &bs, sizeof bs);
+	if (connect(s, (struct sockaddr *)&a, sizeof a) != 0) {
+		report("credit_push", 0, "\"connect\":\"%s\"", ename(errno));
+		return 1;
+	}
+	static char block[251 * 261];
+	for (size_t i = 0; i < sizeof block; i++)
+		block[i] = (char)(i % 251);
+	fcntl(s, F_SETFL, fcntl(s, F_GETFL) | O_NONBLOCK);
+	long long sent = 0, in_flight = -1;
+	double end = now() + ms / 1000.0;
+	int err = 0;
+	while (sent < total) {
+		if (in_flight < 0 && now() >= end) {
+			in_flight = sent;          /* what the peer's window took while it read nothing */
+			fcntl(s, F_SETFL, fcntl(s, F_GETFL) & ~O_NONBLOCK);
+		}
+		size_t off = (size_t)(sent % 251), n = sizeof block - off;
+		if ((long long)n > total - sent)
+			n = (size_t)(total - sent);
+		ssize_t r = send(s, block + off, n, MSG_NOSIGNAL);
+		if (r > 0) {
+			sent += r;
+			continue;
+		}
+		if (r < 0 && (errno == EAGAIN || errno == EINTR)) {
+			struct pollfd p = {s, POLLOUT, 0};
+			poll(&p, 1, 20);
+			continue;
+		}
+		err = r < 0 ? errno : EPIPE;
+		break;
+	}
+	if (in_flight < 0)
+		in_flight = sent;
+	shutdown(s, SHUT_WR);
+	char c;
+	recv(s, &c, 1, 0);                 /* the peer closes once it has read everything */
+	close(s);
+	report("credit_push", sent == total && !err, "\"in_flight\":%lld,\"sent\":%lld,\"error\":\"%s\"",
+	       in_flight, sent, ename(err));
+	return failures ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
 	setvbuf(stdout, NULL, _IOLBF, 0);
@@ -457,8 +666,18 @@ int main(int argc, char **argv)
 		fprintf(stderr, "usage: see the comment at the top of vsock_conformance.c\n");
 		return 2;
 	}
+	if (argc >= 7 && !strcmp(argv[1], "push")) {
+		cid = (unsigned)strtoul(argv[2], NULL, 0);
+		return push((unsigned)atoi(argv[3]), atoll(argv[4]), atoi(argv[5]), strtoull(argv[6], NULL, 0));
+	}
 	unsigned port = (unsigned)atoi(argv[2]);
 	const char *cmd = argv[1];
+	if (!strcmp(cmd, "peer")) {
+		if (fork() == 0)
+			peer_eor_echo(port);
+		peer_shut_rd(port + 1);
+		return 0;
+	}
 	if (!strcmp(cmd, "bind-only")) {
 		int s = listener(port, 0);
 		msleep(argc >= 4 ? atoi(argv[3]) * 1000 : 30000);

@@ -49,6 +49,17 @@ def test_receive_bounded_by_buf_alloc_with_wraparound() -> None:
     assert c.buffered() == 0
 
 
+def test_resize_grows_the_window_and_a_shrink_is_no_overrun_for_what_was_allowed() -> None:
+    c = Credit(buf_alloc=1000)
+    c.resize(4000)                              # SO_VM_SOCKETS_BUFFER_SIZE grew
+    assert c.receive(3500) and not c.receive(501)
+    c.resize(100)                               # shrunk with 3500 bytes buffered
+    assert c.receive(500)                       # sent under the 4000 window: taken
+    assert not c.receive(1)                     # beyond anything we ever advertised
+    c.forwarded(4000)
+    assert c.receive(100) and c.buf_alloc == 100
+
+
 def test_update_needed_only_when_peer_thinks_we_are_low_and_we_freed() -> None:
     c = Credit(buf_alloc=256 * 1024)
     assert c.receive(100 * 1024)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from vmlab.vsock.hybrid import PREAMBLE, Hybrid, host_listener_name
-from vmlab.vsock.packet import SEQ_EOM, Header, Op, Type
+from vmlab.vsock.packet import SEQ_EOM, SEQ_EOR, Header, Op, Type
 from vmlab.vsock.router import Router
 
 
@@ -96,7 +96,7 @@ def test_one_listener_serves_every_vm_with_the_peer_in_a_preamble(lab) -> None:
     srv.close()
 
 
-def test_seqpacket_preamble_is_its_own_message(lab) -> None:
+def test_seqpacket_preamble_is_its_own_message_then_messages_are_framed(lab) -> None:
     loop, router, a, b, ns, _ = lab
     srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     srv.bind(host_listener_name(ns, 7000))
@@ -105,11 +105,19 @@ def test_seqpacket_preamble_is_its_own_message(lab) -> None:
     (h, _), = a.take()
     assert h.op == Op.RESPONSE
     conn, _ = srv.accept()
-    tx(router, a, Op.RW, 1025, 7000, b"one", typ=Type.SEQPACKET, flags=SEQ_EOM)
+    tx(router, a, Op.RW, 1025, 7000, b"one", typ=Type.SEQPACKET, flags=SEQ_EOM | SEQ_EOR)
     tx(router, a, Op.RW, 1025, 7000, b"two", typ=Type.SEQPACKET, flags=SEQ_EOM)
     conn.settimeout(3)
-    assert PREAMBLE.unpack(conn.recv(100)) == (b"VSK1", 3, 1025, 7000)
-    assert [conn.recv(100), conn.recv(100)] == [b"one", b"two"]
+    assert PREAMBLE.unpack(conn.recv(100)) == (b"VSK2", 3, 1025, 7000)
+    assert [conn.recv(100), conn.recv(100)] == [b"\x01one", b"\x00two"]   # flags byte: EOR
+    # host -> guest: the flags byte is stripped, FRAME_EOR becomes VIRTIO_VSOCK_SEQ_EOR
+    conn.send(b"\x01rec")
+    conn.send(b"\x00msg")
+    conn.send(b"\x00")                                     # empty: vsock cannot carry it
+    conn.send(b"\x01end")
+    spin(loop, lambda: len([x for x, _ in a.got if x.op == Op.RW]) >= 3)
+    rw = [(x.flags, d) for x, d in a.take() if x.op == Op.RW]
+    assert rw == [(SEQ_EOM | SEQ_EOR, b"rec"), (SEQ_EOM, b"msg"), (SEQ_EOM | SEQ_EOR, b"end")]
     conn.close()
     srv.close()
 

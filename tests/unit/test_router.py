@@ -11,7 +11,7 @@ import pytest
 
 from vmlab.vsock.hybrid import Hybrid
 from vmlab.vsock.packet import (
-    SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, Header, Op, Type,
+    SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, Header, Op, Type,
 )
 from vmlab.vsock.router import FaultInjector, Router
 
@@ -469,3 +469,88 @@ def test_host_seqpacket_messages_are_never_merged_into_one_packet(lab) -> None:
         (3000, SEQ_EOM), (10, SEQ_EOM), (4096, 0), (904, SEQ_EOM), (1, SEQ_EOM)]
     assert [d for _, d in rw] == [msgs[0], msgs[1], msgs[2][:4096], msgs[2][4096:], msgs[3]]
     host.close(); srv.close()
+
+
+def _host_connect(loop, a, router, tmp, line: bytes, typ=Type.STREAM, buf_alloc=65536):
+    """A host client through the CONNECT handshake; returns (socket, REQUEST header)."""
+    kind = socket.SOCK_SEQPACKET if typ == Type.SEQPACKET else socket.SOCK_STREAM
+    h = socket.socket(socket.AF_UNIX, kind)
+    h.connect(str(tmp / ("a.vsock_seqpacket" if typ == Type.SEQPACKET else "a.vsock")))
+    h.send(line)
+    spin(loop, lambda: bool(a.got))
+    (req, _), = a.take()
+    tx(router, a, Op.RESPONSE, req.dst_port, 2, req.src_port, typ=typ, buf_alloc=buf_alloc)
+    h.settimeout(3)
+    assert h.recv(100) == f"OK {req.src_port}\n".encode()
+    return h, req
+
+
+def _ctl(loop, tmp, line: bytes) -> bytes:
+    c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    c.connect(str(tmp / "a.vsock"))
+    c.sendall(line)
+    spin(loop, timeout=0.1)
+    c.settimeout(3)
+    try:
+        return c.recv(10)
+    finally:
+        c.close()
+
+
+def test_connect_options_frame_and_buf(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    h, req = _host_connect(loop, a, router, tmp, b"CONNECT 5000 frame buf=1048576\n", Type.SEQPACKET)
+    assert req.buf_alloc == 1048576                      # SO_VM_SOCKETS_BUFFER_SIZE advertised
+    tx(router, a, Op.RW, 5000, 2, req.src_port, b"rec", typ=Type.SEQPACKET, flags=SEQ_EOM | SEQ_EOR)
+    tx(router, a, Op.RW, 5000, 2, req.src_port, b"msg", typ=Type.SEQPACKET, flags=SEQ_EOM)
+    spin(loop, timeout=0.1)
+    assert [h.recv(100), h.recv(100)] == [b"\x01rec", b"\x00msg"]
+    h.send(b"\x01abc")
+    h.send(b"\x00de")
+    spin(loop, lambda: len([x for x, _ in a.got if x.op == Op.RW]) >= 2)
+    assert [(x.flags, d) for x, d in a.take() if x.op == Op.RW] == [
+        (SEQ_EOM | SEQ_EOR, b"abc"), (SEQ_EOM, b"de")]
+    h.close()
+    for bad in (b"CONNECT 5000 frame frame\n", b"CONNECT 5000 buf=4294967296\n", b"CONNECT 5000 eor\n"):
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(str(tmp / "a.vsock"))
+        s.sendall(bad)
+        s.settimeout(3)
+        spin(loop, timeout=0.05)
+        assert s.recv(10) == b"", bad
+        s.close()
+    assert not [x for x, _ in a.take() if x.op == Op.REQUEST]
+
+
+def test_ctl_shut_rd_tells_the_guest_and_ctl_buf_resizes_the_window(lab) -> None:
+    loop, router, a, b, c, tmp = lab
+    h, req = _host_connect(loop, a, router, tmp, b"CONNECT 5000\n")
+    assert req.buf_alloc == 256 * 1024
+    hp = req.src_port
+    assert _ctl(loop, tmp, f"CTL {hp} 5000 buf=4194304\n".encode()) == b"OK\n"
+    spin(loop, lambda: bool(a.got))
+    (up, _), = a.take()
+    assert (up.op, up.buf_alloc) == (Op.CREDIT_UPDATE, 4194304)
+    # the guest may now have 4 MiB in flight with nothing read (no overrun reset)
+    for i in range(64):
+        tx(router, a, Op.RW, 5000, 2, hp, bytes(65536), fwd_cnt=0)
+    assert hybrid_conn(router, hp).state.value == "established"
+    # shrinking is no overrun for what the guest sent under the old window
+    assert _ctl(loop, tmp, f"CTL {hp} 5000 buf=65536\n".encode()) == b"OK\n"
+    tx(router, a, Op.RW, 5000, 2, hp, bytes(1000))
+    assert hybrid_conn(router, hp).state.value == "established"
+    a.take()
+    assert _ctl(loop, tmp, f"CTL {hp} 5000 shut_rd\n".encode()) == b"OK\n"
+    spin(loop, lambda: bool(a.got))
+    (sh, _), = a.take()
+    assert (sh.op, sh.flags) == (Op.SHUTDOWN, SHUTDOWN_RCV)
+    tx(router, a, Op.RW, 5000, 2, hp, b"dropped")         # in flight: dropped, not a reset
+    assert hybrid_conn(router, hp).state.value == "established"
+    assert _ctl(loop, tmp, f"CTL {hp} 5001 shut_rd\n".encode()) == b""     # no such connection
+    assert _ctl(loop, tmp, b"CTL 1 2 nonsense\n") == b""
+    h.close()
+
+
+def hybrid_conn(router, host_port: int):
+    (conn,) = [x for k, x in router.hybrid.conns.items() if k[1] == host_port]
+    return conn

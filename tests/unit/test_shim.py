@@ -198,17 +198,17 @@ class FakeHybrid:
                 c, _ = self.sock.accept()
             except OSError:
                 return
-            line = c.recv(64).decode()
-            self.lines.append(line)
-            port = int(line.split()[1])
-            if port in self.refuse:
-                c.close()
-                continue
-            time.sleep(0.3)                                   # the guest takes its time
-            c.send(b"OK 4242\n")
-            c.send(b"data from the guest")
-            time.sleep(0.5)
-            c.close()
+            with c:
+                self.handle(c, c.recv(64).decode())
+
+    def handle(self, c: socket.socket, line: str) -> None:
+        self.lines.append(line)
+        if int(line.split()[1]) in self.refuse:
+            return
+        time.sleep(0.3)                                       # the guest takes its time
+        c.send(b"OK 4242\n")
+        c.send(b"data from the guest")
+        time.sleep(0.5)
 
     def close(self) -> None:
         self.sock.close()
@@ -283,17 +283,30 @@ s.bind((socket.VMADDR_CID_ANY, 6001)); s.listen()
 c, _ = s.accept()
 c.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, 10)
 p = select.poll(); p.register(c, select.POLLIN)
-print("below", p.poll(300), flush=True)
-print("at", [e for _, e in p.poll(10000)], flush=True)
+e = select.epoll(); e.register(c.fileno(), select.EPOLLIN)                      # level-triggered
+o = select.epoll(); o.register(c.fileno(), select.EPOLLIN | select.EPOLLONESHOT)
+print("below", p.poll(300), select.select([c], [], [], 0.3)[0], e.poll(0.3), o.poll(0.3), flush=True)
+print("at", [ev for _, ev in p.poll(10000)], len(select.select([c], [], [], 10)[0]),
+      [ev for _, ev in e.poll(10)], [ev for _, ev in o.poll(10)], flush=True)
 '''
 
 
-def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_path: Path) -> None:
-    proc = HostProcess([sys.executable, "-c", LOWAT], target, tmp_path / "out.log",
+def start_listener(code: str, port: int, target: LabTarget, shim: Path, tmp_path: Path) -> HostProcess:
+    """A Python program under the shim, once its vsock listener on `port` is up."""
+    proc = HostProcess([sys.executable, "-c", code], target, tmp_path / "out.log",
                        env={"LD_PRELOAD": str(shim)}).start()
     try:
+        proc._until(lambda: unix_listening(f"{target.host_ns}:{port}"), "listener", 60)
+    except BaseException:
+        proc.close()
+        raise
+    return proc
+
+
+def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    proc = start_listener(LOWAT, 6001, target, shim, tmp_path)
+    try:
         name = f"{target.host_ns}:6001"
-        proc._until(lambda: unix_listening(name), "listener", 60)
         b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         b.connect("\0" + name)
         b.send(struct.pack("<4sIII", b"VSK1", 7, 1234, 6001) + b"abc")
@@ -302,7 +315,9 @@ def test_poll_waits_for_the_low_water_mark(target: LabTarget, shim: Path, tmp_pa
         assert proc.wait(60) == 0, proc.output()
     finally:
         proc.close()
-    assert proc.output().split("\n")[:2] == ["below []", f"at [{select_pollin()}]"]
+    # poll, select, epoll (the one-shot registration is re-armed after a masked wake-up)
+    pollin = select_pollin()
+    assert proc.output().split("\n")[:2] == ["below [] [] [] []", f"at [{pollin}] 1 [{pollin}] [{pollin}]"]
 
 
 def select_pollin() -> int:
@@ -354,3 +369,52 @@ def test_an_fd_closed_behind_the_shims_back_is_not_mistaken_for_vsock(target: La
     r = run_py(code, target, shim)
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["True", "''"], r.stdout
+
+
+class FakeCtl(FakeHybrid):
+    """The backend's per-VM socket as the shim's out-of-band channel: records CTL lines, says OK."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(path, socket.SOCK_STREAM, refuse=set())
+
+    def handle(self, c: socket.socket, line: str) -> None:
+        self.lines.append(line)
+        c.send(b"OK\n")
+
+
+FRAMED = r'''
+import socket
+s = socket.socket(socket.AF_VSOCK, socket.SOCK_SEQPACKET)
+s.setsockopt(socket.AF_VSOCK, socket.SO_VM_SOCKETS_BUFFER_MAX_SIZE, 1 << 22)  # u64
+s.setsockopt(socket.AF_VSOCK, socket.SO_VM_SOCKETS_BUFFER_SIZE, 1 << 22)
+s.bind((socket.VMADDR_CID_ANY, 6002)); s.listen()
+c, peer = s.accept()
+for n in (100, 100, 2):
+    d, _, fl, _ = c.recvmsg(n)
+    print(d, bool(fl & socket.MSG_EOR), bool(fl & socket.MSG_TRUNC), flush=True)
+c.sendmsg([b"rec"], [], socket.MSG_EOR); c.send(b"msg")
+c.shutdown(socket.SHUT_RD)
+print("done", flush=True)
+'''
+
+
+def test_framed_seqpacket_eor_both_ways_and_ctl_for_shut_rd_and_buffer_size(
+        target: LabTarget, shim: Path, tmp_path: Path) -> None:
+    ctl = FakeCtl(target.uds_paths[3])
+    proc = start_listener(FRAMED, 6002, target, shim, tmp_path)
+    try:
+        b = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        b.connect(f"\0{target.host_ns}:6002")
+        b.send(struct.pack("<4sIII", b"VSK2", 3, 1234, 6002))
+        for m in (b"\x01one", b"\x00two", b"\x010123456789"):
+            b.send(m)
+        b.settimeout(20)
+        got = [b.recv(100), b.recv(100)]
+        assert proc.wait(60) == 0, proc.output()
+    finally:
+        proc.close()
+        ctl.sock.close()
+    assert proc.output().splitlines() == ["b'one' True False", "b'two' False False",
+                                          "b'01' True True", "done"]
+    assert got == [b"\x01rec", b"\x00msg"]                 # the flags byte carries MSG_EOR
+    assert ctl.lines == ["CTL 6002 1234 buf=4194304\n", "CTL 6002 1234 shut_rd\n"]

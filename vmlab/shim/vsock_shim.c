@@ -17,9 +17,15 @@
  *    Non-blocking connect returns EINPROGRESS; getsockopt(SO_ERROR) waits for the verdict and
  *    the first read consumes the OK line.
  *
- * Not the kernel: poll() reports POLLOUT during a non-blocking connect; select()/epoll ignore
- * SO_RCVLOWAT (poll()/ppoll() honour it); MSG_EOR is not delivered to the host.
- * See docs/exec.md.
+ *  - SEQPACKET connections are framed: every message between the shim and the backend is one
+ *    flags byte (FRAME_EOR: MSG_EOR <-> VIRTIO_VSOCK_SEQ_EOR) and the data; the shim adds it on
+ *    send and strips it on receive (CONNECT ... frame; the preamble magic "VSK2" on accept).
+ *  - What an AF_UNIX socket cannot tell its peer goes out of band: "CTL <hostport> <guestport>
+ *    shut_rd|buf=<n>\n" on the VM's hybrid socket (shutdown(SHUT_RD) and
+ *    SO_VM_SOCKETS_BUFFER_SIZE after connect/accept); buf=<n> also rides on the CONNECT line.
+ *  - poll/ppoll/select/epoll_wait honour SO_RCVLOWAT on stream sockets.
+ *
+ * Not the kernel: poll() reports POLLOUT during a non-blocking connect.  See docs/exec.md.
  */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -34,7 +40,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/epoll.h>
 #include <sys/ioctl.h>
+#include <sys/select.h>
 #include <sys/socket.h>
 #include <sys/syscall.h>
 #include <sys/time.h>
@@ -62,6 +70,8 @@
 #define DEFAULT_BUF 262144ULL
 #define MAX_BUF_DEFAULT 262144ULL
 #define MIN_BUF_DEFAULT 128ULL
+#define MAX_BUF_ALLOC 0xFFFFFFFFULL   /* VIRTIO_VSOCK_MAX_BUF_SIZE: the transport's clamp */
+#define FRAME_EOR 0x01                /* framed SEQPACKET: this message ends a record */
 
 /* ---- real functions ------------------------------------------------------------------ */
 static int (*r_socket)(int, int, int);
@@ -91,6 +101,12 @@ static int (*r_openat)(int, const char *, int, ...);
 static int (*r_openat64)(int, const char *, int, ...);
 static int (*r_poll)(struct pollfd *, nfds_t, int);
 static int (*r_ppoll)(struct pollfd *, nfds_t, const struct timespec *, const sigset_t *);
+static ssize_t (*r_write)(int, const void *, size_t);
+static ssize_t (*r_writev)(int, const struct iovec *, int);
+static ssize_t (*r_send)(int, const void *, size_t, int);
+static ssize_t (*r_sendto)(int, const void *, size_t, int, const struct sockaddr *, socklen_t);
+static ssize_t (*r_sendmsg)(int, const struct msghdr *, int);
+static int (*r_shutdown)(int, int);
 
 static void *need(const char *name)
 {
@@ -125,6 +141,8 @@ static void init(void)
     r_recv = need("recv"); r_recvfrom = need("recvfrom"); r_recvmsg = need("recvmsg");
     r_open = need("open"); r_open64 = need("open64"); r_openat = need("openat");
     r_openat64 = need("openat64"); r_poll = need("poll"); r_ppoll = need("ppoll");
+    r_write = need("write"); r_writev = need("writev"); r_send = need("send");
+    r_sendto = need("sendto"); r_sendmsg = need("sendmsg"); r_shutdown = need("shutdown");
     debug = getenv("VMLAB_VSOCK_DEBUG") != NULL;
     const char *n = getenv("VMLAB_VSOCK_NS");
     if (n && strlen(n) < sizeof ns)
@@ -163,6 +181,9 @@ struct vs {
     int type;                   /* SOCK_STREAM / SOCK_SEQPACKET */
     int bound, listening, connected, pending;
     int err;                    /* asynchronous error for SO_ERROR */
+    int framed;                 /* SEQPACKET: a flags byte before each message on the wire */
+    int buf_set;                /* the program set SO_VM_SOCKETS_BUFFER_SIZE (tell the backend) */
+    int rd_shut;                /* shutdown(SHUT_RD) was told to the backend */
     int lowat;                  /* SO_RCVLOWAT, honoured by poll()/ppoll() as vsock does */
     uint32_t lcid, lport, pcid, pport;
     unsigned long long buf, buf_min, buf_max;
@@ -405,7 +426,7 @@ static void renew(int fd, struct vs *v)
     r_close(s);
     if (fl >= 0)
         r_fcntl(fd, F_SETFL, fl);
-    v->pending = v->connected = 0;
+    v->pending = v->connected = v->framed = 0;
     if (v->bound) {                 /* the old socket, now closed, held the port name */
         struct sockaddr_un un;
         socklen_t l = abstract_addr(&un, v->lport);
@@ -541,8 +562,9 @@ EXPORT int listen(int fd, int backlog)
     return 0;
 }
 
-/* Read the backend's 16-byte preamble from a freshly accepted socket (within 5 s). */
-static int read_preamble(int fd, int type, uint32_t out[3])
+/* Read the backend's 16-byte preamble from a freshly accepted socket (within 5 s); *framed:
+ * the magic was "VSK2" (SEQPACKET messages carry a flags byte). */
+static int read_preamble(int fd, int type, uint32_t out[3], int *framed)
 {
     unsigned char b[PREAMBLE_LEN];
     struct timespec dl;
@@ -566,13 +588,16 @@ static int read_preamble(int fd, int type, uint32_t out[3])
             nanosleep(&ts, NULL);
         }
     }
-    if (memcmp(b, "VSK1", 4) != 0)
+    if (memcmp(b, "VSK1", 4) != 0 && (memcmp(b, "VSK2", 4) != 0 || type != SOCK_SEQPACKET))
         return -1;
+    *framed = b[3] == '2';
     for (int i = 0; i < 3; i++)
         out[i] = (uint32_t)b[4 + 4 * i] | (uint32_t)b[5 + 4 * i] << 8 |
                  (uint32_t)b[6 + 4 * i] << 16 | (uint32_t)b[7 + 4 * i] << 24;
     return 0;
 }
+
+static int ctl(struct vs *v, const char *what);
 
 EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
 {
@@ -587,7 +612,8 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
         if (nfd < 0)
             return -1;
         uint32_t pre[3];
-        if (read_preamble(nfd, v->type, pre) != 0) {
+        int framed = 0;
+        if (read_preamble(nfd, v->type, pre, &framed) != 0) {
             DBG("fd %d: connection without a vmlab preamble dropped", fd);
             r_close(nfd);
             continue;
@@ -602,13 +628,21 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
         c->lport = v->lport;
         c->pcid = pre[0];
         c->pport = pre[1];
-        c->buf = v->buf;
+        c->framed = framed;
+        c->buf = v->buf > MAX_BUF_ALLOC ? MAX_BUF_ALLOC : v->buf;   /* inherited, as in vsock */
+        c->buf_set = v->buf_set;
         c->buf_min = v->buf_min;
         c->buf_max = v->buf_max;
         c->conn_timeout = v->conn_timeout;
         pthread_mutex_lock(&lock);
         put(nfd, c);
         pthread_mutex_unlock(&lock);
+        if (c->buf_set) {             /* the backend answered with its default: resize */
+            char what[32];
+            snprintf(what, sizeof what, "buf=%llu", c->buf);
+            if (ctl(c, what) != 0)
+                DBG("fd %d: could not tell the backend SO_VM_SOCKETS_BUFFER_SIZE", nfd);
+        }
         fill_addr(addr, len, c->pcid, c->pport);
         DBG("fd %d: accepted %u:%u as fd %d", fd, c->pcid, c->pport, nfd);
         return nfd;
@@ -626,6 +660,34 @@ static const char *vm_path(uint32_t cid)
         if (vms[i].cid == cid)
             return vms[i].path;
     return NULL;
+}
+
+/* Out of band to the backend, for an established connection: "CTL <hostport> <guestport>
+ * <what>\n" on the VM's hybrid socket, answered "OK\n" (within 2 s).  0 done, -1 not. */
+static int ctl(struct vs *v, const char *what)
+{
+    const char *path = vm_path(v->pcid);
+    if (!path || !v->connected)
+        return -1;
+    int s = r_socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (s < 0)
+        return -1;
+    struct sockaddr_un un;
+    memset(&un, 0, sizeof un);
+    un.sun_family = AF_UNIX;
+    snprintf(un.sun_path, sizeof un.sun_path, "%s", path);
+    char line[80];
+    int n = snprintf(line, sizeof line, "CTL %u %u %s\n", v->lport, v->pport, what);
+    int ok = -1;
+    if (r_connect(s, (struct sockaddr *)&un, sizeof un) == 0 && r_write(s, line, (size_t)n) == n) {
+        struct pollfd p = { s, POLLIN, 0 };
+        char reply[8];
+        if (r_poll(&p, 1, 2000) > 0 && r_read(s, reply, sizeof reply) >= 3 && !memcmp(reply, "OK\n", 3))
+            ok = 0;
+    }
+    r_close(s);
+    DBG("ctl %u:%u %s: %s", v->pcid, v->pport, what, ok ? "failed" : "ok");
+    return ok;
 }
 
 EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
@@ -671,10 +733,16 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     int cr = r_connect(fd, (struct sockaddr *)&un, sizeof un);
     int ce = errno;
     if (cr == 0) {
-        char line[48];
-        int n = v->bound ? snprintf(line, sizeof line, "CONNECT %u %u\n", a->svm_port, v->lport)
-                         : snprintf(line, sizeof line, "CONNECT %u\n", a->svm_port);
-        if (write(fd, line, (size_t)n) != n) {
+        char line[64], src[16] = "", buf[24] = "";
+        if (v->bound)
+            snprintf(src, sizeof src, " %u", v->lport);
+        if (v->buf > MAX_BUF_ALLOC)
+            v->buf = MAX_BUF_ALLOC;       /* what the virtio transport does at connect */
+        if (v->buf_set)
+            snprintf(buf, sizeof buf, " buf=%llu", v->buf);
+        int n = snprintf(line, sizeof line, "CONNECT %u%s%s%s\n", a->svm_port, src,
+                         v->type == SOCK_SEQPACKET ? " frame" : "", buf);
+        if (r_write(fd, line, (size_t)n) != n) {
             cr = -1;
             ce = errno;
         }
@@ -690,6 +758,7 @@ EXPORT int connect(int fd, const struct sockaddr *addr, socklen_t len)
     v->pcid = a->svm_cid;
     v->pport = a->svm_port;
     v->pending = 1;
+    v->framed = v->type == SOCK_SEQPACKET;   /* what we send from now on is framed */
     deadline_in(&v->deadline, &v->conn_timeout);
     if (nonblock) {
         errno = EINPROGRESS;
@@ -843,6 +912,7 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     if (len < (socklen_t)sizeof u)
         return fail(EINVAL);
     memcpy(&u, val, sizeof u);
+    unsigned long long before = v->buf;
     if (name == SO_VM_SOCKETS_BUFFER_SIZE) {
         v->buf = clamp_buf(v, u);
     } else if (name == SO_VM_SOCKETS_BUFFER_MIN_SIZE) {
@@ -851,6 +921,16 @@ EXPORT int setsockopt(int fd, int level, int name, const void *val, socklen_t le
     } else {
         v->buf_max = u;
         v->buf = clamp_buf(v, v->buf);
+    }
+    if (v->buf != before) {
+        v->buf_set = 1;
+        if (v->connected) {           /* the kernel clamps to the transport's maximum and */
+            char what[32];            /* tells the peer (a credit update) */
+            if (v->buf > MAX_BUF_ALLOC)
+                v->buf = MAX_BUF_ALLOC;
+            snprintf(what, sizeof what, "buf=%llu", v->buf);
+            ctl(v, what);
+        }
     }
     return 0;
 }
@@ -872,7 +952,86 @@ EXPORT int ioctl(int fd, unsigned long req, ...)
     }
     if (v && v->kind == K_DEV)
         return fail(ENOTTY);
-    return r_ioctl(fd, req, arg);     /* a vsock socket: ENOTTY from AF_UNIX, as the kernel */
+    int r = r_ioctl(fd, req, arg);    /* a vsock socket: ENOTTY from AF_UNIX, as the kernel */
+    if (r == 0 && req == FIONREAD && arg && v && v->kind == K_SOCK && v->framed) {
+        int n;                        /* the next message's length: without its flags byte */
+        memcpy(&n, arg, sizeof n);
+        if (n > 0)
+            n--;
+        memcpy(arg, &n, sizeof n);
+    }
+    return r;
+}
+
+/* ---- framed SEQPACKET: a flags byte before every message ---------------------------------
+ * Unix SEQPACKET sockets neither keep nor report MSG_EOR, so on a framed connection each
+ * message is <flags byte><data> (FRAME_EOR: the message ends a record).  One extra iovec per
+ * call, no copy. */
+static struct vs *framed_of(int fd)
+{
+    struct vs *v = get(fd);             /* checked against the fd: never frame a reused fd */
+    return v && v->kind == K_SOCK && v->framed ? sock_of(fd) : NULL;
+}
+
+/* m = msg with the flags byte *f as its first iovec (iov: IOV_MAX entries); -1 if too long */
+static int frame(struct msghdr *m, const struct msghdr *msg, struct iovec *iov, unsigned char *f)
+{
+    if (msg->msg_iovlen >= IOV_MAX)
+        return fail(EMSGSIZE);
+    iov[0].iov_base = f;
+    iov[0].iov_len = 1;
+    if (msg->msg_iovlen)
+        memcpy(iov + 1, msg->msg_iov, msg->msg_iovlen * sizeof *iov);
+    *m = *msg;
+    m->msg_name = NULL;
+    m->msg_namelen = 0;
+    m->msg_iov = iov;
+    m->msg_iovlen = msg->msg_iovlen + 1;
+    return 0;
+}
+
+static ssize_t framed_sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    if (msg->msg_name && msg->msg_namelen)
+        return fail(EISCONN);             /* vsock: an address on a connected socket */
+    struct iovec iov[IOV_MAX];
+    struct msghdr m;
+    unsigned char f = (flags & MSG_EOR) ? FRAME_EOR : 0;
+    if (frame(&m, msg, iov, &f) != 0)
+        return -1;
+    ssize_t r = r_sendmsg(fd, &m, flags & ~MSG_EOR);
+    return r > 0 ? r - 1 : r;
+}
+
+static ssize_t framed_recvmsg(int fd, struct msghdr *msg, int flags)
+{
+    struct iovec iov[IOV_MAX];
+    struct msghdr m;
+    unsigned char f = 0;
+    if (frame(&m, msg, iov, &f) != 0)
+        return -1;
+    ssize_t r = r_recvmsg(fd, &m, flags);
+    msg->msg_controllen = m.msg_controllen;
+    msg->msg_flags = m.msg_flags & ~MSG_EOR;
+    if (r <= 0)
+        return r;                         /* 0: EOF (a framed message has at least the byte) */
+    if (f & FRAME_EOR)
+        msg->msg_flags |= MSG_EOR;
+    return r - 1;                         /* with MSG_TRUNC: the real length, as vsock */
+}
+
+static ssize_t framed_send(int fd, const void *buf, size_t n, int flags)
+{
+    struct iovec iov = { (void *)buf, n };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+    return framed_sendmsg(fd, &m, flags);
+}
+
+static ssize_t framed_recv(int fd, void *buf, size_t n, int flags)
+{
+    struct iovec iov = { buf, n };
+    struct msghdr m = { .msg_iov = &iov, .msg_iovlen = 1 };
+    return framed_recvmsg(fd, &m, flags);
 }
 
 /* ---- reads: a pending non-blocking connect finishes on the first read ------------------ */
@@ -880,6 +1039,8 @@ EXPORT ssize_t read(int fd, void *buf, size_t n)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd))
+        return framed_recv(fd, buf, n, 0);
     return r_read(fd, buf, n);
 }
 
@@ -887,6 +1048,10 @@ EXPORT ssize_t readv(int fd, const struct iovec *iov, int n)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd) && n >= 0) {
+        struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        return framed_recvmsg(fd, &m, 0);
+    }
     return r_readv(fd, iov, n);
 }
 
@@ -894,6 +1059,8 @@ EXPORT ssize_t recv(int fd, void *buf, size_t n, int flags)
 {
     INIT();
     SETTLE(fd);
+    if (framed_of(fd))
+        return framed_recv(fd, buf, n, flags);
     return r_recv(fd, buf, n, flags);
 }
 
@@ -904,7 +1071,8 @@ EXPORT ssize_t recvfrom(int fd, void *buf, size_t n, int flags, struct sockaddr 
     struct vs *v = get(fd);
     if (v && v->kind == K_SOCK) {
         SETTLE(fd);
-        ssize_t r = r_recvfrom(fd, buf, n, flags, NULL, NULL);
+        ssize_t r = v->framed ? framed_recv(fd, buf, n, flags)
+                              : r_recvfrom(fd, buf, n, flags, NULL, NULL);
         if (r >= 0 && addr && alen)
             fill_addr(addr, alen, v->pcid, v->pport);
         return r;
@@ -922,7 +1090,7 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
         socklen_t nlen = msg->msg_namelen;
         msg->msg_name = NULL;
         msg->msg_namelen = 0;
-        ssize_t r = r_recvmsg(fd, msg, flags);
+        ssize_t r = v->framed ? framed_recvmsg(fd, msg, flags) : r_recvmsg(fd, msg, flags);
         msg->msg_name = name;
         msg->msg_namelen = nlen;
         if (r >= 0 && name)
@@ -932,11 +1100,121 @@ EXPORT ssize_t recvmsg(int fd, struct msghdr *msg, int flags)
     return r_recvmsg(fd, msg, flags);
 }
 
-/* ---- poll: SO_RCVLOWAT -------------------------------------------------------------------
+/* _FORTIFY_SOURCE builds call these instead; the length check stays glibc's */
+static ssize_t (*r_read_chk)(int, void *, size_t, size_t);
+static ssize_t (*r_recv_chk)(int, void *, size_t, size_t, int);
+static ssize_t (*r_recvfrom_chk)(int, void *, size_t, size_t, int, struct sockaddr *, socklen_t *);
+
+EXPORT ssize_t __read_chk(int fd, void *buf, size_t n, size_t buflen)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_read_chk)
+            r_read_chk = need("__read_chk");
+        return r_read_chk(fd, buf, n, buflen);
+    }
+    return read(fd, buf, n);
+}
+
+EXPORT ssize_t __recv_chk(int fd, void *buf, size_t n, size_t buflen, int flags)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_recv_chk)
+            r_recv_chk = need("__recv_chk");
+        return r_recv_chk(fd, buf, n, buflen, flags);
+    }
+    return recv(fd, buf, n, flags);
+}
+
+EXPORT ssize_t __recvfrom_chk(int fd, void *buf, size_t n, size_t buflen, int flags,
+                              struct sockaddr *addr, socklen_t *alen)
+{
+    INIT();
+    if (n > buflen) {
+        if (!r_recvfrom_chk)
+            r_recvfrom_chk = need("__recvfrom_chk");
+        return r_recvfrom_chk(fd, buf, n, buflen, flags, addr, alen);
+    }
+    return recvfrom(fd, buf, n, flags, addr, alen);
+}
+
+/* ---- writes: framed SEQPACKET only; everything else goes straight to libc ------------- */
+EXPORT ssize_t write(int fd, const void *buf, size_t n)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_send(fd, buf, n, 0);
+    return r_write(fd, buf, n);
+}
+
+EXPORT ssize_t writev(int fd, const struct iovec *iov, int n)
+{
+    INIT();
+    if (framed_of(fd) && n >= 0) {
+        struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+        return framed_sendmsg(fd, &m, 0);
+    }
+    return r_writev(fd, iov, n);
+}
+
+EXPORT ssize_t send(int fd, const void *buf, size_t n, int flags)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_send(fd, buf, n, flags);
+    return r_send(fd, buf, n, flags);
+}
+
+EXPORT ssize_t sendto(int fd, const void *buf, size_t n, int flags, const struct sockaddr *addr,
+                      socklen_t alen)
+{
+    INIT();
+    if (framed_of(fd)) {
+        if (addr && alen)
+            return fail(EISCONN);
+        return framed_send(fd, buf, n, flags);
+    }
+    return r_sendto(fd, buf, n, flags, addr, alen);
+}
+
+EXPORT ssize_t sendmsg(int fd, const struct msghdr *msg, int flags)
+{
+    INIT();
+    if (framed_of(fd))
+        return framed_sendmsg(fd, msg, flags);
+    return r_sendmsg(fd, msg, flags);
+}
+
+/* ---- shutdown: SHUT_RD is told to the backend (the guest gets SHUTDOWN(RCV)) ------------ */
+EXPORT int shutdown(int fd, int how)
+{
+    INIT();
+    struct vs *v = get(fd) ? sock_of(fd) : NULL;
+    if (v && v->connected && !v->rd_shut && (how == SHUT_RD || how == SHUT_RDWR)) {
+        v->rd_shut = 1;
+        if (ctl(v, "shut_rd") != 0)
+            DBG("fd %d: could not tell the backend about SHUT_RD", fd);
+    }
+    return r_shutdown(fd, how);
+}
+
+/* ---- readiness with SO_RCVLOWAT: poll, ppoll, select, pselect, epoll_wait -----------------
  * vsock reports POLLIN only once SO_RCVLOWAT bytes are queued (or the peer shut down); an
- * AF_UNIX socket reports it for one byte.  When a polled stream fd has a low-water mark, POLLIN
- * below it is masked and poll waits on in 5 ms steps (only then: no cost otherwise).
- * select() and epoll are not adjusted (docs/exec.md). */
+ * AF_UNIX socket reports it for one byte.  Only when a waited-on stream socket has a mark above
+ * one (no cost otherwise): poll/select wait without POLLIN for the sockets below their mark and
+ * look at them again every LOWAT_STEP_MS; epoll_wait drops their POLLIN from what it returns
+ * (re-arming EPOLLONESHOT) and, for level-triggered ones, waits LOWAT_STEP_MS before asking
+ * again (so another fd's event may come up to that much later while one sits below its mark). */
+#define LOWAT_STEP_MS 5
+#define RD_EVENTS (POLLIN | POLLRDNORM)
+
+static int has_mark(int fd)
+{
+    struct vs *v = get(fd);
+    return v && v->kind == K_SOCK && v->type == SOCK_STREAM && v->lowat > 1;
+}
+
 static int below_lowat(int fd)
 {
     struct vs *v = get(fd);
@@ -953,48 +1231,73 @@ static int below_lowat(int fd)
 
 static int lowat_fds(struct pollfd *fds, nfds_t n)
 {
-    for (nfds_t i = 0; i < n; i++) {
-        struct vs *v = get(fds[i].fd);
-        if (v && v->kind == K_SOCK && v->lowat > 1 && (fds[i].events & (POLLIN | POLLRDNORM)))
+    for (nfds_t i = 0; i < n; i++)
+        if ((fds[i].events & RD_EVENTS) && has_mark(fds[i].fd))
             return 1;
-    }
     return 0;
 }
 
-static int mask_lowat(struct pollfd *fds, nfds_t n, int r)
+static long ms_since(const struct timespec *start)
 {
-    if (r <= 0)
-        return r;
-    int count = 0;
-    for (nfds_t i = 0; i < n; i++) {
-        if ((fds[i].revents & (POLLIN | POLLRDNORM)) && below_lowat(fds[i].fd))
-            fds[i].revents &= (short)~(POLLIN | POLLRDNORM);
-        if (fds[i].revents)
-            count++;
-    }
-    return count;
+    struct timespec now;
+    clock_gettime(CLOCK_MONOTONIC, &now);
+    return (now.tv_sec - start->tv_sec) * 1000 + (now.tv_nsec - start->tv_nsec) / 1000000;
 }
 
-static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms)
+/* The wait of one step: ppoll with the caller's signal mask (atomic, as theirs), else poll. */
+static int poll_step(struct pollfd *fds, nfds_t n, long ms, const sigset_t *mask)
 {
+    if (!mask)
+        return r_poll(fds, n, (int)ms);
+    struct timespec ts = { ms / 1000, (ms % 1000) * 1000000L }, *tp = ms < 0 ? NULL : &ts;
+    return r_ppoll(fds, n, tp, mask);
+}
+
+static int poll_lowat(struct pollfd *fds, nfds_t n, long timeout_ms, const sigset_t *mask)
+{
+    short stack_ev[64];
+    short *orig = n <= 64 ? stack_ev : malloc(n * sizeof *orig);
+    if (!orig)
+        return fail(ENOMEM);
     struct timespec start;
     clock_gettime(CLOCK_MONOTONIC, &start);
+    int r;
     for (;;) {
-        long step = 5;
-        if (timeout_ms >= 0) {
-            struct timespec now;
-            clock_gettime(CLOCK_MONOTONIC, &now);
-            long spent = (now.tv_sec - start.tv_sec) * 1000 + (now.tv_nsec - start.tv_nsec) / 1000000;
-            long left = timeout_ms - spent;
-            if (left < 0)
-                left = 0;
-            if (left < step)
-                step = left;
+        int held = 0;             /* sockets below their mark wait without POLLIN this step */
+        for (nfds_t i = 0; i < n; i++) {
+            orig[i] = fds[i].events;
+            if ((fds[i].events & RD_EVENTS) && below_lowat(fds[i].fd)) {
+                fds[i].events = (short)((fds[i].events & ~RD_EVENTS) | POLLRDHUP);
+                held = 1;
+            }
         }
-        int r = mask_lowat(fds, n, r_poll(fds, n, (int)step));
-        if (r != 0 || step == 0)
-            return r;
+        long left = timeout_ms < 0 ? -1 : timeout_ms - ms_since(&start);
+        if (timeout_ms >= 0 && left < 0)
+            left = 0;
+        long step = held && (left < 0 || left > LOWAT_STEP_MS) ? LOWAT_STEP_MS : left;
+        r = poll_step(fds, n, step, mask);
+        int count = 0;
+        for (nfds_t i = 0; i < n; i++) {
+            if (fds[i].events != orig[i]) {        /* held: readable now if at the mark */
+                fds[i].revents &= (short)(orig[i] | POLLHUP | POLLERR | POLLNVAL);
+                if (!below_lowat(fds[i].fd))
+                    fds[i].revents |= (short)(orig[i] & RD_EVENTS);
+                fds[i].events = orig[i];
+            } else if ((fds[i].revents & RD_EVENTS) && below_lowat(fds[i].fd)) {
+                fds[i].revents &= (short)~RD_EVENTS;
+            }
+            if (r >= 0 && fds[i].revents)
+                count++;
+        }
+        if (r < 0)
+            break;
+        r = count;
+        if (count || (timeout_ms >= 0 && ms_since(&start) >= timeout_ms))
+            break;
     }
+    if (orig != stack_ev)
+        free(orig);
+    return r;
 }
 
 EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
@@ -1002,24 +1305,251 @@ EXPORT int poll(struct pollfd *fds, nfds_t n, int timeout)
     INIT();
     if (!lowat_fds(fds, n))
         return r_poll(fds, n, timeout);
-    return poll_lowat(fds, n, timeout);
+    return poll_lowat(fds, n, timeout, NULL);
+}
+
+static long ts_ms(const struct timespec *ts)
+{
+    return ts ? ts->tv_sec * 1000 + (ts->tv_nsec + 999999) / 1000000 : -1;
 }
 
 EXPORT int ppoll(struct pollfd *fds, nfds_t n, const struct timespec *ts, const sigset_t *mask)
 {
     INIT();
-    if (!lowat_fds(fds, n) || mask)
+    if (!lowat_fds(fds, n))
         return r_ppoll(fds, n, ts, mask);
-    return poll_lowat(fds, n, ts ? ts->tv_sec * 1000 + ts->tv_nsec / 1000000 : -1);
+    return poll_lowat(fds, n, ts_ms(ts), mask);
+}
+
+/* select/pselect: only when a socket with a mark is in readfds, the sets become a poll */
+static int (*r_select)(int, fd_set *, fd_set *, fd_set *, struct timeval *);
+static int (*r_pselect)(int, fd_set *, fd_set *, fd_set *, const struct timespec *, const sigset_t *);
+
+static int select_has_mark(int nfds, fd_set *rd)
+{
+    if (!rd || nfds > FD_SETSIZE)
+        return 0;
+    for (int fd = 0; fd < nfds; fd++)
+        if (FD_ISSET(fd, rd) && has_mark(fd))
+            return 1;
+    return 0;
+}
+
+static int select_lowat(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, long ms, const sigset_t *mask)
+{
+    struct pollfd fds[FD_SETSIZE];
+    nfds_t n = 0;
+    for (int fd = 0; fd < nfds; fd++) {
+        short ev = (short)((rd && FD_ISSET(fd, rd) ? POLLIN : 0) |
+                           (wr && FD_ISSET(fd, wr) ? POLLOUT : 0) |
+                           (ex && FD_ISSET(fd, ex) ? POLLPRI : 0));
+        if (ev) {
+            fds[n].fd = fd;
+            fds[n].events = ev;
+            fds[n].revents = 0;
+            n++;
+        }
+    }
+    int r = poll_lowat(fds, n, ms, mask);
+    if (r < 0)
+        return r;
+    for (nfds_t i = 0; i < n; i++)
+        if (fds[i].revents & POLLNVAL)
+            return fail(EBADF);
+    int count = 0;
+    for (nfds_t i = 0; i < n; i++) {     /* the kernel's POLLIN_SET / POLLOUT_SET / POLLEX_SET */
+        int fd = fds[i].fd;
+        short re = fds[i].revents;
+        if (rd && FD_ISSET(fd, rd) && !(re & (POLLIN | POLLRDNORM | POLLRDBAND | POLLHUP | POLLERR)))
+            FD_CLR(fd, rd);
+        else if (rd && FD_ISSET(fd, rd))
+            count++;
+        if (wr && FD_ISSET(fd, wr) && !(re & (POLLOUT | POLLWRNORM | POLLWRBAND | POLLERR)))
+            FD_CLR(fd, wr);
+        else if (wr && FD_ISSET(fd, wr))
+            count++;
+        if (ex && FD_ISSET(fd, ex) && !(re & POLLPRI))
+            FD_CLR(fd, ex);
+        else if (ex && FD_ISSET(fd, ex))
+            count++;
+    }
+    return count;
+}
+
+EXPORT int select(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, struct timeval *tv)
+{
+    INIT();
+    if (!r_select)
+        r_select = need("select");
+    if (!select_has_mark(nfds, rd))
+        return r_select(nfds, rd, wr, ex, tv);
+    if (tv && (tv->tv_sec < 0 || tv->tv_usec < 0))
+        return fail(EINVAL);
+    long ms = tv ? tv->tv_sec * 1000 + (tv->tv_usec + 999) / 1000 : -1;
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    int r = select_lowat(nfds, rd, wr, ex, ms, NULL);
+    if (tv) {                     /* Linux leaves the time not slept in *timeout */
+        long left = ms - ms_since(&start);
+        if (left < 0)
+            left = 0;
+        tv->tv_sec = left / 1000;
+        tv->tv_usec = (left % 1000) * 1000;
+    }
+    return r;
+}
+
+EXPORT int pselect(int nfds, fd_set *rd, fd_set *wr, fd_set *ex, const struct timespec *ts,
+                   const sigset_t *mask)
+{
+    INIT();
+    if (!r_pselect)
+        r_pselect = need("pselect");
+    if (!select_has_mark(nfds, rd))
+        return r_pselect(nfds, rd, wr, ex, ts, mask);
+    return select_lowat(nfds, rd, wr, ex, ts_ms(ts), mask);
+}
+
+/* epoll: what the program registered (epoll_event.data is all an event says, so the fd is
+ * found by its data, and only when no other registration has the same data) */
+struct ep_reg { int epfd, fd; struct epoll_event ev; };
+static struct ep_reg *eps;
+static size_t neps, caps;
+static int (*r_epoll_ctl)(int, int, int, struct epoll_event *);
+static int (*r_epoll_wait)(int, struct epoll_event *, int, int);
+static int (*r_epoll_pwait)(int, struct epoll_event *, int, int, const sigset_t *);
+
+static void ep_forget(int epfd, int fd)    /* under lock; -1 matches any */
+{
+    for (size_t i = 0; i < neps;)
+        if ((epfd < 0 || eps[i].epfd == epfd) && (fd < 0 || eps[i].fd == fd))
+            eps[i] = eps[--neps];
+        else
+            i++;
+}
+
+EXPORT int epoll_ctl(int epfd, int op, int fd, struct epoll_event *ev)
+{
+    INIT();
+    if (!r_epoll_ctl)
+        r_epoll_ctl = need("epoll_ctl");
+    int r = r_epoll_ctl(epfd, op, fd, ev);
+    if (r != 0)
+        return r;
+    /* every fd of the instance is kept: an event is ours only if its data is ours alone */
+    pthread_mutex_lock(&lock);
+    ep_forget(epfd, fd);
+    if (op != EPOLL_CTL_DEL && ev) {
+        if (neps == caps) {
+            size_t nc = caps ? caps * 2 : 16;
+            struct ep_reg *ne = realloc(eps, nc * sizeof *ne);
+            if (ne) {
+                eps = ne;
+                caps = nc;
+            }
+        }
+        if (neps < caps)
+            eps[neps++] = (struct ep_reg){ epfd, fd, *ev };
+    }
+    pthread_mutex_unlock(&lock);
+    return r;
+}
+
+static int ep_has_mark(int epfd)
+{
+    int yes = 0;
+    pthread_mutex_lock(&lock);
+    for (size_t i = 0; i < neps && !yes; i++)
+        yes = eps[i].epfd == epfd && (eps[i].ev.events & EPOLLIN) && has_mark(eps[i].fd);
+    pthread_mutex_unlock(&lock);
+    return yes;
+}
+
+/* Drop POLLIN of events from sockets below their mark; returns the events left, *lt set when
+ * a level-triggered one was held back (it would come straight back). */
+static int ep_filter(int epfd, struct epoll_event *evs, int n, int *lt)
+{
+    int out = 0;
+    pthread_mutex_lock(&lock);
+    for (int i = 0; i < n; i++) {
+        struct ep_reg *hit = NULL;
+        int matches = 0;
+        for (size_t k = 0; k < neps; k++)
+            if (eps[k].epfd == epfd && eps[k].ev.data.u64 == evs[i].data.u64) {
+                hit = &eps[k];
+                matches++;
+            }
+        if (matches == 1 && (evs[i].events & EPOLLIN) && below_lowat(hit->fd)) {
+            evs[i].events &= ~(uint32_t)(EPOLLIN | EPOLLRDNORM);
+            if (hit->ev.events & EPOLLONESHOT) {      /* it fired: arm it again */
+                struct epoll_event again = hit->ev;
+                r_epoll_ctl(epfd, EPOLL_CTL_MOD, hit->fd, &again);
+            } else if (!(hit->ev.events & EPOLLET)) {
+                *lt = 1;
+            }
+        }
+        if (evs[i].events)
+            evs[out++] = evs[i];
+    }
+    pthread_mutex_unlock(&lock);
+    return out;
+}
+
+static int epoll_lowat(int epfd, struct epoll_event *evs, int max, int timeout, const sigset_t *mask)
+{
+    struct timespec start;
+    clock_gettime(CLOCK_MONOTONIC, &start);
+    for (;;) {
+        long left = timeout < 0 ? -1 : timeout - ms_since(&start);
+        if (timeout >= 0 && left < 0)
+            left = 0;
+        int r = mask ? r_epoll_pwait(epfd, evs, max, (int)left, mask)
+                     : r_epoll_wait(epfd, evs, max, (int)left);
+        if (r <= 0)
+            return r;
+        int lt = 0;
+        r = ep_filter(epfd, evs, r, &lt);
+        if (r > 0 || left == 0)
+            return r;
+        if (lt) {
+            long nap = left < 0 || left > LOWAT_STEP_MS ? LOWAT_STEP_MS : left;
+            struct timespec ts = { 0, nap * 1000000L };
+            nanosleep(&ts, NULL);
+        }
+    }
+}
+
+EXPORT int epoll_wait(int epfd, struct epoll_event *evs, int max, int timeout)
+{
+    INIT();
+    if (!r_epoll_wait)
+        r_epoll_wait = need("epoll_wait");
+    if (!ep_has_mark(epfd))
+        return r_epoll_wait(epfd, evs, max, timeout);
+    return epoll_lowat(epfd, evs, max, timeout, NULL);
+}
+
+EXPORT int epoll_pwait(int epfd, struct epoll_event *evs, int max, int timeout, const sigset_t *mask)
+{
+    INIT();
+    if (!r_epoll_pwait)
+        r_epoll_pwait = need("epoll_pwait");
+    if (!ep_has_mark(epfd))
+        return r_epoll_pwait(epfd, evs, max, timeout, mask);
+    if (!r_epoll_wait)
+        r_epoll_wait = need("epoll_wait");
+    return epoll_lowat(epfd, evs, max, timeout, mask);
 }
 
 /* ---- descriptors ---------------------------------------------------------------------- */
 EXPORT int close(int fd)
 {
     INIT();
-    if (get(fd)) {
+    if (get(fd) || __atomic_load_n(&neps, __ATOMIC_RELAXED)) {
         pthread_mutex_lock(&lock);
         put(fd, NULL);
+        ep_forget(fd, -1);            /* an epoll instance closed, or a socket in one */
+        ep_forget(-1, fd);
         pthread_mutex_unlock(&lock);
     }
     return r_close(fd);

@@ -42,6 +42,8 @@ ConnKey = tuple[int, int, int, int]  # (local_cid, local_port, peer_cid, peer_po
 DEFAULT_BUF_ALLOC = 256 * 1024       # same as Linux's default SO_VM_SOCKETS_BUFFER_SIZE
 CREDIT_LOW = 64 * 1024               # VIRTIO_VSOCK_MAX_PKT_BUF_SIZE: Linux's update threshold
 MAX_SEQ_MSG = 1024 * 1024            # largest host SEQPACKET message we forward to a guest
+MAX_BUF_ALLOC = 0xFFFFFFFF           # VIRTIO_VSOCK_MAX_BUF_SIZE: the kernel's clamp of buf_alloc
+FRAME_EOR = 0x01                     # framed SEQPACKET: the message ends a record (MSG_EOR)
 CLOSE_TIMEOUT = 8.0                  # VSOCK_CLOSE_TIMEOUT: wait this long for the guest's RST
 CONNECT_TIMEOUT = 10.0               # host-initiated: wait this long for RESPONSE
 LINGER_TIMEOUT = 60.0                # keep flushing to a slow host reader after the guest left
@@ -69,6 +71,7 @@ class Credit:
     peer_buf_alloc: int = 0
     peer_fwd_cnt: int = 0
     tx_cnt: int = 0                      # bytes we sent to the peer
+    rx_limit: int = 0                    # the largest buf_alloc we ever advertised (resize)
 
     def peer_credit(self) -> int:
         """Bytes we may still send: peer_buf_alloc - (tx_cnt - peer_fwd_cnt), never < 0."""
@@ -86,9 +89,15 @@ class Credit:
         """Peer bytes received but not yet passed on."""
         return (self.rx_cnt - self.fwd_cnt) & U32_MASK
 
+    def resize(self, buf_alloc: int) -> None:
+        """A new receive buffer size; bytes the peer sent under a larger window we advertised
+        earlier are still taken (they are not an overrun)."""
+        self.rx_limit = max(self.rx_limit, self.buf_alloc)
+        self.buf_alloc = buf_alloc
+
     def receive(self, n: int) -> bool:
         """Account n received bytes; False if the peer overran the credit we gave it."""
-        if self.buffered() + n > self.buf_alloc:
+        if self.buffered() + n > max(self.buf_alloc, self.rx_limit):
             return False
         self.rx_cnt = (self.rx_cnt + n) & U32_MASK
         return True
@@ -202,6 +211,8 @@ class Connection:
     peer_shut: int = 0                    # SHUTDOWN flags the guest sent
     local_shut: int = 0                   # SHUTDOWN flags we sent
     host_wr_closed: bool = False          # we did sock.shutdown(SHUT_WR)
+    host_rd_closed: bool = False          # the host program shut its reading side (SHUT_RD)
+    framed: bool = False                  # SEQPACKET: each Unix message is <flags byte> + data
     out: deque = field(default_factory=deque)   # (memoryview, sendmsg flags) not yet written
     out_bytes: int = 0
     seq_parts: list = field(default_factory=list)  # partial guest SEQPACKET message
@@ -366,7 +377,7 @@ class Connection:
                         self, self.credit.buffered(), n, self.credit.buf_alloc)
             self.reset("credit overrun")
             return
-        if self.peer_shut & SHUTDOWN_SEND or self.host_wr_closed:
+        if self.peer_shut & SHUTDOWN_SEND or self.host_wr_closed or self.host_rd_closed:
             self.credit.forwarded(n)       # nowhere to go; keep the books straight
             return
         if self.type == Type.SEQPACKET:
@@ -381,7 +392,7 @@ class Connection:
             except _AGAIN:
                 sent = 0
             except OSError as e:
-                self._host_write_failed(e)
+                self._host_write_failed(e, n)
                 return
             self.credit.forwarded(sent)
             if sent < n:
@@ -395,16 +406,23 @@ class Connection:
             self.out_bytes += len(data)
         self._after_forward()
 
+    def _send_msg(self, msg: memoryview, flags: int) -> None:
+        """One guest message to the host socket; framed: the flags byte first."""
+        if self.framed:
+            self.sock.sendmsg([bytes((FRAME_EOR if flags & socket.MSG_EOR else 0,)), msg])
+        else:
+            self.sock.sendmsg([msg], [], flags)
+
     def _queue_out(self, msg: memoryview, flags: int) -> None:
         if not self.out:
             try:
-                self.sock.sendmsg([msg], [], flags)
+                self._send_msg(msg, flags)
                 self.credit.forwarded(len(msg))
                 return
             except _AGAIN:
                 pass
             except OSError as e:
-                self._host_write_failed(e)
+                self._host_write_failed(e, len(msg))
                 return
         self.out.append((msg, flags))
         self.out_bytes += len(msg)
@@ -430,7 +448,7 @@ class Connection:
             while self.out:
                 data, flags = self.out[0]
                 if self.type == Type.SEQPACKET:
-                    self.sock.sendmsg([data], [], flags)
+                    self._send_msg(data, flags)
                     sent = len(data)
                 else:
                     sent = self.sock.send(data)
@@ -453,14 +471,47 @@ class Connection:
         if not self.lingering:
             self._after_forward()
 
-    def _host_write_failed(self, e: OSError) -> None:
+    def _host_write_failed(self, e: OSError, unsent: int = 0) -> None:
+        """`unsent`: guest bytes of the failed write that are not in `out`."""
         log.debug("%r: host socket write failed: %s", self, e)
+        if isinstance(e, BrokenPipeError) and not self.lingering and not self._peer_hung_up():
+            self.credit.forwarded(unsent)  # EPIPE from a live peer: it did shutdown(SHUT_RD)
+            self.host_shut_rd()
+            return
         self.out.clear()
         self.out_bytes = 0
         if self.lingering:
             self._destroy(f"host gone while lingering: {e}")
         else:
             self.reset(f"host write failed: {e}")
+
+    # --- what the host program asked for out of band (hybrid CTL lines) ------------------
+    def host_shut_rd(self) -> None:
+        """The host program did shutdown(SHUT_RD): tell the guest (SHUTDOWN with the RCV flag,
+        as the kernel sends it) and drop guest data from now on, as the kernel does."""
+        if self.state is State.CLOSED or self.host_rd_closed:
+            return
+        self.host_rd_closed = True
+        if self.out:
+            self.credit.forwarded(self.out_bytes)    # the host will never read it
+            self.out.clear()
+            self.out_bytes = 0
+            self._stop_writing()
+        self.seq_parts.clear()
+        if self.state is State.ESTABLISHED and not self.local_shut & SHUTDOWN_RCV:
+            self.local_shut |= SHUTDOWN_RCV
+            self.send(Op.SHUTDOWN, SHUTDOWN_RCV)
+
+    def set_buf_alloc(self, n: int) -> None:
+        """The host program's SO_VM_SOCKETS_BUFFER_SIZE (already clamped to its min/max by the
+        shim; the kernel's transport clamps to VIRTIO_VSOCK_MAX_BUF_SIZE). On an established
+        connection the guest hears it at once (CREDIT_UPDATE), as the kernel tells its peer."""
+        n = max(0, min(n, MAX_BUF_ALLOC))
+        if n == self.credit.buf_alloc:
+            return
+        self.credit.resize(n)   # the Unix socket's SO_SNDBUF stays: it is window on top (docs)
+        if self.state is State.ESTABLISHED:
+            self.send(Op.CREDIT_UPDATE)
 
     def _guest_shutdown(self, flags: int) -> None:
         self.peer_shut |= flags
@@ -627,7 +678,7 @@ class Connection:
                     else:
                         self.start_reading()   # an empty message: vsock cannot carry it
                     return None
-                if size > MAX_SEQ_MSG:
+                if size > MAX_SEQ_MSG + self.framed:
                     self.reset(f"host message of {size} bytes is too large")
                     return None
                 data, _, flags, _ = self.sock.recvmsg(size)
@@ -637,6 +688,12 @@ class Connection:
             except OSError as e:
                 self.reset(f"host read failed: {e}")
                 return None
+            if self.framed:
+                if len(data) <= 1:              # an empty message: vsock cannot carry it
+                    self.start_reading()
+                    return None
+                flags = socket.MSG_EOR if data[0] & FRAME_EOR else 0
+                data = memoryview(data)[1:]
             if len(data) > self.credit.peer_buf_alloc:
                 # Linux's sender would get EMSGSIZE; the guest could never take it whole
                 self.reset(f"host message of {len(data)} bytes exceeds the guest's buffer")

@@ -11,6 +11,15 @@
   (one listener for every VM of the lab) and first write a 16-byte preamble
   ``b"VSK1" + <guest cid> + <guest port> + <P>`` (u32 little endian) so the listener learns
   the peer address.  ``CONNECT <port> <srcport>\n`` asks for a specific host port.
+* options (the shim's; vmlab.vsock.host sends none, so nothing changes for it):
+  ``CONNECT <port> [<srcport>] [frame] [buf=<n>]\n`` -- ``frame`` (SEQPACKET): after the OK
+  line every message either way is one flags byte (``FRAME_EOR``: MSG_EOR / VIRTIO_VSOCK_SEQ_EOR)
+  and the data; ``buf=<n>``: advertise buf_alloc n (SO_VM_SOCKETS_BUFFER_SIZE). Guest -> host
+  SEQPACKET to a lab-wide listener is always framed, announced by the preamble magic ``VSK2``.
+* out of band: ``CTL <hostport> <guestport> shut_rd|buf=<n>\n`` on ``uds_path`` acts on the
+  existing connection (2, hostport, this VM, guestport): the host program's shutdown(SHUT_RD)
+  (an AF_UNIX shutdown(SHUT_RD) is invisible to the peer) or SO_VM_SOCKETS_BUFFER_SIZE set after
+  connect/accept. Answer ``OK\n``, or the socket is closed without one (no such connection).
 """
 
 from __future__ import annotations
@@ -42,15 +51,31 @@ HANDSHAKE_TIMEOUT = 10.0            # a host client must send its CONNECT line w
 MAX_HANDSHAKES_PER_VM = 128         # host clients that have not sent CONNECT yet, per VM
 MAX_CONNS_PER_VM = 4096             # host-terminated connections per VM (each has a Unix socket)
 GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
-_CONNECT_RE = re.compile(rb"CONNECT ([0-9]{1,10})(?: ([0-9]{1,10}))?\r?\n?")
+_CONNECT_RE = re.compile(
+    rb"CONNECT ([0-9]{1,10})(?: ([0-9]{1,10}))?((?: frame| buf=[0-9]{1,10})*)\r?\n?")
+_CTL_RE = re.compile(rb"CTL ([0-9]{1,10}) ([0-9]{1,10}) (shut_rd|buf=[0-9]{1,10})\r?\n?")
 PREAMBLE = struct.Struct("<4sIII")  # magic, peer (guest) cid, peer port, local (host) port
-PREAMBLE_MAGIC = b"VSK1"
+PREAMBLE_MAGIC = b"VSK1"            # unframed
+PREAMBLE_MAGIC_FRAMED = b"VSK2"     # SEQPACKET, every message after it is framed (FRAME_EOR)
 
 
 def host_listener_name(host_ns: str, port: int) -> str:
     """The abstract Unix address of a lab-wide host listener on vsock port `port`."""
     return f"\0{host_ns}:{port}"
 _FIRST_HOST_PORT = 1 << 30          # ephemeral host ports for host-initiated connections
+
+
+def _options(text: bytes) -> dict[bytes, int] | None:
+    """CONNECT options (`` frame buf=<n>``) -> {b"frame": 1, b"buf": n}; None if one repeats."""
+    out: dict[bytes, int] = {}
+    for tok in text.split():
+        name, _, val = tok.partition(b"=")
+        if name in out:
+            return None
+        out[name] = int(val) if val else 1
+    if out.get(b"buf", 0) > 0xFFFFFFFF:
+        return None
+    return out
 
 
 def _is_plain_socket(path: str) -> bool:
@@ -207,8 +232,11 @@ class Hybrid:
             return
         except OSError as e:
             return self._drop_handshake(hs, f"read failed: {e}")
+        if line.startswith(b"CTL "):
+            return self._on_ctl(hs, line)
         m = _CONNECT_RE.fullmatch(line)
-        if (m is None or int(m.group(1)) > 0xFFFFFFFF
+        opts = _options(m.group(3)) if m is not None else None
+        if (m is None or opts is None or int(m.group(1)) > 0xFFFFFFFF
                 or (m.group(2) is not None and int(m.group(2)) >= 0xFFFFFFFF)):
             return self._drop_handshake(hs, f"malformed handshake {line[:MAX_LINE]!r}")
         self._drop_handshake(hs, "", close=False)
@@ -225,9 +253,33 @@ class Hybrid:
             hport = self._alloc_port(vm.cid, port)
         key = (VMADDR_CID_HOST, hport, vm.cid, port)
         conn = self._new_conn(vm, key, hs.type, hs.sock)
+        conn.framed = b"frame" in opts and hs.type == Type.SEQPACKET
+        if b"buf" in opts:
+            conn.set_buf_alloc(opts[b"buf"])
         conn.ok_line = f"OK {hport}\n".encode()
         self.stats["host_connects"] += 1
         conn.start_connect(self.connect_timeout)
+
+    def _on_ctl(self, hs: _Handshake, line: bytes) -> None:
+        """An out-of-band request for an existing connection of this VM (module docstring)."""
+        m = _CTL_RE.fullmatch(line)
+        conn = None
+        if m is not None and int(m.group(1)) <= 0xFFFFFFFF and int(m.group(2)) <= 0xFFFFFFFF:
+            conn = self.conns.get((VMADDR_CID_HOST, int(m.group(1)), hs.vm.cid, int(m.group(2))))
+        if m is None or conn is None:
+            return self._drop_handshake(hs, f"CTL for no connection: {line[:MAX_LINE]!r}")
+        self._drop_handshake(hs, "", close=False)
+        what = m.group(3)
+        self.stats["ctl"] += 1
+        if what == b"shut_rd":
+            conn.host_shut_rd()
+        else:
+            conn.set_buf_alloc(int(what[4:]))
+        try:
+            hs.sock.send(b"OK\n")
+        except OSError:
+            pass
+        hs.sock.close()
 
     def _alloc_port(self, cid: int, port: int) -> int:
         while True:
@@ -286,6 +338,7 @@ class Hybrid:
         if self.host_ns:
             targets.append(host_listener_name(self.host_ns, hdr.dst_port))
         s = None
+        framed = False
         for path in targets:
             if not path.startswith("\0") and not _is_plain_socket(path):
                 continue                        # nothing there, or planted: never follow it
@@ -307,9 +360,11 @@ class Hybrid:
                 s = None
                 log.debug("%s: guest connect to %r: %s", vm_name, path, e)
                 continue
+            framed = path.startswith("\0") and hdr.type == Type.SEQPACKET
             if path.startswith("\0"):
+                magic = PREAMBLE_MAGIC_FRAMED if framed else PREAMBLE_MAGIC
                 try:   # 16 bytes into an empty socket buffer: never short, never blocks
-                    s.send(PREAMBLE.pack(PREAMBLE_MAGIC, hdr.src_cid, hdr.src_port, hdr.dst_port))
+                    s.send(PREAMBLE.pack(magic, hdr.src_cid, hdr.src_port, hdr.dst_port))
                 except OSError as e:
                     log.info("%s: host listener %r gone: %s", vm_name, path, e)
                     s.close()
@@ -320,6 +375,7 @@ class Hybrid:
             self._refuse(vm_name, hdr)
             return
         conn = self._new_conn(vm, key, hdr.type, s)
+        conn.framed = framed
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         self.stats["guest_connects"] += 1
         conn.accept()
@@ -374,4 +430,5 @@ class Hybrid:
                 "buffered_out": sum(c.out_bytes for c in self.conns.values())}
 
 
-__all__ = ["Hybrid", "HybridVm", "PREAMBLE", "host_listener_name", "seqpacket_path"]
+__all__ = ["Hybrid", "HybridVm", "PREAMBLE", "PREAMBLE_MAGIC", "PREAMBLE_MAGIC_FRAMED",
+           "host_listener_name", "seqpacket_path"]
