@@ -1,8 +1,11 @@
-"""`vmlab bisect` on a synthetic git tree whose "kernel" comes from a stub build command.
+"""`vmlab bisect` on synthetic git trees: one whose "kernel" comes from a stub build command, one
+whose commits are real kernel configs.
 
 The stub (data/stub_kernel_build.py) turns the stock kernel into one without vsock_loopback at
-the commits that carry the "bug"; one commit does not build. Every tested commit boots a real
-guest and runs a real scenario, so good/bad come from vmlab run, not from the stub.
+the commits that carry the "bug"; one commit does not build. The real one
+(data/config_kernel_build.sh) builds the distribution's 6.1 source with vmlab's recipe and each
+commit's fragment; the "bug" is a fragment that leaves vsock loopback out. Every tested commit
+boots a real guest and runs a real scenario, so good/bad come from vmlab run, not from the build.
 """
 import json
 import os
@@ -14,6 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 STUB = Path(__file__).resolve().parent / "data" / "stub_kernel_build.py"
+CONFIG_BUILD = Path(__file__).resolve().parent / "data" / "config_kernel_build.sh"
 
 SCENARIO = """\
 name: loopback-works
@@ -114,3 +118,40 @@ def test_bisect_refuses_a_dirty_tree_and_bad_refs(tmp_path):
     (repo / "version").write_text("dirty\n")
     p = run(commits[0], commits[6], "--", str(scenario))
     assert p.returncode == 2 and "uncommitted changes" in p.stderr
+
+
+def test_bisect_over_real_kernel_builds_of_two_configs(tmp_path, forget_builds):
+    """c0-c1: vmlab's config; c2 (the first bad commit) leaves vsock loopback out; c3, c4 too.
+    Two real kernels: vmlab's minimal one (cached by install-deps) and one without loopback (an
+    incremental build of the same tree, cached afterwards). scenarios/loopback.yaml decides."""
+    repo = tmp_path / "configs"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "config", "user.email", "t@example.org")
+    git(repo, "config", "user.name", "t")
+    commits = []
+    for i in range(5):
+        (repo / "frag.config").write_text("# CONFIG_VSOCKETS_LOOPBACK is not set\n" if i >= 2 else "")
+        (repo / "version").write_text(f"{i}\n")
+        git(repo, "add", "-A")
+        git(repo, "commit", "-q", "-m", f"c{i}" + (" drops vsock loopback" if i == 2 else ""))
+        commits.append(git(repo, "rev-parse", "HEAD"))
+    logs = tmp_path / "logs"
+    env = {**os.environ, "PYTHON": sys.executable}
+    proc = subprocess.run(
+        [sys.executable, "-m", "vmlab", "bisect", "--src", str(repo), "--logs", str(logs),
+         "--build-cmd", f"sh {CONFIG_BUILD}", commits[0], commits[4], "--", str(REPO / "scenarios" / "loopback.yaml")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=3600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert f"first bad commit: {commits[2]}" in proc.stdout, proc.stdout
+    steps = [json.loads(l) for l in (logs / "steps.jsonl").read_text().splitlines()]
+    verdicts = {s["commit"]: s["verdict"] for s in steps}
+    assert verdicts[commits[2]] == "bad" and verdicts.get(commits[1], "good") == "good"
+    # the kernels were real builds: the first bad commit's has no loopback, a good one's has it
+    from vmlab.kernel import store
+    configs = {b.meta.commit: (b.kernel.parent / "config").read_text() for b in store.all_builds()
+               if b.meta.source.startswith(str(tmp_path))}
+    assert "# CONFIG_VSOCKETS_LOOPBACK is not set" in configs[commits[2]]
+    good = [c for c in commits[:2] if c in configs]
+    assert all("CONFIG_VSOCKETS_LOOPBACK=y" in configs[c] for c in good)
+    print(proc.stdout)

@@ -52,11 +52,18 @@ def test_check_config_names_every_required_option_that_did_not_stick():
     assert problems[1].startswith("CONFIG_VSOCKMON=n") and "depends on" in problems[1]
 
 
-def test_check_config_blames_the_user_fragment_and_reports_its_dropped_options():
+def test_check_config_lets_the_fragment_turn_off_a_vmlab_option_and_reports_its_dropped_options():
+    from vmlab.kernel.config import turned_off
+
     frag = Fragment("# CONFIG_VSOCKETS_LOOPBACK is not set\nCONFIG_KASAN=y\n", "debug.config")
+    assert turned_off(frag) == {"CONFIG_VSOCKETS_LOOPBACK": "n"}
     problems = check_config(_full(CONFIG_VSOCKETS_LOOPBACK="n"), frag)
-    assert any("CONFIG_VSOCKETS_LOOPBACK=n" in p and "debug.config sets it to n" in p for p in problems)
+    assert not any("VSOCKETS_LOOPBACK" in p for p in problems)   # deliberately off: allowed
     assert any(p.startswith("CONFIG_KASAN: the fragment debug.config asks for y") for p in problems)
+    # asked off, but something selects it back on: the fragment did not get what it asked for
+    problems = check_config(_full(CONFIG_KASAN="y"), frag)
+    assert problems == ["CONFIG_VSOCKETS_LOOPBACK: the fragment debug.config asks for n, the final "
+                        ".config has y (a dependency is unmet or the value is invalid)"]
     assert check_config(_full(CONFIG_KASAN="y"), Fragment("CONFIG_KASAN=y\n", "d")) == []
 
 

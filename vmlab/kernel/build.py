@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections import deque
@@ -30,8 +31,9 @@ from vmlab.image.kernel import ImageError, from_path, kernel_version
 from vmlab.image.progress import Reporter
 
 from . import store
-from .config import ConfigError, Fragment, check_config, config_hash, config_inputs_hash, merged_fragment
-from .source import SourceError, SourceTree, distro_source, identify
+from .config import (ConfigError, Fragment, check_config, config_hash, config_inputs_hash, merged_fragment,
+                     turned_off)
+from .source import SourceError, SourceTree, distro_source, identify, unpacked_distro_source
 
 BUILDER_VERSION = "1"
 _ERROR_LINE = re.compile(r"(error:|Error \d|\*\*\*|undefined reference|No rule to make|fatal:|not clean)", re.I)
@@ -174,6 +176,9 @@ def _vmlab_recipe(tree: SourceTree, frag: Fragment, work: Path, out: Path, jobs:
     problems = check_config(text, frag)
     if problems:
         raise BuildError("the kernel config lacks what vmlab needs:\n  " + "\n  ".join(problems))
+    for name, value in turned_off(frag).items():
+        print(f"vmlab: note: the fragment {frag.origin} sets {name}={value}; vmlab's guests expect it "
+              "built in, so what it provides is missing from this kernel", file=sys.stderr)
     if _run_logged(_make(tree, work, jobs, "bzImage"), tree.path, log, progress) != 0:
         raise BuildError("make bzImage failed")
     image = work / "arch/x86/boot/bzImage"
@@ -201,6 +206,16 @@ def _command_recipe(tree: SourceTree, cmd: str, out: Path, log, progress: _Progr
         return f"kernel/{found[-1].name}"
     raise BuildError(f"build command left no kernel in $VMLAB_KERNEL_OUT ({kout}): expected bzImage, "
                      "vmlinuz* or boot/vmlinuz-*")
+
+
+def cached_minimal(cache: Path | None = None) -> store.StoredBuild | None:
+    """vmlab's minimal kernel (what `vmlab kernel build` makes with no arguments) if it is already
+    built for the current config; never downloads, unpacks or builds anything."""
+    cache = cache or cache_root()
+    src = unpacked_distro_source(cache)
+    if src is None:
+        return None
+    return store.by_key(build_key(identify(src), Fragment("", ""), None), cache)
 
 
 def build_kernel(req: BuildRequest, progress: bool = False,

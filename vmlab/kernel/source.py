@@ -163,6 +163,16 @@ def _extract(tar: Path, dest: Path) -> None:
         tf.extractall(dest, filter="tar")
 
 
+def unpacked_distro_source(cache: Path) -> Path | None:
+    """The distribution's source if it is already unpacked in the cache (never downloads)."""
+    try:
+        pkg, version = distro_source_package()
+    except SourceError:
+        return None
+    dest = cache / "kernels" / "src" / f"{pkg}_{version}"
+    return dest if (dest / MARKER).is_file() else None
+
+
 def distro_source(cache: Path, step: Callable[[str], None] = lambda s: None) -> Path:
     """The distribution's kernel source unpacked under <cache>/kernels/src/<pkg>_<version>."""
     pkg, version = distro_source_package()
