@@ -30,11 +30,13 @@ scenario file.
 
 from __future__ import annotations
 
+import os
 import re
 import secrets
 import signal
 import sys
 import threading
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -47,6 +49,7 @@ from vmlab.scenario import Scenario, VmSpec, inline_scenario, load_scenario
 _LABS_KEY = pytest.StashKey[list]()
 _REPORTS_KEY = pytest.StashKey[dict]()
 _SEED_KEY = pytest.StashKey[int]()
+_STARTED_KEY = pytest.StashKey["weakref.WeakSet[Lab]"]()
 LAB_FIXTURES = ("lab", "vm", "vmlab_lab_factory")
 
 
@@ -79,27 +82,64 @@ def pytest_configure(config: pytest.Config) -> None:
     _sigterm_as_interrupt(config)
 
 
-def _raise_interrupt(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt(f"signal {signum}")
+_WORKER_PIDS: list[int] = []   # xdist workers this process started (pids checked before use)
+XDIST_EXIT_TIMEOUT = 20.0   # > execnet's own 5 + 10 s in the worker before it gives up and _exits
 
 
 def _sigterm_as_interrupt(config: pytest.Config) -> None:
     """SIGTERM (CI cancel, `kill`) takes Ctrl-C's path, so the labs' fixtures tear down: by
-    default it ends pytest at once and leaves runtime dirs and sockets behind. Under xdist
-    the controller's KeyboardInterrupt stops the workers (execnet interrupts them in turn).
-    Only when nobody else has claimed SIGTERM; the old handler comes back at unconfigure."""
+    default it ends pytest at once and leaves runtime dirs and sockets behind. Under xdist the
+    controller forwards it to its workers as SIGINT at once (execnet alone would interrupt them
+    only 5 s after the controller's teardown began, and kill them 5 s later: a worker still
+    closing its lab lost its runtime dir) and gives them longer to finish. Only when nobody
+    else has claimed SIGTERM; the old handler comes back at unconfigure."""
     if threading.current_thread() is not threading.main_thread():
         return
     if signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return
-    signal.signal(signal.SIGTERM, _raise_interrupt)
+
+    def on_sigterm(signum: int, frame: Any) -> None:
+        _interrupt_workers(config)
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_sigterm)
     config.add_cleanup(lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+
+
+def _interrupt_workers(config: pytest.Config) -> None:
+    """Controller side of SIGTERM: SIGINT to every xdist worker that is still our child, and a
+    teardown deadline long enough for their labs to close."""
+    for pid in _WORKER_PIDS:
+        if _parent_of(pid) == os.getpid():      # not a recycled pid
+            try:
+                os.kill(pid, signal.SIGINT)
+            except ProcessLookupError:
+                pass
+    dsession = config.pluginmanager.getplugin("dsession")
+    nodemanager = getattr(dsession, "nodemanager", None)
+    if nodemanager is not None and getattr(nodemanager, "EXIT_TIMEOUT", 0) < XDIST_EXIT_TIMEOUT:
+        nodemanager.EXIT_TIMEOUT = XDIST_EXIT_TIMEOUT
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_newgateway(gateway: Any) -> None:
+    """Remember each xdist worker's pid (controller), so SIGTERM can be forwarded to it."""
+    try:
+        _WORKER_PIDS.append(int(gateway._rinfo().pid))   # what xdist's own -v header asks
+    except Exception:  # noqa: BLE001 - only the SIGTERM forwarding is lost
+        pass
 
 
 def nested_enabled(config: pytest.Config) -> bool:
     """--vmlab-nested or VMLAB_NESTED=1; VMLAB_NESTED=0 switches nested tests off even with the flag."""
-    import os
-
     env = os.environ.get("VMLAB_NESTED", "")
     if env == "0":
         return False
@@ -119,6 +159,21 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         return
     rest = [item for item in items if not item.get_closest_marker("vmlab_nested")]
     items[:] = nested + rest
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_sessionfinish(session: pytest.Session) -> Iterator[None]:
+    """Backstop: close any lab still open once the fixtures have torn down. A second interrupt
+    during teardown (execnet sends its own SIGINT to a worker that is slow to stop) ends the
+    fixture finalizers early, and a module/session lab would keep its runtime dir."""
+    try:
+        yield
+    finally:
+        for lab in list(session.config.stash.get(_STARTED_KEY, ())):
+            try:
+                lab.close()                     # idempotent: a no-op for labs already closed
+            except KeyboardInterrupt:
+                pass
 
 
 def pytest_report_header(config: pytest.Config) -> str:
@@ -253,19 +308,30 @@ class _LabFactory:
         lab = Lab(scenario, _options(self.config, self.artifacts_sub + suffix, self.iteration,
                                      **options))
         self.labs.append(lab)
+        self.config.stash.setdefault(_STARTED_KEY, weakref.WeakSet()).add(lab)
         lab.start()  # a lab that fails to start is still in self.labs, so close() tears it down
         return lab
 
     def close(self, failed: bool, test: str = "") -> None:
+        """Close every lab; a Ctrl-C/SIGTERM meanwhile is raised only after the last one."""
+        interrupted: BaseException | None = None
         for lab in self.labs:
-            if failed:
-                lab.failed = True
-                if self.config.getoption("vmlab_keep_on_failure"):
-                    _wait_for_user(self.config, lab, test)
-            lab.close()
+            try:
+                if failed:
+                    lab.failed = True
+                    if self.config.getoption("vmlab_keep_on_failure"):
+                        _wait_for_user(self.config, lab, test)
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
+            try:
+                lab.close()
+            except KeyboardInterrupt as exc:
+                interrupted = interrupted or exc
             if failed and lab.options.artifacts_dir is not None and lab.scenario.source:
                 _bundle(lab, test)
         self.labs.clear()
+        if interrupted is not None:
+            raise interrupted
 
 
 def _bundle(lab: Lab, test: str) -> None:
