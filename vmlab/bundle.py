@@ -111,19 +111,8 @@ def write_bundle(dest: Path, scenario: Any, rec: RunRecord, include_kernel: bool
     src = Path(rec.scenario_path).resolve()
     base = src.parent
     top = dest.name.removesuffix(".tar.gz").removesuffix(".tgz") or "vmlab-bundle"
-    missing: list[str] = []
-    members: list[tuple[Path, str]] = [(src, f"scenario/{src.name}")]
-    for p in scenario_files(scenario):
-        p = p if p.is_absolute() else base / p
-        try:
-            rel = p.resolve().relative_to(base)
-        except ValueError:
-            missing.append(f"{p} (outside the scenario's directory)")
-            continue
-        if p.exists():
-            members.append((p, f"scenario/{rel}"))
-        else:
-            missing.append(f"{p} (missing)")
+    named, missing = relative_members(base, scenario_files(scenario), "scenario")
+    members: list[tuple[Path, str]] = [(src, f"scenario/{src.name}"), *named]
     kernel_rel = None
     if include_kernel and rec.kernel is not None and rec.kernel.exists():
         kernel_rel = "kernel/vmlinuz"
@@ -151,6 +140,13 @@ def write_bundle(dest: Path, scenario: Any, rec: RunRecord, include_kernel: bool
               f"{': ' + rec.failure.splitlines()[0] if rec.failure else ''}\n"
               'cd "$(dirname "$0")" || exit 2\n'
               f"exec vmlab {shlex.join(args)} \"$@\"\n")
+    return write_archive(dest, top, members, manifest, rec.report, script)
+
+
+def write_archive(dest: Path, top: str, members: list[tuple[Path, str]], manifest: dict[str, Any],
+                  report: str, script: str) -> Path:
+    """The .tar.gz itself: files (path, name in the bundle), then manifest, report and
+    reproduce.sh, all under `top/`; written to a temp name and renamed, so never half there."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".part")
     try:
@@ -158,7 +154,7 @@ def write_bundle(dest: Path, scenario: Any, rec: RunRecord, include_kernel: bool
             for path, arc in members:
                 tar.add(str(path), arcname=f"{top}/{arc}")
             for arc, text, mode in ((MANIFEST, json.dumps(manifest, indent=2) + "\n", 0o644),
-                                    ("report.txt", rec.report, 0o644),
+                                    ("report.txt", report, 0o644),
                                     ("reproduce.sh", script, 0o755)):
                 data = text.encode()
                 info = tarfile.TarInfo(f"{top}/{arc}")
@@ -169,6 +165,24 @@ def write_bundle(dest: Path, scenario: Any, rec: RunRecord, include_kernel: bool
         tmp.unlink(missing_ok=True)
         raise BundleError(f"cannot write bundle {dest}: {exc}") from exc
     return dest
+
+
+def relative_members(base: Path, paths: list[Path], prefix: str) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(path, prefix/relative path) for each file under `base`; the rest as 'not bundled' notes."""
+    members: list[tuple[Path, str]] = []
+    missing: list[str] = []
+    for p in paths:
+        p = p if p.is_absolute() else base / p
+        try:
+            rel = p.resolve().relative_to(base)
+        except ValueError:
+            missing.append(f"{p} (outside the scenario's directory)")
+            continue
+        if p.exists():
+            members.append((p, f"{prefix}/{rel}"))
+        else:
+            missing.append(f"{p} (missing)")
+    return members, missing
 
 
 def extract_bundle(path: Path, into: Path) -> tuple[Path, dict[str, Any]]:

@@ -464,12 +464,15 @@ def build_parser() -> argparse.ArgumentParser:
                      help="QEMU gdbstub per VM on a Unix socket; prints the gdb line to attach")
     run.set_defaults(func=cmd_run)
 
-    replay = sub.add_parser("replay", help="rerun a bundle made by `vmlab run --bundle`",
+    replay = sub.add_parser("replay", help="rerun a bundle made by `vmlab run --bundle` or the pytest plugin",
                             description="Unpack FILE.tar.gz and rerun its scenario with its seed, "
-                                        "transport and (if bundled) kernel; exits like `vmlab run`.")
+                                        "transport and (if bundled) kernel; exits like `vmlab run`. "
+                                        "A bundle from the pytest plugin (--vmlab-artifacts) reruns "
+                                        "its failed test with pytest (same seed, transport, accel); "
+                                        "exits like pytest.")
     replay.add_argument("bundle", metavar="FILE.tar.gz")
     replay.add_argument("--dir", default=None, help="unpack here and keep it (default: a temp dir, removed)")
-    replay.add_argument("extra", nargs=argparse.REMAINDER, help="more `vmlab run` options after --")
+    replay.add_argument("extra", nargs=argparse.REMAINDER, help="more `vmlab run` (pytest bundle: pytest) options after --")
     replay.set_defaults(func=cmd_replay)
 
     val = sub.add_parser("validate", help="check scenario files without booting anything")

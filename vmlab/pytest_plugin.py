@@ -24,8 +24,8 @@ Options
   --vmlab-seed N (fault RNG seed; printed in the header), --vmlab-repeat N (run each lab test N
   times, run i with seed N+i-1)
 On failure the console tails, QMP events and backend log are attached to the report, and the full
-logs are copied to the artifacts directory, with a bundle (`vmlab replay`) for labs made from a
-scenario file.
+logs are copied to the artifacts directory, with a bundle that `vmlab replay` reruns the test from
+(vmlab.pytest_bundle).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
                     help="when a test fails, keep its lab up and wait for Enter before tearing it down (needs a TTY)")
     group.addoption("--vmlab-artifacts", default=None, metavar="DIR",
                     help="keep console, QMP, qemu and backend logs of failed tests under DIR/<test>/ "
-                         "(with bundle.tar.gz for `vmlab replay` when the lab came from a scenario file)")
+                         "with bundle.tar.gz (`vmlab replay` reruns the test)")
     group.addoption("--vmlab-nested", action="store_true", default=None,
                     help="run tests marked vmlab_nested (vmlab inside a TCG guest: the kernel vhost "
                          "transport where the host has none; slow). Also VMLAB_NESTED=1")
@@ -293,11 +293,12 @@ class _null:
 class _LabFactory:
     """Starts labs for one fixture scope and owns their teardown."""
 
-    def __init__(self, config: pytest.Config, artifacts_sub: str, base: Path | None,
+    def __init__(self, config: pytest.Config, artifacts_sub: str, node: Any,
                  iteration: int = 1) -> None:
         self.config = config
+        self.node = node
         self.artifacts_sub = artifacts_sub
-        self.base = base
+        self.base = _node_base(node)
         self.iteration = iteration
         self.labs: list[Lab] = []
 
@@ -327,31 +328,52 @@ class _LabFactory:
                 lab.close()
             except KeyboardInterrupt as exc:
                 interrupted = interrupted or exc
-            if failed and lab.options.artifacts_dir is not None and lab.scenario.source:
-                _bundle(lab, test)
+            if failed and lab.options.artifacts_dir is not None:
+                _bundle(lab, self.node, self.iteration)
         self.labs.clear()
         if interrupted is not None:
             raise interrupted
 
 
-def _bundle(lab: Lab, test: str) -> None:
-    """A `vmlab replay` bundle of a failed test's lab: its scenario file, seed, logs, pcap."""
-    from vmlab.bundle import BundleError, RunRecord, copy_logs, write_bundle
+def _bundle(lab: Lab, node: Any, iteration: int) -> None:
+    """A `vmlab replay` bundle of a failed test's lab: the test file, its scenario, seed, logs,
+    report (vmlab.pytest_bundle); replay reruns the test with pytest."""
+    from vmlab.bundle import BundleError, copy_logs
+    from vmlab.pytest_bundle import PytestRecord, write_pytest_bundle
 
+    path = getattr(node, "path", None)
+    if path is None or not Path(path).is_file():
+        sys.stderr.write(f"vmlab: no bundle for {node.nodeid or 'the session lab'}: "
+                         "it has no test file to replay\n")
+        return
     art = Path(lab.options.artifacts_dir)
+    config = node.config
     kernel = next((Path(vm.machine.config.kernel) for vm in lab.vms), None)
-    rec = RunRecord(scenario_path=Path(lab.scenario.source), seed=lab.options.seed,
-                    base_seed=lab.options.seed, iteration=1, reused=False,
-                    transport=lab.transport, accel=lab.options.accel, kernel=kernel, ok=False,
-                    failure=f"pytest {test} failed", report=f"pytest {test} failed\n",
-                    argv=list(sys.argv[1:]), logs=copy_logs(art))
+    rec = PytestRecord(test_file=Path(path), node=node.nodeid.partition("::")[2],
+                       seed=config.stash[_SEED_KEY], repeat=config.getoption("vmlab_repeat"),
+                       transport=lab.transport, accel=lab.options.accel, kernel=kernel,
+                       report=_failure_text(node), argv=list(config.invocation_params.args),
+                       logs=copy_logs(art), scenario=lab.scenario)
     try:
-        write_bundle(art / "bundle.tar.gz", lab.scenario, rec)
+        dest = write_pytest_bundle(art / "bundle.tar.gz", rec)
     except BundleError as exc:
         sys.stderr.write(f"vmlab: {exc}\n")
+        return
+    sys.stderr.write(f"vmlab: bundle {dest} (rerun with `vmlab replay {dest}`)\n")
+
+
+def _failure_text(node: Any) -> str:
+    """pytest's report of the failed phases of a test (for a module lab: its failed count)."""
+    reports = node.stash.get(_REPORTS_KEY, {}) if hasattr(node, "stash") else {}
+    texts = [f"{node.nodeid} {when} failed:\n{r.longreprtext}\n" for when, r in reports.items()
+             if r.failed]
+    return "".join(texts) or f"{node.nodeid}: {node.session.testsfailed} test(s) failed\n"
 
 
 def _node_base(node: Any) -> Path | None:
+    """Where a node's relative scenario paths start: its file's directory (the session: rootdir)."""
+    if isinstance(node, pytest.Session):
+        return Path(str(node.config.rootpath))
     path = getattr(node, "path", None)
     return Path(path).parent if path else None
 
@@ -359,7 +381,7 @@ def _node_base(node: Any) -> Path | None:
 @pytest.fixture
 def vmlab_lab_factory(request: pytest.FixtureRequest) -> Iterator[Callable[..., Lab]]:
     """make_lab(scenario path | Scenario | n_vms | [VmSpec/dict], **LabOptions) -> a started Lab."""
-    factory = _LabFactory(request.config, _safe_name(request.node.nodeid), _node_base(request.node),
+    factory = _LabFactory(request.config, _safe_name(request.node.nodeid), request.node,
                           request.getfixturevalue("vmlab_iteration"))
     request.node.stash[_LABS_KEY] = factory.labs  # so failure reports can attach these labs' logs
     yield factory
@@ -388,7 +410,7 @@ def module_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
     """One lab for the whole module: scenario from the module's VMLAB_SCENARIO (path, count or VMs)."""
     spec = getattr(request.module, "VMLAB_SCENARIO", None)
     options = getattr(request.module, "VMLAB_OPTIONS", {})
-    factory = _LabFactory(request.config, _safe_name(request.module.__name__), _node_base(request.node))
+    factory = _LabFactory(request.config, _safe_name(request.module.__name__), request.node)
     lab = factory(spec, **options)
     yield lab
     factory.close(request.session.testsfailed > 0, request.module.__name__)
@@ -403,7 +425,7 @@ def vmlab_session_scenario() -> Any:
 @pytest.fixture(scope="session")
 def session_lab(request: pytest.FixtureRequest, vmlab_session_scenario: Any) -> Iterator[Lab]:
     """One lab for the whole session (boot once, test many times)."""
-    factory = _LabFactory(request.config, "session", Path(str(request.config.rootpath)))
+    factory = _LabFactory(request.config, "session", request.node)
     lab = factory(vmlab_session_scenario)
     yield lab
     factory.close(request.session.testsfailed > 0, "session")

@@ -319,18 +319,22 @@ def cmd_replay(args: argparse.Namespace) -> int:
     except BundleError as exc:
         _err(str(exc))
         return EXIT_USAGE
-    print(f"replaying {args.bundle}: scenario {manifest.get('scenario_name')}, seed "
+    pytest_run = manifest.get("runner") == "pytest"   # a pytest bundle reruns its test
+    what = f"test {manifest.get('test')}" if pytest_run else f"scenario {manifest.get('scenario_name')}"
+    print(f"replaying {args.bundle}: {what}, seed "
           f"{manifest.get('seed')}, recorded with vmlab {manifest.get('vmlab')}, "
           f"{manifest.get('qemu')}, kernel {manifest.get('kernel', {}).get('version')}", flush=True)
     if manifest.get("failure"):
         print(f"recorded failure: {manifest['failure'].splitlines()[0]}", flush=True)
     replay = list(manifest["replay_args"])
     for i, a in enumerate(replay):
-        if a.startswith(("scenario/", "kernel/")):
+        if a.startswith(("scenario/", "kernel/", "test/")):
             replay[i] = str(top / a)
     extra = [a for a in (args.extra or []) if a != "--"]
+    argv = [sys.executable, *replay, *extra] if pytest_run else \
+        [sys.executable, "-m", "vmlab", *replay, *extra]
     try:                                         # a fresh process, as on another machine
-        return subprocess.call([sys.executable, "-m", "vmlab", *replay, *extra], cwd=top)
+        return subprocess.call(argv, cwd=top)
     except KeyboardInterrupt:
         return 130
     finally:

@@ -99,3 +99,54 @@ def test_keep_on_failure_without_a_terminal_says_so_and_tears_down(pytester):
     result = pytester.runpytest_subprocess("--vmlab-keep-on-failure", "-p", "no:cacheprovider", "-s")
     result.assert_outcomes(failed=1)
     result.stderr.fnmatch_lines(["*--vmlab-keep-on-failure needs a terminal*"])
+
+
+def test_failed_test_leaves_a_bundle_that_replays_the_failure_elsewhere(pytester, tmp_path):
+    """Issue 12: --vmlab-artifacts writes bundle.tar.gz for a failed test; `vmlab replay` of it,
+    in another directory with the original files gone, reruns that test and fails the same way."""
+    import json
+    import tarfile
+
+    pytester.makefile(".yaml", lab="name: msg-lab\nvms:\n  - name: box\n    files: {/root/msg: msg.txt}\n")
+    (pytester.path / "msg.txt").write_text("actual\n")
+    pytester.makepyfile(test_user="""
+        import pytest
+
+        @pytest.mark.vmlab("lab.yaml")
+        def test_reads_the_message(vm):
+            assert vm.run("cat /root/msg") == (0, "expected\\n"), "MSG-MISMATCH"
+
+        def test_unrelated_passes():
+            pass
+    """)
+    artifacts = tmp_path / "artifacts"
+    result = pytester.runpytest_subprocess("--vmlab-artifacts", str(artifacts), "--vmlab-seed", "4242",
+                                           "-p", "no:cacheprovider")
+    result.assert_outcomes(failed=1, passed=1)
+    bundles = list(artifacts.rglob("bundle.tar.gz"))
+    assert len(bundles) == 1 and "test_reads_the_message" in bundles[0].parent.name, bundles
+    with tarfile.open(bundles[0]) as tar:
+        names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
+        manifest = json.load(tar.extractfile("bundle/manifest.json"))
+        report = tar.extractfile("bundle/report.txt").read().decode()
+        script = tar.extractfile("bundle/reproduce.sh").read().decode()
+    assert {"manifest.json", "report.txt", "reproduce.sh", "test/test_user.py", "test/lab.yaml",
+            "test/msg.txt", "logs/box.console.log", "logs/box.qmp.jsonl"} <= names, names
+    if manifest["transport"] == "vhost-user":
+        assert "logs/backend.log" in names, names
+    assert manifest["runner"] == "pytest" and manifest["seed"] == 4242
+    assert manifest["test"] == "test/test_user.py::test_reads_the_message"
+    assert manifest["vmlab"] and manifest["qemu"].startswith("QEMU")
+    assert len(manifest["kernel"]["sha256"]) == 64 and manifest["kernel"]["version"]
+    assert "MSG-MISMATCH" in report and "MSG-MISMATCH" in manifest["failure"]
+    assert "--vmlab-seed 4242" in script and "test/test_user.py::test_reads_the_message" in script
+    for name in ("test_user.py", "lab.yaml", "msg.txt"):       # replay must not need the originals
+        (pytester.path / name).unlink()
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    replay = subprocess.run([sys.executable, "-m", "vmlab", "replay", str(bundles[0])], cwd=elsewhere,
+                            capture_output=True, text=True, timeout=600)
+    out = replay.stdout + replay.stderr
+    assert replay.returncode == 1, out                        # pytest: a test failed
+    assert "test test/test_user.py::test_reads_the_message" in out and "seed 4242" in out
+    assert "MSG-MISMATCH" in out and "1 failed" in out and "vmlab: fault seed 4242" in out
