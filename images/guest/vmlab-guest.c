@@ -19,6 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/time.h>
@@ -212,7 +213,9 @@ static double now(void)
 struct opts {
 	const char *cmd;
 	unsigned int cid, port;
-	int seqpacket, once, echo, recv, shutdown_wr;
+	int seqpacket, once, echo, recv, shutdown_wr, no_read;
+	unsigned int count;          /* flood: connections to open */
+	double hold;                 /* flood: seconds to keep them open */
 	size_t chunk;                /* 0: no per-recv message events (stream) */
 	long long expect_bytes;      /* -1: until EOF */
 	long long recv_bytes;        /* -1: until EOF */
@@ -292,6 +295,8 @@ static const char USAGE[] =
 	"  vmlab-guest connect CID PORT [--seqpacket] [--send MSG] [--send-file PATH]\n"
 	"                 [--send-bytes N] [--recv] [--recv-bytes N] [--chunk N] [--timeout SEC]\n"
 	"                 [--shutdown]\n"
+	"  vmlab-guest listen PORT --no-read [--once] [--timeout SEC]\n"
+	"  vmlab-guest flood CID PORT [--count N] [--hold SEC] [--timeout SEC]\n"
 	"CID: number, any (-1), host (2), hypervisor (0), local (1). PORT: number or any (-1).\n"
 	"Sizes accept K/M/G suffixes (powers of 1024). Output: one JSON object per line.\n";
 
@@ -311,13 +316,16 @@ static void parse(int argc, char **argv, struct opts *o)
 	}
 	if (!strcmp(o->cmd, "listen")) {
 		o->port = parse_port(i < argc ? argv[i++] : NULL);
-	} else if (!strcmp(o->cmd, "connect")) {
+	} else if (!strcmp(o->cmd, "connect") || !strcmp(o->cmd, "flood")) {
 		o->cid = parse_cid(i < argc ? argv[i++] : NULL);
 		o->port = parse_port(i < argc ? argv[i++] : NULL);
 	} else if (strcmp(o->cmd, "info")) {
 		usage_error("unknown command '%s'", o->cmd);
 	}
 	int listen_cmd = !strcmp(o->cmd, "listen"), connect_cmd = !strcmp(o->cmd, "connect");
+	int flood_cmd = !strcmp(o->cmd, "flood");
+	o->count = 1000;
+	o->hold = 30;
 	for (; i < argc; i++) {
 		const char *a = argv[i];
 		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -337,7 +345,7 @@ static void parse(int argc, char **argv, struct opts *o)
 			if (o->n_send_msgs == MAX_SEND_MSGS)
 				usage_error("too many --send options (at most %s)", "64");
 			o->send_msg[o->n_send_msgs++] = v;
-		} else if (!strcmp(a, "--timeout") && (listen_cmd || connect_cmd)) {
+		} else if (!strcmp(a, "--timeout") && (listen_cmd || connect_cmd || flood_cmd)) {
 			char *end;
 			NEEDS_VALUE();
 			o->timeout = strtod(v, &end);
@@ -370,6 +378,19 @@ static void parse(int argc, char **argv, struct opts *o)
 			o->recv = 1;
 		} else if (!strcmp(a, "--shutdown") && connect_cmd) {
 			o->shutdown_wr = 1;
+		} else if (!strcmp(a, "--no-read") && listen_cmd) {
+			o->no_read = 1;
+		} else if (!strcmp(a, "--count") && flood_cmd) {
+			NEEDS_VALUE();
+			o->count = (unsigned int)parse_num(v, "--count", 0);
+			if (o->count < 1 || o->count > 65536)
+				usage_error("--count %s: 1..65536", v);
+		} else if (!strcmp(a, "--hold") && flood_cmd) {
+			char *end;
+			NEEDS_VALUE();
+			o->hold = strtod(v, &end);
+			if (*end || o->hold < 0)
+				usage_error("bad --hold %s", v);
 		} else {
 			usage_error("unknown option '%s' for this command", a);
 		}
@@ -622,7 +643,16 @@ static int cmd_listen(const struct opts *o)
 		emit("{\"event\":\"accepted\",\"peer_cid\":%lld,\"peer_port\":%lld}",
 		     show(peer.svm_cid), show(peer.svm_port));
 		do_send(c, o);
-		do_recv(c, o, o->expect_bytes, o->echo);
+		if (o->no_read) {
+			/* a peer that stops reading: hold the connection, never read it */
+			emit("{\"event\":\"holding\"}");
+			if (o->timeout > 0)
+				usleep((useconds_t)(o->timeout * 1e6));
+			else
+				pause();
+		} else {
+			do_recv(c, o, o->expect_bytes, o->echo);
+		}
 		close(c);
 		emit("{\"event\":\"closed\"}");
 	} while (!o->once);
@@ -658,6 +688,92 @@ static int cmd_connect(const struct opts *o)
 	return 0;
 }
 
+/* Open --count connections as fast as the guest can (non-blocking connects, all in flight at
+ * once), keep every one that got through open for --hold seconds, never send or close early:
+ * a guest flooding a host port. One "flood" event with the outcome counts, then "closed". */
+static int cmd_flood(const struct opts *o)
+{
+	struct rlimit rl = {.rlim_cur = o->count + 64, .rlim_max = o->count + 64};
+	struct pollfd *pf = calloc(o->count, sizeof(*pf));
+	unsigned int n = 0, open_fds = 0, connected = 0, reset = 0, timedout = 0, other = 0;
+	int first_errno = 0;
+	double t0 = now();
+
+	if (!pf)
+		fail("flood", ENOMEM);
+	setrlimit(RLIMIT_NOFILE, &rl);          /* best effort: the guest's root may raise it */
+	for (n = 0; n < o->count; n++) {
+		struct sockaddr_vm addr = {.svm_family = AF_VSOCK, .svm_cid = o->cid, .svm_port = o->port};
+		int fd = socket(AF_VSOCK, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+		if (fd < 0) {
+			if (!first_errno)
+				first_errno = errno;
+			other += o->count - n;
+			break;
+		}
+		if (o->timeout > 0) {
+			struct timeval tv = {.tv_sec = (time_t)o->timeout,
+					     .tv_usec = (suseconds_t)((o->timeout - (time_t)o->timeout) * 1e6)};
+			setsockopt(fd, AF_VSOCK, SO_VM_SOCKETS_CONNECT_TIMEOUT, &tv, sizeof(tv));
+		}
+		pf[open_fds].fd = fd;
+		pf[open_fds].events = POLLOUT;
+		open_fds++;
+		if (connect(fd, (struct sockaddr *)&addr, sizeof(addr)) == 0)
+			pf[open_fds - 1].events = 0, connected++;
+		else if (errno != EINPROGRESS) {
+			if (!first_errno)
+				first_errno = errno;
+			if (errno == ECONNRESET || errno == ECONNREFUSED) reset++; else other++;
+			close(fd);
+			open_fds--;
+		}
+	}
+	/* wait for every connect in flight: POLLOUT (connected) or an error */
+	double limit = o->timeout > 0 ? o->timeout + 5 : 60;
+	for (;;) {
+		unsigned int pending = 0, i;
+		for (i = 0; i < open_fds; i++)
+			pending += pf[i].events != 0;
+		if (!pending || now() - t0 > limit + o->count / 100.0) {
+			timedout += pending;
+			break;
+		}
+		if (poll(pf, open_fds, 1000) < 0 && errno != EINTR)
+			fail("poll", errno);
+		for (i = 0; i < open_fds; i++) {
+			if (!pf[i].events || !pf[i].revents)
+				continue;
+			int err = 0;
+			socklen_t el = sizeof(err);
+			getsockopt(pf[i].fd, SOL_SOCKET, SO_ERROR, &err, &el);
+			pf[i].events = 0;
+			if (!err && !(pf[i].revents & (POLLERR | POLLHUP))) {
+				connected++;
+				continue;
+			}
+			if (!first_errno)
+				first_errno = err ? err : ECONNRESET;
+			if (!err || err == ECONNRESET || err == ECONNREFUSED) reset++;
+			else if (err == ETIMEDOUT) timedout++;
+			else other++;
+			close(pf[i].fd);
+			pf[i].fd = -1;
+		}
+	}
+	emit("{\"event\":\"flood\",\"attempted\":%u,\"connected\":%u,\"reset\":%u,\"timedout\":%u,"
+	     "\"other\":%u,\"first_errno\":%d,\"seconds\":%.3f}",
+	     o->count, connected, reset, timedout, other, first_errno, now() - t0);
+	if (o->hold > 0)
+		usleep((useconds_t)(o->hold * 1e6));
+	for (unsigned int i = 0; i < open_fds; i++)
+		if (pf[i].fd >= 0)
+			close(pf[i].fd);
+	free(pf);
+	emit("{\"event\":\"closed\"}");
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
 	struct opts o;
@@ -668,5 +784,7 @@ int main(int argc, char **argv)
 		return cmd_info();
 	if (!strcmp(o.cmd, "listen"))
 		return cmd_listen(&o);
+	if (!strcmp(o.cmd, "flood"))
+		return cmd_flood(&o);
 	return cmd_connect(&o);
 }

@@ -157,3 +157,46 @@ def test_guest_connection_flood_is_refused_past_the_per_vm_limit(lab) -> None:
     router.on_tx_packet(a, again.pack(), [])
     assert a.got[-1].op == Op.RESPONSE and a.got[-1].dst_port == 1100
     srv.close()
+
+
+def test_guest_connects_to_a_listener_that_never_accepts_are_capped_per_vm(tmp_path: Path) -> None:
+    """A full host listen backlog parks a guest connect (retried every 50 ms for up to 10 s);
+    a guest flooding such a listener must not park without bound (timers, socket() calls)."""
+    loop = asyncio.new_event_loop()
+    router = Router(loop)
+    hybrid = Hybrid(loop, router, max_pending_per_vm=4, connect_timeout=2)
+    router.hybrid = hybrid
+    a, b = Dev("a", 3), Dev("b", 4)
+    for dev in (a, b):
+        router.add_device(dev, "g")
+        hybrid.add_vm(dev.name, dev.cid, str(tmp_path / f"{dev.name}.vsock"))
+    srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    srv.bind(str(tmp_path / "a.vsock_7000"))
+    srv.listen(0)                                   # never accepted: the backlog fills at once
+    try:
+        for port in range(1000, 1040):
+            router.on_tx_packet(a, Header(3, 2, port, 7000, 0, Type.STREAM, Op.REQUEST, 0,
+                                          65536, 0).pack(), [])
+        parked = hybrid.snapshot()["per_vm"]["a"]["pending_connects"]
+        assert parked == 4 == len(hybrid.pending_guest)
+        rst = {h.dst_port for h in a.got if h.op == Op.RST}
+        accepted = {h.dst_port for h in a.got if h.op == Op.RESPONSE}
+        assert len(rst) == 40 - 4 - len(accepted) and router.stats["pending_limit"] == len(rst)
+        assert hybrid.snapshot()["limits"]["pending_connects_per_vm"] == 4
+        # the other VM is not affected by a's parked connects
+        srv_b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv_b.bind(str(tmp_path / "b.vsock_7000"))
+        srv_b.listen(8)
+        router.on_tx_packet(b, Header(4, 2, 2000, 7000, 0, Type.STREAM, Op.REQUEST, 0,
+                                      65536, 0).pack(), [])
+        assert b.got[-1].op == Op.RESPONSE
+        # a guest RST of a parked connect frees its slot
+        first = next(iter(hybrid.pending_guest))
+        router.on_tx_packet(a, Header(3, 2, first[3], 7000, 0, Type.STREAM, Op.RST, 0, 0,
+                                      0).pack(), [])
+        assert hybrid.snapshot()["per_vm"]["a"]["pending_connects"] == 3
+        srv_b.close()
+    finally:
+        srv.close()
+        hybrid.close()
+        loop.close()

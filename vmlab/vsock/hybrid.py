@@ -50,6 +50,7 @@ MAX_LINE = 64                       # "CONNECT 4294967295\n" is 19 bytes
 HANDSHAKE_TIMEOUT = 10.0            # a host client must send its CONNECT line within this
 MAX_HANDSHAKES_PER_VM = 128         # host clients that have not sent CONNECT yet, per VM
 MAX_CONNS_PER_VM = 4096             # host-terminated connections per VM (each has a Unix socket)
+MAX_PENDING_PER_VM = 256            # guest connects waiting for a full host listen backlog, per VM
 GUEST_CONNECT_RETRY = 0.05          # a full Unix listen backlog answers EAGAIN: retry a while
 _CONNECT_RE = re.compile(
     rb"CONNECT ([0-9]{1,10})(?: ([0-9]{1,10}))?((?: frame| buf=[0-9]{1,10})*)\r?\n?")
@@ -117,7 +118,8 @@ class Hybrid:
                  connect_timeout: float = CONNECT_TIMEOUT, host_ns: str | None = None,
                  handshake_timeout: float = HANDSHAKE_TIMEOUT,
                  max_conns_per_vm: int = MAX_CONNS_PER_VM,
-                 max_handshakes_per_vm: int = MAX_HANDSHAKES_PER_VM) -> None:
+                 max_handshakes_per_vm: int = MAX_HANDSHAKES_PER_VM,
+                 max_pending_per_vm: int = MAX_PENDING_PER_VM) -> None:
         self.loop = loop
         self.host_ns = host_ns
         self.router = router
@@ -127,6 +129,8 @@ class Hybrid:
         self.handshake_timeout = handshake_timeout
         self.max_conns_per_vm = max_conns_per_vm
         self.max_handshakes_per_vm = max_handshakes_per_vm
+        self.max_pending_per_vm = max_pending_per_vm
+        self.pending_per_cid: Counter[int] = Counter()   # pending_guest entries by guest CID
         self.conns_per_vm: Counter[str] = Counter()
         self.handshakes_per_vm: Counter[str] = Counter()
         self.vms: dict[str, HybridVm] = {}
@@ -158,6 +162,7 @@ class Hybrid:
         for t in self.pending_guest.values():
             t.cancel()
         self.pending_guest.clear()
+        self.pending_per_cid.clear()
         for vm in self.vms.values():
             for s in vm.listeners:
                 try:
@@ -315,7 +320,7 @@ class Hybrid:
             return
         if key in self.pending_guest:
             if hdr.op == Op.RST:
-                self.pending_guest.pop(key).cancel()
+                self._unpark(key)
             return
         if hdr.op == Op.REQUEST:
             self._guest_connect(vm_name, key, hdr, 0.0)
@@ -323,7 +328,7 @@ class Hybrid:
             self.router.send_to_vm(vm_name, rst_for(hdr))
 
     def _guest_connect(self, vm_name: str, key: ConnKey, hdr: Header, waited: float) -> None:
-        self.pending_guest.pop(key, None)
+        self._unpark(key)
         vm = self.vms.get(vm_name)
         if vm is None:
             return
@@ -347,10 +352,16 @@ class Hybrid:
                 s.connect(path)
             except (BlockingIOError, InterruptedError):
                 s.close()
+                if waited == 0 and self.pending_per_cid[key[2]] >= self.max_pending_per_vm:
+                    self.stats["pending_limit"] += 1   # a guest flooding a listener nobody accepts
+                    log.warning("%s: %d guest connects wait for host listen backlogs: refused (limit)",
+                                vm_name, self.pending_per_cid[key[2]])
+                    self._refuse(vm_name, hdr)
+                    return
                 if waited < self.connect_timeout:   # listener backlog full: try again shortly
-                    self.pending_guest[key] = self.loop.call_later(
+                    self._park(key, self.loop.call_later(
                         GUEST_CONNECT_RETRY, self._guest_connect, vm_name, key, hdr,
-                        waited + GUEST_CONNECT_RETRY)
+                        waited + GUEST_CONNECT_RETRY))
                     return
                 log.info("%s: %s: backlog full for %.1fs", vm_name, path.lstrip("\0"), waited)
                 self._refuse(vm_name, hdr)
@@ -379,6 +390,17 @@ class Hybrid:
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         self.stats["guest_connects"] += 1
         conn.accept()
+
+    def _park(self, key: ConnKey, timer: asyncio.TimerHandle) -> None:
+        """A guest connect that waits for a full host listen backlog (counted per VM)."""
+        self.pending_guest[key] = timer
+        self.pending_per_cid[key[2]] += 1
+
+    def _unpark(self, key: ConnKey) -> None:
+        timer = self.pending_guest.pop(key, None)
+        if timer is not None:
+            timer.cancel()
+            self.pending_per_cid[key[2]] -= 1
 
     def _refuse(self, vm_name: str, hdr: Header) -> None:
         self.stats["refused"] += 1
@@ -411,7 +433,7 @@ class Hybrid:
             n += 1
         for key in [k for k, t in self.pending_guest.items()
                     if (vm := self.vms.get(vm_name)) is not None and k[2] == vm.cid]:
-            self.pending_guest.pop(key).cancel()
+            self._unpark(key)
         return n
 
     def reset_key(self, key: ConnKey) -> bool:
@@ -425,9 +447,21 @@ class Hybrid:
         states: dict[str, int] = {}
         for c in self.conns.values():
             states[c.state.value] = states.get(c.state.value, 0) + 1
+        per_vm = {name: {"connections": self.conns_per_vm[name],
+                         "handshakes": self.handshakes_per_vm[name],
+                         "pending_connects": self.pending_per_cid[vm.cid], "buffered_out": 0}
+                  for name, vm in self.vms.items()}
+        for c in self.conns.values():
+            if c.vm in per_vm:
+                per_vm[c.vm]["buffered_out"] += c.out_bytes
         return {"connections": len(self.conns), "states": states,
                 "lingering": len(self.lingering), "handshakes": len(self.handshakes),
-                "buffered_out": sum(c.out_bytes for c in self.conns.values())}
+                "buffered_out": sum(c.out_bytes for c in self.conns.values()),
+                "per_vm": per_vm,
+                "limits": {"connections_per_vm": self.max_conns_per_vm,
+                           "handshakes_per_vm": self.max_handshakes_per_vm,
+                           "pending_connects_per_vm": self.max_pending_per_vm,
+                           "buffered_out_per_connection": self.buf_alloc}}
 
 
 __all__ = ["Hybrid", "HybridVm", "PREAMBLE", "PREAMBLE_MAGIC", "PREAMBLE_MAGIC_FRAMED",
