@@ -185,3 +185,33 @@ def test_connect_may_ask_for_a_source_port(lab) -> None:
         s.close()
     h.close()
     h2.close()
+
+
+def test_host_listener_accepts_when_its_fd_is_past_fd_setsize(tmp_path: Path) -> None:
+    """select() cannot watch fds >= 1024: a host program holding many connections (a guest
+    flooding it) made HostListener.accept fail with "listener is closed". It polls now."""
+    import os
+    import resource
+    import threading
+
+    from vmlab.vsock.host import HostEndpoint, host_listen
+
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[0] < 1200:
+        pytest.skip("needs a file limit of 1200")
+    ballast = [os.open(os.devnull, os.O_RDONLY) for _ in range(1100)]
+    try:
+        ep = HostEndpoint("vhost-user", "a", 3, str(tmp_path / "a.vsock"))
+        with host_listen(7000, vms=[ep]) as listener:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.connect(str(tmp_path / "a.vsock_7000"))
+            with listener.accept(timeout=5) as conn:
+                assert conn.fileno() >= 1024 and conn.peer_cid == 3
+                c.sendall(b"hi")
+                assert conn.recv(2) == b"hi"
+            c.close()
+            threading.Timer(0.3, listener.close).start()    # closed by another thread meanwhile
+            with pytest.raises(OSError):
+                listener.accept(timeout=10)
+    finally:
+        for fd in ballast:
+            os.close(fd)

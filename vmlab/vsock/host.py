@@ -146,14 +146,17 @@ class HostListener:
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            if not self._socks:
-                raise OSError(errno.EBADF, "listener is closed")
-            try:
-                ready, _, _ = select.select([s for s, _ in self._socks], [], [], left)
-            except ValueError:             # closed by another thread while we waited
-                raise OSError(errno.EBADF, "listener is closed") from None
-            for s, ep in self._socks:
-                if s not in ready:
+            socks = self._socks
+            if not socks or any(s.fileno() < 0 for s, _ in socks):
+                raise OSError(errno.EBADF, "listener is closed")   # (maybe by another thread)
+            # poll, not select: a host program holding 1024+ fds (FD_SETSIZE) must still accept
+            poller = select.poll()
+            for s, _ in socks:
+                poller.register(s, select.POLLIN)
+            slice_ms = 500 if left is None else int(min(left, 0.5) * 1000)
+            ready = {fd for fd, _ in poller.poll(slice_ms)}
+            for s, ep in socks:
+                if s.fileno() not in ready:
                     continue
                 try:
                     conn, addr = s.accept()
