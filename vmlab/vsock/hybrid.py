@@ -188,9 +188,9 @@ class Hybrid:
                 log.warning("%s: accept failed: %s", vm.name, e)
                 return
             if self.handshakes_per_vm[vm.name] >= self.max_handshakes_per_vm:
-                self.stats["handshake_overflow"] += 1     # silent clients: refuse, don't hoard fds
-                log.warning("%s: %d host clients have not sent CONNECT: refusing another",
-                            vm.name, self.handshakes_per_vm[vm.name])
+                self._count_limit("handshake_overflow",      # silent clients: refuse, don't hoard fds
+                                  "%s: %d host clients have not sent CONNECT: refusing another",
+                                  vm.name, self.handshakes_per_vm[vm.name])
                 s.close()
                 continue
             s.setblocking(False)
@@ -248,9 +248,8 @@ class Hybrid:
         port = int(m.group(1))
         vm = hs.vm
         if self.conns_per_vm[vm.name] >= self.max_conns_per_vm:
-            self.stats["conn_limit"] += 1
-            log.warning("%s: %d connections: host connect refused (limit)", vm.name,
-                        self.conns_per_vm[vm.name])
+            self._count_limit("conn_limit", "%s: %d connections: host connect refused (limit)",
+                              vm.name, self.conns_per_vm[vm.name])
             hs.sock.close()
             return
         hport = int(m.group(2)) if m.group(2) is not None else None
@@ -333,8 +332,8 @@ class Hybrid:
         if vm is None:
             return
         if self.conns_per_vm[vm_name] >= self.max_conns_per_vm:
-            self.stats["conn_limit"] += 1        # a guest flooding connections gets RST
-            log.warning("%s: %d connections: guest connect refused (limit)", vm_name,
+            self._count_limit("conn_limit",     # a guest flooding connections gets RST
+                              "%s: %d connections: guest connect refused (limit)", vm_name,
                         self.conns_per_vm[vm_name])
             self._refuse(vm_name, hdr)
             return
@@ -353,9 +352,9 @@ class Hybrid:
             except (BlockingIOError, InterruptedError):
                 s.close()
                 if waited == 0 and self.pending_per_cid[key[2]] >= self.max_pending_per_vm:
-                    self.stats["pending_limit"] += 1   # a guest flooding a listener nobody accepts
-                    log.warning("%s: %d guest connects wait for host listen backlogs: refused (limit)",
-                                vm_name, self.pending_per_cid[key[2]])
+                    self._count_limit("pending_limit",  # a guest flooding a listener nobody accepts
+                                      "%s: %d guest connects wait for host listen backlogs: "
+                                      "refused (limit)", vm_name, self.pending_per_cid[key[2]])
                     self._refuse(vm_name, hdr)
                     return
                 if waited < self.connect_timeout:   # listener backlog full: try again shortly
@@ -363,7 +362,8 @@ class Hybrid:
                         GUEST_CONNECT_RETRY, self._guest_connect, vm_name, key, hdr,
                         waited + GUEST_CONNECT_RETRY))
                     return
-                log.info("%s: %s: backlog full for %.1fs", vm_name, path.lstrip("\0"), waited)
+                self._count_limit("backlog_full", "%s: %s: backlog full for %.1fs", vm_name,
+                                  path.lstrip("\0"), waited, level=logging.INFO)
                 self._refuse(vm_name, hdr)
                 return
             except OSError as e:
@@ -390,6 +390,14 @@ class Hybrid:
         conn.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
         self.stats["guest_connects"] += 1
         conn.accept()
+
+    def _count_limit(self, counter: str, msg: str, *args: object, level: int = logging.WARNING) -> None:
+        """Count a refusal; log it only the 1st, 2nd, 4th, 8th ... time: a guest flooding
+        connections must not flood the backend's log file as well."""
+        self.stats[counter] += 1
+        n = self.stats[counter]
+        if n & (n - 1) == 0:
+            log.log(level, msg + " [%s: %d so far, logged at powers of two]", *args, counter, n)
 
     def _park(self, key: ConnKey, timer: asyncio.TimerHandle) -> None:
         """A guest connect that waits for a full host listen backlog (counted per VM)."""
