@@ -104,7 +104,7 @@ def cid_arg(cid: int | str) -> str:
 
 def listen_argv(port: int | str, *, cid: int | str = "any", type: str = "stream", once: bool = True,
                 echo: bool = False, chunk: int | None = None, expect_bytes: int | None = None,
-                send: str | None = None) -> list[str]:
+                send: str | None = None, no_read: bool = False, timeout: float | None = None) -> list[str]:
     argv = [GUEST_HELPER, "listen", port_arg(port), "--cid", cid_arg(cid)]
     argv += ["--send", send] if send is not None else []
     argv += ["--seqpacket"] if type == "seqpacket" else []
@@ -112,7 +112,15 @@ def listen_argv(port: int | str, *, cid: int | str = "any", type: str = "stream"
     argv += ["--echo"] if echo else []
     argv += ["--chunk", str(chunk)] if chunk else []
     argv += ["--expect-bytes", str(expect_bytes)] if expect_bytes is not None else []
+    argv += ["--no-read"] if no_read else []           # accept, then never read (a stalled peer)
+    argv += ["--timeout", f"{timeout:g}"] if timeout is not None else []
     return argv
+
+
+def flood_argv(cid: int | str, port: int | str, *, count: int = 1000, hold: float = 30.0,
+               timeout: float = 10.0) -> list[str]:
+    return [GUEST_HELPER, "flood", cid_arg(cid), port_arg(port), "--count", str(count),
+            "--hold", f"{hold:g}", "--timeout", f"{timeout:g}"]
 
 
 def connect_argv(cid: int | str, port: int | str, *, type: str = "stream", send: str | list[str] | None = None,
@@ -154,6 +162,14 @@ class GuestHelper:
         proc = GuestProcess(id or f"listen-{next(_counter)}", "guest_listen", self.vm)
         proc.start(listen_argv(port, **kwargs))
         return proc.wait_for("listening", timeout)
+
+    def flood(self, cid: int | str, port: int | str, *, id: str | None = None, count: int = 1000,
+              hold: float = 30.0, timeout: float = 10.0) -> GuestProcess:
+        """Open `count` connections at once and hold the ones that got through for `hold` s; returns
+        once the `flood` event (attempted, connected, reset, timedout, other) is there."""
+        proc = GuestProcess(id or f"flood-{next(_counter)}", "guest_flood", self.vm)
+        proc.start(flood_argv(cid, port, count=count, hold=hold, timeout=timeout))
+        return proc.wait_for("flood", timeout + 60 + count / 50)
 
     def connect(self, cid: int | str, port: int | str, *, id: str | None = None, wait: bool = True,
                 timeout: float = 60.0, **kwargs: Any) -> GuestProcess:
