@@ -30,12 +30,10 @@ that many seconds have passed (the summary says how many ran).
 from __future__ import annotations
 
 import argparse
-import fcntl
 import os
 import random
 import re
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -43,6 +41,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from vmlab.leftovers import leftovers as found_leftovers, our_processes  # noqa: E402
 PHASES = ("build", "steps", "boot", "teardown", "pytest")  # steps first: it measures the boot
 
 STEPS_SCENARIO = """\
@@ -82,19 +82,6 @@ def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def our_processes(base: Path) -> list[int]:
-    """qemu / backend / vmlab processes whose command line names this run's private dirs."""
-    pids = []
-    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmd.read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(base) in text and ("qemu-system" in text or "vmlab.vsock" in text):
-            pids.append(int(cmd.parent.name))
-    return pids
-
-
 def qemu_running(base: Path) -> bool:
     for pid in our_processes(base):
         try:
@@ -106,18 +93,7 @@ def qemu_running(base: Path) -> bool:
 
 
 def leftovers(base: Path, locks: Path) -> dict[str, int]:
-    procs = len(our_processes(base))
-    run_dirs = [p for p in (base / "vmlab").glob("*") if p.is_dir()] if (base / "vmlab").exists() else []
-    sockets = sum(1 for p in base.rglob("*") if stat.S_ISSOCK(os.lstat(p).st_mode))
-    held = 0
-    for lock in locks.glob("*.lock"):
-        with open(lock, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                fcntl.flock(f, fcntl.LOCK_UN)
-            except BlockingIOError:
-                held += 1
-    return {"processes": procs, "run_dirs": len(run_dirs), "sockets": sockets, "leases": held}
+    return {k: len(v) for k, v in found_leftovers(base, locks).items()}
 
 
 def real_kernel() -> str | None:
@@ -125,7 +101,6 @@ def real_kernel() -> str | None:
     env = os.environ.get("VMLAB_KERNEL")
     if env:
         return env
-    sys.path.insert(0, str(ROOT))
     from vmlab.image.cache import cache_root
     found = sorted((p for p in (cache_root() / "kernels").glob("linux-image-*")
                     if (p / ".complete").exists()), key=lambda p: p.stat().st_mtime)

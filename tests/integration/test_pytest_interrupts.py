@@ -9,11 +9,9 @@ countable."""
 
 from __future__ import annotations
 
-import fcntl
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -22,6 +20,8 @@ from pathlib import Path
 from typing import Iterator
 
 import pytest
+
+from vmlab.leftovers import leftovers, our_processes
 
 pytestmark = pytest.mark.integration
 
@@ -54,30 +54,6 @@ Lab._halt_machines = slow_halt
 '''
 
 
-def _ours(base: Path) -> list[int]:
-    """qemu and backend processes whose command line names the private runtime dir."""
-    pids = []
-    for cmd in Path("/proc").glob("[0-9]*/cmdline"):
-        try:
-            text = cmd.read_bytes().decode(errors="replace")
-        except OSError:
-            continue
-        if str(base) in text and ("qemu-system" in text or "vmlab.vsock" in text):
-            pids.append(int(cmd.parent.name))
-    return pids
-
-
-def _held_leases(locks: Path) -> list[str]:
-    held = []
-    for lock in locks.glob("*.lock"):
-        with open(lock, "rb") as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                held.append(lock.name)
-    return held
-
-
 @pytest.fixture
 def short_dir() -> Iterator[Path]:
     """A short private dir: Unix socket paths under the runtime dir must stay below 108 bytes."""
@@ -101,7 +77,7 @@ def test_sigterm_to_xdist_controller_mid_boot_leaves_nothing(tmp_path: Path, sho
                              stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         deadline = time.monotonic() + 300
-        while len([q for q in _ours(base) if b"qemu-system" in _cmdline(q)]) < 2:
+        while len([q for q in our_processes(base) if b"qemu-system" in _cmdline(q)]) < 2:
             assert p.poll() is None, out.read_text()
             assert time.monotonic() < deadline, "the two guests never started"
             time.sleep(0.05)
@@ -114,10 +90,7 @@ def test_sigterm_to_xdist_controller_mid_boot_leaves_nothing(tmp_path: Path, sho
             p.wait()
     text = out.read_text()
     time.sleep(0.5)
-    left = {"processes": _ours(base),
-            "run_dirs": sorted(q.name for q in (base / "vmlab").glob("*")) if (base / "vmlab").exists() else [],
-            "sockets": [str(q) for q in base.rglob("*") if stat.S_ISSOCK(os.lstat(q).st_mode)],
-            "leases": _held_leases(locks)}
+    left = leftovers(base, locks)
     for pid in left["processes"]:
         os.kill(pid, signal.SIGKILL)
     assert rc == pytest.ExitCode.INTERRUPTED, text
