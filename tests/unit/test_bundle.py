@@ -62,3 +62,36 @@ def test_not_a_bundle_is_a_clear_error(tmp_path: Path) -> None:
         tar.add(p, arcname="z/manifest.json")
     with pytest.raises(BundleError, match="format 99"):
         extract_bundle(tmp_path / "z.tar.gz", tmp_path / "w")
+
+
+def test_pytest_bundle_holds_the_test_its_scenario_and_replays_with_pytest(tmp_path: Path) -> None:
+    from vmlab.pytest_bundle import NOT_BUNDLED_NOTE, PytestRecord, write_pytest_bundle
+
+    d = tmp_path / "tests"
+    (d / "data").mkdir(parents=True)
+    (d / "test_x.py").write_text("def test_a(vm): assert 0\n")
+    (d / "conftest.py").write_text("# fixtures\n")
+    (d / "data" / "msg").write_text("m\n")
+    (d / "lab.yaml").write_text("name: l\nvms:\n  - {name: g, files: {/root/msg: data/msg,"
+                                " /root/far: ../outside}}\n")
+    (tmp_path / "outside").write_text("x\n")
+    log = tmp_path / "g.console.log"
+    log.write_text("console\n")
+    rec = PytestRecord(test_file=d / "test_x.py", node="test_a[vmlab-run2]", seed=11, repeat=3,
+                       transport="vhost-user", accel="tcg", kernel=None,
+                       report="E   AssertionError: MISMATCH\n", argv=["-x"], logs=[log],
+                       scenario=load_scenario(d / "lab.yaml"))
+    out = write_pytest_bundle(tmp_path / "p.tar.gz", rec)
+    top, manifest = extract_bundle(out, tmp_path / "x")
+    got = sorted(str(p.relative_to(top)) for p in top.rglob("*") if p.is_file())
+    assert got == ["logs/g.console.log", "manifest.json", "report.txt", "reproduce.sh",
+                   "test/conftest.py", "test/data/msg", "test/lab.yaml", "test/test_x.py"]
+    assert manifest["runner"] == "pytest" and manifest["test"] == "test/test_x.py::test_a[vmlab-run2]"
+    assert manifest["replay_args"] == ["-m", "pytest", "test/test_x.py::test_a[vmlab-run2]", "-p",
+                                       "no:cacheprovider", "--vmlab-seed", "11", "--vmlab-accel",
+                                       "tcg", "--vmlab-transport", "vhost-user", "--vmlab-repeat", "3"]
+    assert manifest["failure"] == "E   AssertionError: MISMATCH"
+    assert manifest["not_bundled"][0] == NOT_BUNDLED_NOTE
+    assert any("outside" in n for n in manifest["not_bundled"][1:])
+    script = (top / "reproduce.sh").read_text()
+    assert "exec python3 -m pytest 'test/test_x.py::test_a[vmlab-run2]' -p" in script
