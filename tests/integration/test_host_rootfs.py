@@ -57,7 +57,8 @@ def test_the_host_is_never_written_and_the_writable_places_are_in_guest_ram(lab)
     rc, out = vm.run(f"echo x >/usr/{name}")
     assert rc != 0 and not os.path.exists(f"/usr/{name}"), out
     # the guest kernel's own modules are at /lib/modules/$(uname -r), e.g. for vhost_vsock
-    vm.check("modprobe vhost_vsock && test -c /dev/vhost-vsock", timeout=60)
+    # (a module-free kernel, vmlab's minimal one, has none to load)
+    vm.check("test ! -e /proc/modules || { modprobe vhost_vsock && test -c /dev/vhost-vsock; }", timeout=60)
 
 
 def test_vmlab_run_rootfs_host_runs_hello(tmp_path):

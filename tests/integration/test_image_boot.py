@@ -34,6 +34,13 @@ def json_lines(out: str) -> list[dict]:
 
 
 @contextlib.contextmanager
+@pytest.fixture(autouse=True)
+def stock_kernel(monkeypatch):
+    """These tests are about the distribution kernel's image (modules loaded by /init), so they
+    keep off the suite's minimal kernel (tests/conftest.py sets VMLAB_KERNEL)."""
+    monkeypatch.delenv("VMLAB_KERNEL", raising=False)
+
+
 def booted(tmp_path, extra_files=None, append="", qemu_extra=()):
     """Build the image, boot it under TCG, yield the console at VMLAB-READY; always kill qemu."""
     if not shutil.which("qemu-system-x86_64"):

@@ -14,12 +14,17 @@ from vmlab.kernel.spec import KernelRef, KernelRefError, parse_ref
 
 def test_required_options_cover_what_the_guest_uses():
     req = set(required_options())
-    for opt in ("CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_VSOCKETS_LOOPBACK", "CONFIG_VSOCKMON",
+    for opt in ("CONFIG_VIRTIO_PCI", "CONFIG_VIRTIO_VSOCKETS", "CONFIG_VSOCKETS_LOOPBACK", "CONFIG_VSOCKETS_DIAG",
                 "CONFIG_9P_FS", "CONFIG_NET_9P_VIRTIO", "CONFIG_VIRTIO_FS", "CONFIG_VIRTIO_NET",
                 "CONFIG_DEVTMPFS", "CONFIG_ACPI_BUTTON", "CONFIG_INPUT_EVDEV", "CONFIG_HOTPLUG_PCI_ACPI",
                 "CONFIG_BLK_DEV_INITRD", "CONFIG_BINFMT_ELF", "CONFIG_SERIAL_8250_CONSOLE", "CONFIG_64BIT",
-                "CONFIG_OVERLAY_FS", "CONFIG_VHOST_VSOCK"):
+                "CONFIG_OVERLAY_FS", "CONFIG_PACKET"):
         assert opt in req
+    # a guest with the host-side driver routes connects to CIDs > 2 to it: VM-to-VM would break
+    assert "CONFIG_VHOST_VSOCK" not in req and "CONFIG_VSOCKMON" not in req
+    from vmlab.kernel.spec import minimal_fragment
+    host = parse_config(Path(minimal_fragment("vhost-host")).read_text())
+    assert host["CONFIG_VHOST_VSOCK"] == "y" and host["CONFIG_VSOCKMON"] == "y"
 
 
 def test_parse_config_reads_values_and_unset_lines_and_names_bad_lines():
@@ -46,10 +51,10 @@ def _full(**overrides) -> str:
 
 def test_check_config_names_every_required_option_that_did_not_stick():
     assert check_config(_full(), Fragment("", "")) == []
-    problems = check_config(_full(CONFIG_VSOCKMON="n", CONFIG_VIRTIO_VSOCKETS="m"), Fragment("", ""))
+    problems = check_config(_full(CONFIG_VSOCKETS_DIAG="n", CONFIG_VIRTIO_VSOCKETS="m"), Fragment("", ""))
     assert len(problems) == 2
-    assert problems[0].startswith("CONFIG_VIRTIO_VSOCKETS=m: vmlab needs it built in")
-    assert problems[1].startswith("CONFIG_VSOCKMON=n") and "depends on" in problems[1]
+    assert problems[0].startswith("CONFIG_VSOCKETS_DIAG=n") and "depends on" in problems[0]
+    assert problems[1].startswith("CONFIG_VIRTIO_VSOCKETS=m: vmlab needs it built in")
 
 
 def test_check_config_lets_the_fragment_turn_off_a_vmlab_option_and_reports_its_dropped_options():
@@ -69,7 +74,7 @@ def test_check_config_lets_the_fragment_turn_off_a_vmlab_option_and_reports_its_
 
 def test_merged_fragment_puts_the_user_last_and_hash_ignores_comments():
     merged = merged_fragment(Fragment("CONFIG_KASAN=y\n", "d.config"))
-    assert merged.index("CONFIG_VSOCKMON=y") < merged.index("CONFIG_KASAN=y")
+    assert merged.index("CONFIG_VSOCKETS_DIAG=y") < merged.index("CONFIG_KASAN=y")
     assert config_hash("# x\nCONFIG_A=y\n") == config_hash("CONFIG_A=y\n# CONFIG_B is not set\n")
     assert config_hash("CONFIG_A=y\n") != config_hash("CONFIG_A=m\n")
 
@@ -85,6 +90,7 @@ def test_merged_fragment_puts_the_user_last_and_hash_ignores_comments():
     ({"build": "x"}, KernelRef("build", "x")),
     ("minimal", KernelRef("minimal", "minimal")),
     ("./minimal", KernelRef("path", "/s/minimal")),
+    ("minimal:my.config", KernelRef("minimal", "minimal", "/s/my.config")),
 ])
 def test_kernel_references_parse(value, ref):
     assert parse_ref(value, Path("/s")) == ref
@@ -94,6 +100,7 @@ def test_kernel_references_parse(value, ref):
     ("", "empty"), ("build:", "names no build"), ({"source": "a", "package": "b"}, "exactly one of"),
     ({"package": "x", "config": "c"}, "config is only for source"), ({"sauce": "x"}, "exactly one of"),
     (3, "not int"), ({"source": 3}, "non-empty string"),
+    ("minimal:", "names no variant"), ("minimal:nosuch", "no such variant .*vhost-host"),
 ])
 def test_bad_kernel_references_say_what_is_wrong(value, message):
     with pytest.raises(KernelRefError, match=message):
@@ -173,6 +180,9 @@ def test_scenario_kernel_accepts_references_and_names_bad_ones(tmp_path):
     assert vms[1].kernel == KernelRef("source", str(tmp_path / "linux"))
     assert vms[2].kernel == KernelRef("package", "linux-image-6.1.0-57-amd64")
     assert vms[3].kernel == KernelRef("minimal", "minimal") and str(vms[3].kernel) == "minimal"
+    from vmlab.kernel.spec import minimal_fragment
+    host = parse_ref("minimal:vhost-host")
+    assert host.config == minimal_fragment("vhost-host") and str(host) == "minimal:vhost-host"
     bad = tmp_path / "bad.yaml"
     bad.write_text("vms:\n  - {name: a, cid: 3, kernel: {source: nope}}\n"
                    "  - {name: b, cid: 4, kernel: 'build:no-such-build-here'}\n"

@@ -8,7 +8,8 @@
   downloaded with apt-get into the cache (never installed),
 - `minimal`: vmlab's minimal kernel from the distribution's source (what a bare
   `vmlab kernel build` makes; built on demand, then reused from the cache). A file called
-  `minimal` is `./minimal`.
+  `minimal` is `./minimal`. `minimal:VARIANT` adds a fragment vmlab ships
+  (vmlab/kernel/fragments/VARIANT.config, e.g. `vhost-host`), `minimal:FILE` one of yours.
 
 Every resolved kernel has a description naming it exactly (version, source commit or package,
 config hash), used by the run report and the JUnit XML.
@@ -38,9 +39,27 @@ class KernelRef:
 
     def __str__(self) -> str:
         if self.kind == MINIMAL:
-            return MINIMAL
+            if self.config is None:
+                return MINIMAL
+            p = Path(self.config)
+            return f"{MINIMAL}:{p.stem if p.parent == FRAGMENTS_DIR else self.config}"
         text = self.value if self.kind == "path" else f"{self.kind}:{self.value}"
         return text + (f" (config {self.config})" if self.config else "")
+
+
+FRAGMENTS_DIR = Path(__file__).resolve().parent / "fragments"
+
+
+def minimal_fragment(variant: str, base: Path | None = None) -> str:
+    """`minimal:NAME` -> vmlab's fragments/NAME.config; anything else is a fragment file path."""
+    shipped = FRAGMENTS_DIR / f"{variant}.config"
+    if "/" not in variant and shipped.is_file():
+        return str(shipped)
+    if "/" not in variant and not variant.endswith(".config"):
+        names = ", ".join(sorted(p.stem for p in FRAGMENTS_DIR.glob("*.config")))
+        raise KernelRefError(f"kernel: minimal:{variant}: no such variant (vmlab ships: {names}; "
+                             "or give a fragment file path)")
+    return _rel(variant, base)
 
 
 def _rel(value: str, base: Path | None) -> str:
@@ -59,6 +78,11 @@ def parse_ref(value: Any, base: Path | None = None) -> KernelRef:
             raise KernelRefError("kernel: empty value")
         if value == MINIMAL:
             return KernelRef(MINIMAL, MINIMAL)
+        if value.startswith(MINIMAL + ":"):
+            variant = value[len(MINIMAL) + 1:]
+            if not variant:
+                raise KernelRefError("kernel: 'minimal:' names no variant or fragment")
+            return KernelRef(MINIMAL, MINIMAL, minimal_fragment(variant, base))
         kind, sep, rest = value.partition(":")
         if sep and kind in ("build", "source", "package", "path"):
             if not rest:
@@ -102,7 +126,7 @@ def resolve(ref: KernelRef | str, progress: bool = False) -> ResolvedKernel:
 
     ref = parse_ref(ref)
     if ref.kind == MINIMAL:
-        b = build_kernel(BuildRequest(), progress=progress)
+        b = build_kernel(BuildRequest(fragment=Path(ref.config) if ref.config else None), progress=progress)
         return ResolvedKernel(b.kernel, b.meta.describe())
     if ref.kind == "build":
         b = store.find(ref.value)

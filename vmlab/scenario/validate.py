@@ -222,7 +222,9 @@ class _ScenarioChecks(FieldChecker):
             return
         if self.skip(vm, "kernel"):
             return
-        if ref.kind == "source":
+        if ref.kind == "minimal" and ref.config is not None and not Path(ref.config).is_file():
+            self.error(vm, "kernel", ctx, f"kernel: config fragment {ref.config} does not exist")
+        elif ref.kind == "source":
             if not Path(ref.value).is_dir():
                 self.error(vm, "kernel", ctx, f"kernel: source {ref.value} is not a directory")
             elif ref.config is not None and not Path(ref.config).is_file():
