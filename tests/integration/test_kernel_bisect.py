@@ -35,12 +35,16 @@ def git(repo: Path, *args: str) -> str:
     return subprocess.run(["git", "-C", str(repo), *args], check=True, capture_output=True, text=True).stdout.strip()
 
 
-def make_tree(repo: Path) -> list[str]:
-    """c0..c6: loopback in c0-c3, gone from c4 on (the first bad commit); c5 does not build."""
+def init_repo(repo: Path) -> None:
     repo.mkdir()
     git(repo, "init", "-q", "-b", "main")
     git(repo, "config", "user.email", "t@example.org")
     git(repo, "config", "user.name", "t")
+
+
+def make_tree(repo: Path) -> list[str]:
+    """c0..c6: loopback in c0-c3, gone from c4 on (the first bad commit); c5 does not build."""
+    init_repo(repo)
     commits = []
     for i in range(7):
         (repo / "loopback").write_text("no\n" if i >= 4 else "yes\n")
@@ -125,10 +129,7 @@ def test_bisect_over_real_kernel_builds_of_two_configs(tmp_path, forget_builds):
     Two real kernels: vmlab's minimal one (cached by install-deps) and one without loopback (an
     incremental build of the same tree, cached afterwards). scenarios/loopback.yaml decides."""
     repo = tmp_path / "configs"
-    repo.mkdir()
-    git(repo, "init", "-q", "-b", "main")
-    git(repo, "config", "user.email", "t@example.org")
-    git(repo, "config", "user.name", "t")
+    init_repo(repo)
     commits = []
     for i in range(5):
         (repo / "frag.config").write_text("# CONFIG_VSOCKETS_LOOPBACK is not set\n" if i >= 2 else "")
