@@ -114,14 +114,17 @@ def explore(kernel: Path, initrd: Path, runs: int) -> list[tuple[str, float, flo
 
 
 def default_minimal() -> str | None:
-    builds = [b for b in store.all_builds() if b.meta.build_cmd is None and b.meta.config_hash]
-    return f"build:{builds[-1].meta.name}" if builds else None
+    """`kernel: minimal` as it is now (vmlab's config, no fragment), if it is built."""
+    from vmlab.kernel.build import cached_minimal
+
+    build = cached_minimal()
+    return f"build:{build.meta.name}" if build is not None else None
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--minimal", default=None, help="minimal kernel reference (default: newest vmlab build)")
+    ap.add_argument("--minimal", default=None, help="minimal kernel reference (default: vmlab's minimal kernel, `minimal`)")
     ap.add_argument("--stock", default=None, help="stock kernel (default: the distribution's, as the image uses)")
     ap.add_argument("--no-stock", action="store_true", help="measure the minimal kernel only")
     ap.add_argument("--json", action="store_true")
