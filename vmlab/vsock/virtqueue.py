@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
 from typing import Callable
@@ -35,6 +36,10 @@ _RX_HDR_FLAGS = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT
 _ONE = (1).to_bytes(8, "little")
 
 _fence_lock = threading.Lock()
+# Ring fields the driver may read at any moment (used idx, avail_event, used flags) are stored
+# with one 16-bit store through a native 'H' view: struct.pack_into zeroes its target first,
+# and a driver reading used idx in that window sees 0 (seen as "used idx jumped").
+_LE = sys.byteorder == "little"
 
 
 def memory_barrier() -> None:
@@ -101,6 +106,7 @@ class Virtqueue:
         self.interrupts = 0
         self.on_interrupt: Callable[[], None] | None = None
         self.desc = self.avail = self.used = memoryview(b"")
+        self._used16: memoryview | None = None
         self.remap(mem)
         self.used_idx = _U16.unpack_from(self.used, 2)[0]
 
@@ -114,15 +120,26 @@ class Virtqueue:
             self.desc = mem.uva(desc_uva, 16 * self.size)
             self.avail = mem.uva(avail_uva, 4 + 2 * self.size + extra)
             self.used = mem.uva(used_uva, 4 + 8 * self.size + extra)
+            self._used16 = self.used.cast("H") if _LE else None
         except GuestMemoryError as exc:
             self.release()
             raise VirtqueueError(f"{self.name}: ring not in guest memory: {exc}") from exc
         self.mem = mem
 
     def release(self) -> None:
+        if self._used16 is not None:
+            self._used16.release()
+            self._used16 = None
         for view in (self.desc, self.avail, self.used):
             view.release()
         self.desc = self.avail = self.used = memoryview(b"")
+
+    def _store16(self, off: int, value: int) -> None:
+        """One atomic little-endian u16 store into the used area (see _LE)."""
+        if self._used16 is not None:
+            self._used16[off >> 1] = value
+        else:
+            _U16.pack_into(self.used, off, value)
 
     # -- avail side -------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -356,15 +373,15 @@ class Virtqueue:
         """Ask the driver not to kick while we are draining the ring anyway."""
         if not self.event_idx:
             flags = _U16.unpack_from(self.used, 0)[0]
-            _U16.pack_into(self.used, 0, flags | VRING_USED_F_NO_NOTIFY)
+            self._store16(0, flags | VRING_USED_F_NO_NOTIFY)
 
     def enable_notification(self) -> bool:
         """Re-arm kicks; returns True if chains arrived meanwhile (process them, no kick comes)."""
         if self.event_idx:
-            _U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, self.last_avail)
         else:
             flags = _U16.unpack_from(self.used, 0)[0]
-            _U16.pack_into(self.used, 0, flags & ~VRING_USED_F_NO_NOTIFY)
+            self._store16(0, flags & ~VRING_USED_F_NO_NOTIFY)
         memory_barrier()
         return self.has_avail()
 
@@ -393,10 +410,10 @@ class Virtqueue:
             idx = (idx + 1) & 0xFFFF
         self._pending.clear()
         # Entries are stored before the index (x86 keeps store order; no compiler here).
-        _U16.pack_into(used, 2, idx)
+        self._store16(2, idx)
         self.used_idx = idx
         if self.event_idx:
-            _U16.pack_into(used, 4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, self.last_avail)
         memory_barrier()
         if self._should_interrupt(old, idx):
             self.interrupt()
