@@ -135,7 +135,7 @@ class VsockDevice:
         self.handler = handler
         self.broken: str | None = None
         self.stats: dict[str, int] = dict(tx_packets=0, rx_packets=0, tx_bytes=0, rx_bytes=0,
-                                          kicks=0, interrupts=0, errors=0)
+                                          rx_filled=0, kicks=0, interrupts=0, errors=0)
         self._listener: socket.socket | None = None
         self._session: VhostUserSession | None = None
         self._queues: list[Virtqueue | None] = [None, None]
@@ -384,6 +384,7 @@ class VsockDevice:
             self._rx_last_ring_pop = None     # rx_cancel must not unpop past these chains
             stats = self.stats
             stats["rx_packets"] += k
+            stats["rx_filled"] += k             # of them by rx_fill
             stats["rx_bytes"] += got
             self._schedule_flush()
         return k, got, err, asked
