@@ -885,19 +885,6 @@ def test_fds_of_a_message_complete_before_a_malformed_one_are_closed():
 
 
 # -- rx_fill through the device, pure Python and the C accelerator ---------------------------
-@pytest.fixture(params=["python", "accel"])
-def rx_accel(request):
-    if request.param == "python":
-        return None
-    from vmlab.vsock import accel
-    mod = accel.load()
-    if mod is None:
-        if accel.buildable():
-            pytest.fail("gcc and Python.h are here but the accelerator did not build")
-        pytest.skip("no C compiler or Python headers")
-    return mod
-
-
 def _add_linux_rx(fake: FakeQemu, slot: int) -> None:
     """An rx buffer as Linux posts it with INDIRECT_DESC: table of header + 4 KiB payload."""
     from vmlab.vsock.virtqueue import VRING_DESC_F_INDIRECT

@@ -735,20 +735,6 @@ def test_linux_rx_fast_path_across_two_regions():
 
 
 # -- fill_rx: the vsock rx fill, pure Python and the C accelerator ----------------------------
-@pytest.fixture(params=["python", "accel"])
-def fill_path(request):
-    """None (pure Python) or the compiled accelerator; both paths run every test below."""
-    if request.param == "python":
-        return None
-    from vmlab.vsock import accel
-    mod = accel.load()
-    if mod is None:
-        if accel.buildable():
-            pytest.fail("gcc and Python.h are here but the accelerator did not build")
-        pytest.skip("no C compiler or Python headers: accelerator unavailable")
-    return mod
-
-
 def _linux_rx(g: Guest, slots, payload: int = 4096) -> None:
     """Linux-shaped rx buffers: ring descriptor -> 32-byte table (44-byte header, payload)."""
     for i in slots:
@@ -767,14 +753,14 @@ def _hdr(template: bytes, n: int) -> bytes:
     return template[:24] + struct.pack("<I", n) + template[28:]
 
 
-def test_fill_rx_copies_writes_headers_and_keeps_unfilled_chains(fill_path):
+def test_fill_rx_copies_writes_headers_and_keeps_unfilled_chains(rx_accel):
     g = make(indirect=True)
     try:
         _linux_rx(g, range(4))
         g.vq.push(7, 3)                               # queued before: published first
         data = bytes(range(256)) * 20                 # 5120 bytes: 1 full buffer + 1024
         src = [memoryview(data)[:1000], memoryview(data)[1000:]]
-        res = g.vq.fill_rx(8, len(data), HDR_LAST, HDR_MID, -1, src, fill_path)
+        res = g.vq.fill_rx(8, len(data), HDR_LAST, HDR_MID, -1, src, rx_accel)
         assert res == (2, 5120, 0, 5120)              # offered: trimmed to want
         assert g.vq.last_avail == 2                   # chains 2 and 3 stay available
         assert g.vq.flush()
@@ -784,15 +770,15 @@ def test_fill_rx_copies_writes_headers_and_keeps_unfilled_chains(fill_path):
         assert bytes(g.raw[DATA + 0x1000:DATA + 0x2000]) + bytes(
             g.raw[DATA + 0x2000:DATA + 0x2400]) == data
         # less data than wanted: every header is a mid one (the packet goes on)
-        res = g.vq.fill_rx(8, 9000, HDR_LAST, HDR_MID, -1, [memoryview(b"x" * 10)], fill_path)
+        res = g.vq.fill_rx(8, 9000, HDR_LAST, HDR_MID, -1, [memoryview(b"x" * 10)], rx_accel)
         assert res == (1, 10, 0, 8192) and g.vq.last_avail == 3
         assert bytes(g.raw[DATA + 128:DATA + 172]) == _hdr(HDR_MID, 10)
-        assert g.vq.fill_rx(8, 0, HDR_LAST, HDR_MID, -1, [], fill_path) == (0, 0, 0, 0)
+        assert g.vq.fill_rx(8, 0, HDR_LAST, HDR_MID, -1, [], rx_accel) == (0, 0, 0, 0)
     finally:
         g.close()
 
 
-def test_fill_rx_from_a_socket_eagain_and_eof(fill_path):
+def test_fill_rx_from_a_socket_eagain_and_eof(rx_accel):
     import socket
     g = make(indirect=True)
     a, b = socket.socketpair()
@@ -801,16 +787,16 @@ def test_fill_rx_from_a_socket_eagain_and_eof(fill_path):
         _linux_rx(g, range(4))
         b.sendall(b"y" * 5000)
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, a.fileno(), None,
-                            fill_path) == (2, 5000, 0, 4 * 4096)
+                            rx_accel) == (2, 5000, 0, 4 * 4096)
         assert g.vq.last_avail == 2
         import errno
         k, got, err, asked = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, a.fileno(), None,
-                                          fill_path)
+                                          rx_accel)
         assert (k, got, err in (errno.EAGAIN, errno.EWOULDBLOCK)) == (0, 0, True) and asked
         assert g.vq.last_avail == 2                   # nothing consumed
         b.close()
         assert g.vq.fill_rx(8, 100, HDR_LAST, HDR_LAST, a.fileno(), None,
-                            fill_path) == (0, 0, 0, 100)   # EOF
+                            rx_accel) == (0, 0, 0, 100)   # EOF
         g.vq.flush()
         assert g.used() == (2, [(0, 44 + 4096), (1, 44 + 904)])
         assert bytes(g.raw[DATA + 0x2000:DATA + 0x2000 + 904]) == b"y" * 904
@@ -820,33 +806,33 @@ def test_fill_rx_from_a_socket_eagain_and_eof(fill_path):
         g.close()
 
 
-def test_fill_rx_stops_at_another_shape_and_needs_indirect(fill_path):
+def test_fill_rx_stops_at_another_shape_and_needs_indirect(rx_accel):
     g = make(indirect=True)
     try:
         _linux_rx(g, range(3))
         g.desc(1, GPA + DATA + 0x5000, 44 + 4096, W)  # chain 1: one direct descriptor
         res = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z" * 9000)],
-                           fill_path)
+                           rx_accel)
         assert res == (1, 4096, 0, 4096) and g.vq.last_avail == 1
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
-                            fill_path) == (0, 0, 0, 0)
+                            rx_accel) == (0, 0, 0, 0)
         chain = g.vq.pop()                            # the generic walk takes it
         assert chain.head == 1 and chain.write_len == 4140
         chain.release()
         g.vq.indirect = False
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
-                            fill_path) == (0, 0, 0, 0)
+                            rx_accel) == (0, 0, 0, 0)
         g.vq.indirect = True
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
-                            fill_path) == (1, 1, 0, 4096)  # chain 2: the ring is empty now
+                            rx_accel) == (1, 1, 0, 4096)  # chain 2: the ring is empty now
         g.set_avail_idx(g.vq.last_avail + 9)          # past the queue size
         with pytest.raises(VirtqueueError):
-            g.vq.fill_rx(8, 1, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")], fill_path)
+            g.vq.fill_rx(8, 1, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")], rx_accel)
     finally:
         g.close()
 
 
-def test_fill_rx_refuses_chains_outside_memory(fill_path):
+def test_fill_rx_refuses_chains_outside_memory(rx_accel):
     """Table, header or payload not wholly inside guest memory, or a payload longer than the
     chain cap: the batch ends before that chain, nothing is written for it."""
     for victim, field, value in (("ring", 0, GPA + MiB - 16), ("hdr", 0, GPA + MiB - 40),
@@ -864,7 +850,7 @@ def test_fill_rx_refuses_chains_outside_memory(fill_path):
             g.desc(1, *entry["pay"], table=INDIRECT + 32)
             before = bytes(g.raw)
             res = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1,
-                               [memoryview(b"q" * 8192)], fill_path)
+                               [memoryview(b"q" * 8192)], rx_accel)
             assert res == (1, 4096, 0, 4096), (victim, field, value)
             after = bytes(g.raw)
             assert after[DATA + 64:DATA + 108] == before[DATA + 64:DATA + 108]
