@@ -227,6 +227,7 @@ class Connection:
     rx_msg_eor: bool = False
     rx_off: int = 0
     reading: bool = False
+    read_tried: bool = False              # a host socket read happened (stream: _on_readable)
     writing: bool = False
     waiting_credit: bool = False
     credit_requested: bool = False
@@ -577,14 +578,23 @@ class Connection:
                 pass
 
     def _on_readable(self) -> None:
-        # don't spin on a readable socket while the guest may have no buffers: the router
-        # calls fill() when it has one, and we re-arm the reader when the socket runs dry
-        self._stop_reading()
+        # Don't spin on a readable socket while the guest may have no buffers: the router
+        # calls fill*() when it has some, and we re-arm the reader when the socket runs dry.
+        # A stream keeps its reader armed when the router read from it right away (saves an
+        # epoll_ctl pair per batch); it is stopped when nothing was read (no rx buffer, no
+        # credit, not established), so a readable socket cannot make the loop spin.
+        stream = self.type == Type.STREAM
+        if not stream:
+            self._stop_reading()
+        self.read_tried = False
         try:
             self.env.want_rx(self)
         except Exception:
             log.exception("%r: rx failed", self)
             self.reset("internal error")
+            return
+        if stream and not self.read_tried:
+            self._stop_reading()
 
     def fill(self, buf: RxBufferLike) -> Header | None:
         """Move host data into one guest rx buffer. Returns the header to push, or None when
@@ -647,6 +657,7 @@ class Connection:
         res = fill(credit, hdr, hdr, self.sock.fileno())
         if res is None:
             return None
+        self.read_tried = True
         n, got, err, asked = res
         if err:
             if err in _AGAIN_ERRNOS:
@@ -682,6 +693,7 @@ class Connection:
                 want += room
         if want <= 0:
             return []
+        self.read_tried = True
         try:
             got = self.sock.recvmsg_into(views)[0]
         except _AGAIN:
@@ -758,6 +770,7 @@ class Connection:
         return self.header(Op.RW, flags, n)
 
     def _wait_credit(self) -> None:
+        self._stop_reading()                # _credit_grew() re-arms it
         self.waiting_credit = True
         if not self.credit_requested:
             self.credit_requested = True
