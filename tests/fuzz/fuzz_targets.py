@@ -11,7 +11,8 @@ unexpected exception) when a property breaks:
   frontend sends (any request, flags, size, fd count, memory table); no fd is leaked.
 * device: a real VsockDevice with a correct setup gets garbage rings and kicks; nothing escapes,
   a broken device is marked broken and the router told, the other VM's device goes on.
-* rx_fill: Virtqueue.fill_rx (the vsock rx fill: Linux-shaped chains, one readv or a copy)
+* rx_fill: Virtqueue.fill_rx (the vsock rx fill: Linux-shaped chains, indirect header +
+  payload or one descriptor, one readv or a copy)
   on mutated rings gives the same result, last_avail and guest memory byte for byte in pure
   Python and in the C accelerator (vsock/_accel.c), and what it wrote is exactly the data in
   the payloads of the chains the reference walker names, headers from the templates.
@@ -400,6 +401,9 @@ def rx_fill_case(p: P) -> dict:
         ring = [GPA0 + RX_IND + 32 * i, 32, VRING_DESC_F_INDIRECT, 0]
         hdr = [GPA0 + RX_HDRS + 64 * i, 44, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1]
         pay = [gpa1 + 0x400 * i, p.pick([0x400, 0x400, 100, 1, 0x3FF]), VRING_DESC_F_WRITE, 0]
+        if p.raw(1)[0] < 90:        # Linux >= 6.2: one descriptor, header + payload
+            ring = [gpa1 + 0x400 * i, p.pick([0x400, 0x400, 45, 44, 0x3FF]),
+                    VRING_DESC_F_WRITE, 0]
         for _ in range(p.pick([0, 0, 0, 1, 2])):
             victim = p.pick([ring, hdr, pay])
             f = p.int(0, 3)
@@ -414,6 +418,7 @@ def rx_fill_case(p: P) -> dict:
     avail_idx = (start + len(heads)) & 0xFFFF if p.raw(1)[0] < 230 else p.int(0, 0xFFFF)
     return dict(gap=gap, size=size, slots=slots, heads=heads, start=start, avail_idx=avail_idx,
                 used_idx=p.mix([0, 0xFFFF], 0, 0xFFFF), pushed=p.int(0, 2), fd=p.bool(),
+                indirect=p.raw(1)[0] < 220,
                 want=p.mix([1, 100, 0x400, 0x401, 0x800, 1 << 20], 1, 0x4000),
                 data=p.int(0, 0x5000), pieces=p.int(1, 5), max_n=p.pick([1, 3, 64]),
                 hdr=p.raw(44), mid=p.raw(44) if p.bool() else None)
@@ -436,8 +441,8 @@ def _rx_fill_once(case: dict, mod) -> tuple:
         struct.pack_into("<HH", raw, AVAIL, 0, case["avail_idx"])
         struct.pack_into("<H", raw, USED + 2, case["used_idx"])
         data = bytes((i * 7 + 3) & 0xFF for i in range(case["data"]))
-        vq = Virtqueue(g.mem, size, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED, indirect=True,
-                       next_avail=start)
+        vq = Virtqueue(g.mem, size, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
+                       indirect=case["indirect"], next_avail=start)
         for j in range(case["pushed"]):
             vq.push(j % size, 44 + j)           # used elements queued before the fill
         snapshot = bytes(raw)
@@ -497,16 +502,22 @@ def fuzz_rx_fill(case: dict) -> None:
         head, written = struct.unpack_from("<II", now, USED + 4 + 8 * pos)
         assert head == struct.unpack_from("<H", snapshot,
                                           AVAIL + 4 + 2 * ((case["start"] + i) % size))[0]
-        chain = ref_walk(layout, snapshot, size, True, head)
-        assert chain != "error" and len(chain) == 2 and chain[0][1] == 44, chain
+        chain = ref_walk(layout, snapshot, size, case["indirect"], head)
+        assert chain != "error", chain
+        if len(chain) == 1:                   # one descriptor: header, then the payload
+            assert chain[0][1] > 44, chain
+            pay = (chain[0][0] + 44, chain[0][1] - 44)
+        else:
+            assert len(chain) == 2 and chain[0][1] == 44, chain
+            pay = chain[1][:2]
         n = written - 44
-        assert 0 < n <= chain[1][1]
-        moved += _bytes_at(layout, now, chain[1][0], n)
+        assert 0 < n <= pay[1]
+        moved += _bytes_at(layout, now, pay[0], n)
         want_hdr = case["hdr"] if i == k - 1 and got == case["want"] else mid
         want_hdr = want_hdr[:24] + struct.pack("<I", n) + want_hdr[28:]
         if not _overlaps(chain, i, case, layout, snapshot, k):
             assert _bytes_at(layout, now, chain[0][0], 44) == want_hdr
-    if not any(_overlaps(ref_walk(layout, snapshot, size, True, struct.unpack_from(
+    if not any(_overlaps(ref_walk(layout, snapshot, size, case["indirect"], struct.unpack_from(
             "<H", snapshot, AVAIL + 4 + 2 * ((case["start"] + i) % size))[0]), i, case, layout,
             snapshot, k) for i in range(k)):
         assert moved == data[:got], "payload bytes are not the data stream"
@@ -521,7 +532,7 @@ def _overlaps(chain, i: int, case: dict, layout: Layout, snapshot: bytes, k: int
     for j in range(k):
         head = struct.unpack_from("<H", snapshot, AVAIL + 4 + 2 * ((case["start"] + j)
                                                                   % case["size"]))[0]
-        c = ref_walk(layout, snapshot, case["size"], True, head)
+        c = ref_walk(layout, snapshot, case["size"], case["indirect"], head)
         if c == "error":
             return True
         spans += [(a, a + n) for a, n, _ in c]

@@ -903,7 +903,7 @@ def test_rx_fill_publishes_once_and_hands_other_shapes_to_rx_pop(running, rx_acc
     in_loop(dev, lambda: setattr(dev, "accel", rx_accel))
     for slot in range(3):
         _add_linux_rx(fake, slot)
-    fake.add_rx_buffer(3)                            # a direct one: not rx_fill's shape
+    fake.add_rx_buffer(3, split=True)                # 10 + 34 + 4096: not rx_fill's shape
     _add_linux_rx(fake, 4)
     sync(fake)
     hdr = HDR.pack(2, 7, 1, 2, 0, 1, 5, 0, 65536, 0)
@@ -923,7 +923,7 @@ def test_rx_fill_publishes_once_and_hands_other_shapes_to_rx_pop(running, rx_acc
     # the direct buffer is next: rx_fill declines, rx_pop takes it, then rx_fill goes on
     assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")])) is None
     buf = in_loop(dev, dev.rx_pop)
-    assert buf is not None and buf.capacity == 4096
+    assert buf is not None and buf.capacity == 4096 and len(buf.header) == 2
     assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")]))[:2] == (1, 1)
     in_loop(dev, lambda: dev.rx_cancel(buf))         # older than rx_fill's chain: kept, no unpop
     again = in_loop(dev, dev.rx_pop)
@@ -931,7 +931,7 @@ def test_rx_fill_publishes_once_and_hands_other_shapes_to_rx_pop(running, rx_acc
     in_loop(dev, lambda: dev.rx_push(buf, hdr, 0))
     sync(fake)
     idx, elems = fake.used(0)
-    assert idx == 5 and sorted(h for h, _ in elems[3:]) == [3, 4]
+    assert idx == 5 and sorted(h for h, _ in elems[3:]) == [3, 6]   # split: descs 3-5
     assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")])) is None
     assert not dev.broken
 

@@ -810,14 +810,15 @@ def test_fill_rx_stops_at_another_shape_and_needs_indirect(rx_accel):
     g = make(indirect=True)
     try:
         _linux_rx(g, range(3))
-        g.desc(1, GPA + DATA + 0x5000, 44 + 4096, W)  # chain 1: one direct descriptor
+        g.desc(1, GPA + DATA + 0x5000, 44, W | N, 5)  # chain 1: two direct descriptors
+        g.desc(5, GPA + DATA + 0x6000, 4096, W)
         res = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z" * 9000)],
                            rx_accel)
         assert res == (1, 4096, 0, 4096) and g.vq.last_avail == 1
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
                             rx_accel) == (0, 0, 0, 0)
         chain = g.vq.pop()                            # the generic walk takes it
-        assert chain.head == 1 and chain.write_len == 4140
+        assert chain.head == 1 and chain.write_len == 4140 and len(chain.writable) == 2
         chain.release()
         g.vq.indirect = False
         assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
@@ -857,3 +858,35 @@ def test_fill_rx_refuses_chains_outside_memory(rx_accel):
             assert after[DATA + 0x2000:] == before[DATA + 0x2000:]
         finally:
             g.close()
+
+
+@pytest.mark.parametrize("indirect", [True, False])
+def test_fill_rx_takes_one_descriptor_buffers(rx_accel, indirect):
+    """Linux >= 6.2 posts one device-writable descriptor (header + payload): filled the same
+    way, also without INDIRECT_DESC; flags other than exactly WRITE, or no room for payload,
+    end the batch (the generic walk handles them)."""
+    g = make(indirect=indirect)
+    try:
+        for i in range(4):
+            g.desc(i, GPA + DATA + 0x2000 * i, 44 + 4096, W)
+        g.desc(2, GPA + DATA + 0x4000, 44, W)                  # header only
+        g.desc(3, GPA + DATA + 0x6000, 44 + 4096, W | 0x80)    # an unknown flag bit
+        g.publish(0, 1, 2, 3)
+        data = bytes(range(256)) * 20
+        res = g.vq.fill_rx(8, len(data), HDR_LAST, HDR_MID, -1, [memoryview(data)], rx_accel)
+        assert res == (2, len(data), 0, len(data)) and g.vq.last_avail == 2
+        g.vq.flush()
+        assert g.used() == (2, [(0, 44 + 4096), (1, 44 + 1024)])
+        assert bytes(g.raw[DATA:DATA + 44]) == _hdr(HDR_MID, 4096)
+        assert bytes(g.raw[DATA + 0x2000:DATA + 0x2000 + 44]) == _hdr(HDR_LAST, 1024)
+        assert bytes(g.raw[DATA + 44:DATA + 44 + 4096]) + bytes(
+            g.raw[DATA + 0x2000 + 44:DATA + 0x2000 + 44 + 1024]) == data
+        assert g.vq.fill_rx(8, 10, HDR_LAST, HDR_MID, -1, [memoryview(data)],
+                            rx_accel) == (0, 0, 0, 0)
+        chain = g.vq.pop()
+        assert chain.head == 2 and chain.write_len == 44
+        chain.release()
+        assert g.vq.fill_rx(8, 10, HDR_LAST, HDR_MID, -1, [memoryview(data)],
+                            rx_accel) == (0, 0, 0, 0)
+    finally:
+        g.close()

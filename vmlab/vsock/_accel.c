@@ -1,8 +1,9 @@
 /* Optional C accelerator for the vsock backend's rx data path (vmlab/vsock/accel.py builds it).
  *
  * One function, fill_rx(): walk the rx ring's Linux-shaped chains (one INDIRECT descriptor ->
- * a 32-byte table: 44-byte device-writable header with NEXT, then one device-writable payload),
- * exactly as Virtqueue.pop_rx_linux() does, and fill their payloads either with one readv() from
+ * a 32-byte table: 44-byte device-writable header with NEXT, then one device-writable payload;
+ * or, as Linux >= 6.2 posts them, one device-writable descriptor holding header and payload),
+ * exactly as Virtqueue.pop_rx_linux(direct=True) does, and fill their payloads either with one readv() from
  * a socket or by copying from a list of source buffers; then write each filled buffer's header
  * (a 44-byte template with its len field set) and its used-ring element. No used idx, no
  * interrupt: Virtqueue.flush() publishes, as for every other used element.
@@ -79,10 +80,11 @@ static void drop_all(buffers_t *b)
     b->n = 0;
 }
 
-/* fill_rx(desc, avail, used, regions, size, last_avail, have, used_pos, max_payload, want,
- *         hdr_last, hdr_mid, fd, src) -> (k, got, err, asked)
+/* fill_rx(desc, avail, used, regions, size, indirect, last_avail, have, used_pos, max_payload,
+ *         want, hdr_last, hdr_mid, fd, src) -> (k, got, err, asked)
  *
- * regions: tuple of (gpa_start, writable buffer). have: chains the driver made available
+ * regions: tuple of (gpa_start, writable buffer). indirect: INDIRECT_DESC negotiated (else
+ * only the one-descriptor shape is taken). have: chains the driver made available
  * (already checked against the queue size), at most MAX_BUFS are looked at. used_pos: ring
  * index of the first used element to write. want: payload bytes wanted (> 0). fd >= 0: one
  * readv() from it; else src (a list of buffers) is copied from. hdr_mid goes on every buffer
@@ -93,11 +95,12 @@ static void drop_all(buffers_t *b)
 static PyObject *fill_rx(PyObject *self, PyObject *args)
 {
     PyObject *o_desc, *o_avail, *o_used, *o_regions, *o_hlast, *o_hmid, *o_src;
-    unsigned int size, last_avail, have, used_pos;
+    unsigned int size, indirect, last_avail, have, used_pos;
     unsigned long long max_payload, want;
     int fd;
-    if (!PyArg_ParseTuple(args, "OOOOIIIIKKOOiO", &o_desc, &o_avail, &o_used, &o_regions,
-                          &size, &last_avail, &have, &used_pos, &max_payload, &want, &o_hlast,
+    if (!PyArg_ParseTuple(args, "OOOOIIIIIKKOOiO", &o_desc, &o_avail, &o_used, &o_regions,
+                          &size, &indirect, &last_avail, &have, &used_pos, &max_payload, &want,
+                          &o_hlast,
                           &o_hmid, &fd, &o_src))
         return NULL;
     if (size == 0 || size > 32768 || (size & (size - 1))) {
@@ -152,21 +155,36 @@ static PyObject *fill_rx(PyObject *self, PyObject *args)
         if (head >= size)
             break;
         const unsigned char *d = dp + 16 * (size_t)head;
-        if (rd16(d + 12) != F_INDIRECT || rd32(d + 8) != 32)
+        uint16_t dflags = rd16(d + 12);
+        uint32_t dlen = rd32(d + 8);
+        unsigned char *h, *p;
+        uint32_t l1;
+        if (dflags == F_WRITE && dlen > HDR_LEN && (uint64_t)dlen - HDR_LEN <= max_payload) {
+            /* Linux >= 6.2: one device-writable descriptor, header then payload */
+            h = locate(regions, nreg, &last, rd64(d), dlen);
+            if (h == NULL)
+                break;
+            p = h + HDR_LEN;
+            l1 = dlen - HDR_LEN;
+            goto take;
+        }
+        if (!indirect || dflags != F_INDIRECT || dlen != 32)
             break;
         const unsigned char *t = locate(regions, nreg, &last, rd64(d), 32);
         if (t == NULL)
             break;
         uint64_t a0 = rd64(t), a1 = rd64(t + 16);
-        uint32_t l0 = rd32(t + 8), l1 = rd32(t + 24);
+        uint32_t l0 = rd32(t + 8);
         uint16_t f0 = rd16(t + 12), n0 = rd16(t + 14), f1 = rd16(t + 28);
+        l1 = rd32(t + 24);
         if (f0 != (F_WRITE | F_NEXT) || n0 != 1 || l0 != HDR_LEN || f1 != F_WRITE || l1 == 0
             || l1 > max_payload)
             break;
-        unsigned char *h = locate(regions, nreg, &last, a0, l0);
-        unsigned char *p = locate(regions, nreg, &last, a1, l1);
+        h = locate(regions, nreg, &last, a0, l0);
+        p = locate(regions, nreg, &last, a1, l1);
         if (h == NULL || p == NULL)
             break;
+take:;
         uint64_t room = want - asked;
         heads[n] = head;
         hdrs[n] = h;

@@ -196,7 +196,8 @@ class Virtqueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
-    def pop_rx_linux(self, max_n: int, room: int, hdr_len: int) -> list[tuple[int, memoryview, memoryview]]:
+    def pop_rx_linux(self, max_n: int, room: int, hdr_len: int, direct: bool = False,
+                     ) -> list[tuple[int, memoryview, memoryview]]:
         """Batch fast path for rx buffers laid out the way Linux lays them out with
         INDIRECT_DESC: one ring descriptor pointing at a 32-byte indirect table of two
         device-writable entries, `hdr_len` header bytes then the payload, each inside one memory
@@ -204,10 +205,13 @@ class Virtqueue:
         covers `room` bytes) and returns (head, header view, payload view) for each; it stops
         at the first chain of any other shape, leaving it for pop(), whose generic walk checks
         every rule (and raises if the chain is broken). Every guest-written field is checked
-        here too before use; anything unexpected only ends the fast batch."""
+        here too before use; anything unexpected only ends the fast batch. direct: also take
+        what Linux >= 6.2 posts (one device-writable descriptor, flags exactly WRITE, longer
+        than the header, inside one region), split into header and payload views."""
         out: list[tuple[int, memoryview, memoryview]] = []
         size = self.size
-        if not self.indirect or max_n <= 0 or size < 2:
+        indirect = self.indirect
+        if not (indirect or direct) or max_n <= 0 or size < 2:
             return out
         if self._avail_seen == self.last_avail:
             self._avail_seen = self._read_avail_idx()
@@ -225,8 +229,20 @@ class Virtqueue:
             if head >= size:
                 break
             addr, length, flags, _nxt = _DESC.unpack_from(desc, 16 * head)
-            if flags != VRING_DESC_F_INDIRECT or length != 32:
-                break
+            if flags != VRING_DESC_F_INDIRECT or length != 32 or not indirect:
+                if not (direct and flags == VRING_DESC_F_WRITE
+                        and hdr_len < length <= self.max_chain_bytes):
+                    break
+                loc = locate(addr, length)
+                if loc is None:
+                    break
+                view, off = loc
+                out.append((head, view[off:off + hdr_len], view[off + hdr_len:off + length]))
+                last = (last + 1) & 0xFFFF
+                got += length - hdr_len
+                if got >= room:
+                    break
+                continue
             # the usual case: table, header and payload all in the region used last
             region = mem._last_gpa
             if region is not None:
@@ -271,15 +287,15 @@ class Virtqueue:
     def fill_rx(self, max_n: int, want: int, hdr_last: bytes, hdr_mid: bytes, fd: int,
                 src: list[memoryview] | None, accel: ModuleType | None = None,
                 ) -> tuple[int, int, int, int]:
-        """vsock rx in one call: fill up to max_n leading Linux-shaped rx chains (the shape
-        pop_rx_linux takes, its checks) with up to `want` payload bytes, from one readv(fd) when
+        """vsock rx in one call: fill up to max_n leading Linux-shaped rx chains (the shapes
+        pop_rx_linux(direct=True) takes, its checks) with up to `want` payload bytes, from one readv(fd) when
         fd >= 0, else copied from the views `src` (not consumed); write each filled buffer's
         header (hdr_mid, or hdr_last on the buffer that completes `want`, with its len field
         set) and queue its used element for flush(). Chains that got no bytes stay available.
         Returns (filled, bytes, errno of a failed readv or 0, bytes offered); offered 0: no
         chain of that shape is next, nothing was done. `accel` (vsock/accel.py) does the same
         in C without an object per buffer; the result is the same byte for byte."""
-        if not self.indirect or max_n <= 0 or want <= 0 or self.size < 2:
+        if max_n <= 0 or want <= 0 or self.size < 2:
             return 0, 0, 0, 0
         if accel is not None:
             if self._avail_seen == self.last_avail:
@@ -290,12 +306,12 @@ class Virtqueue:
                 return 0, 0, 0, 0
             k, got, err, asked = accel.fill_rx(
                 self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
-                self.last_avail, n, (self.used_idx + self._staged) & 0xFFFF,
+                int(self.indirect), self.last_avail, n, (self.used_idx + self._staged) & 0xFFFF,
                 self.max_chain_bytes - VSOCK_HDR_LEN, want, hdr_last, hdr_mid, fd, src)
             self.last_avail = (self.last_avail + k) & 0xFFFF
             self._staged += k
             return k, got, err, asked
-        bufs = self.pop_rx_linux(max_n, want, VSOCK_HDR_LEN)
+        bufs = self.pop_rx_linux(max_n, want, VSOCK_HDR_LEN, direct=True)
         if not bufs:
             return 0, 0, 0, 0
         views: list[memoryview] = []
