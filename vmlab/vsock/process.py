@@ -21,6 +21,7 @@ from typing import Any
 
 from vmlab import proc as children
 from vmlab.runtime import open_private
+from vmlab.vsock import accel
 
 
 class BackendError(RuntimeError):
@@ -77,6 +78,8 @@ class BackendProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
         env.update(self.env_overrides)
+        if env.get(accel.ENV_OFF, "") in ("", "0"):
+            accel.load()    # the first build happens here, not inside the READY timeout
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")
