@@ -361,13 +361,15 @@ class VsockDevice:
             self._schedule_flush()
 
     def rx_fill(self, want: int, hdr_last: bytes, hdr_mid: bytes, fd: int = -1,
-                src: list[memoryview] | None = None) -> tuple[int, int, int, int] | None:
+                src: list[memoryview] | None = None, flush_soon: bool = True,
+                ) -> tuple[int, int, int, int] | None:
         """Fill the next Linux-shaped rx buffers in the ring with up to `want` payload bytes
         in one call (Virtqueue.fill_rx: one readv from fd, or copied from `src`; headers from
         the two templates), no RxBuffer per buffer; flushed with the rest. Returns (filled,
         bytes, errno, offered), or None when it cannot (no ring, paused, broken, or the next
         chain has another shape): then the caller takes rx_pop_batch(), which also re-arms
-        notifications on an empty ring. A guest fault breaks the device and returns None."""
+        notifications on an empty ring. A guest fault breaks the device and returns None.
+        flush_soon=False: the caller calls flush() itself (the router's pump does)."""
         q = self._queues[RX]
         stopped = self._stopped
         if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
@@ -386,7 +388,8 @@ class VsockDevice:
             stats["rx_packets"] += k
             stats["rx_filled"] += k             # of them by rx_fill
             stats["rx_bytes"] += got
-            self._schedule_flush()
+            if flush_soon:
+                self._schedule_flush()
         return k, got, err, asked
 
     def rx_cancel(self, buf: RxBuffer) -> None:

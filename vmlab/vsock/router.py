@@ -22,6 +22,7 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -480,11 +481,12 @@ class Router:
         dev = st.dev
         fill = getattr(dev, "rx_fill", None)
         if fill is not None:
-            try:
-                res = conn.fill_device(fill)
+            try:                                # pump() flushes once it is done
+                res = conn.fill_device(partial(fill, flush_soon=False))
             except Exception:
                 log.exception("%r: fill failed", conn)
                 conn.reset("internal error")
+                dev.flush()                     # what was filled before it failed
                 return 0
             if res is not None:                 # else: no Linux-shaped buffer next
                 if res[0]:
