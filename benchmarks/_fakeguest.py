@@ -96,6 +96,7 @@ class FakeGuest:
         os.ftruncate(self.fd, MEM)
         self.raw = mmap.mmap(self.fd, MEM)
         self.mv = memoryview(self.raw)
+        self.ring16 = self.mv[:0x8000].cast("H")  # the rings, for single 16-bit stores
         self.kick = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
         self.call = {q: os.eventfd(0, os.EFD_NONBLOCK) for q in (0, 1)}
         self.avail_idx = {0: 0, 1: 0}
@@ -157,6 +158,7 @@ class FakeGuest:
 
     def close(self) -> None:
         self.sock.close()
+        self.ring16.release()
         self.mv.release()
         self.raw.close()
         for fd in [self.fd, *self.kick.values(), *self.call.values()]:
@@ -172,7 +174,7 @@ class FakeGuest:
             idx = (idx + 1) & 0xFFFF
         if idx == old:
             return
-        U16.pack_into(raw, avail + 2, idx)
+        self.ring16[(avail + 2) >> 1] = idx     # one 16-bit store, as Linux (see virtqueue.py)
         self.avail_idx[q] = idx
         barrier()
         event = U16.unpack_from(raw, RINGS[q][2] + 4 + 8 * QSIZE)[0]
@@ -185,7 +187,7 @@ class FakeGuest:
 
     def arm(self, q: int) -> bool:
         """Ask for an interrupt on the next used entry; True if entries arrived meanwhile."""
-        U16.pack_into(self.raw, RINGS[q][1] + 4 + 2 * QSIZE, self.used_seen[q])
+        self.ring16[(RINGS[q][1] + 4 + 2 * QSIZE) >> 1] = self.used_seen[q]
         barrier()
         return U16.unpack_from(self.raw, RINGS[q][2] + 2)[0] != self.used_seen[q]
 

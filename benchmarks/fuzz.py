@@ -4,8 +4,8 @@
     python3 benchmarks/fuzz.py [--cases N] [--seed S] [--jobs J] [--only TARGET ...]
 
 Runs the targets of tests/fuzz/fuzz_targets.py (virtqueue walker, vhost-user session, device data
-path, router) with the given total split by weight; prints cases, time and outcome counters per
-target. Exit status 1 if any property broke (the failing case is printed by hypothesis).
+path, router, rx fill in Python vs C) with the given total split by weight; prints cases, time
+and outcome counters per target. Exit status 1 if any property broke (the failing case is printed by hypothesis).
 Shrinking is off (a failure is reported as found); re-run it in tests/fuzz to shrink.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 import fuzz_targets  # noqa: E402
 
 # share of the cases per target: the cheap, dense parsers get more
-WEIGHTS = {"virtqueue": 0.35, "vhost_user": 0.25, "router": 0.25, "device": 0.15}
+WEIGHTS = {"virtqueue": 0.30, "vhost_user": 0.25, "router": 0.25, "device": 0.10, "rx_fill": 0.10}
 
 
 def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None, dict]:

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Raw backend benchmark: the real backend process, a fake guest driving its rings directly.
 
-    python benchmarks/raw_backend.py [--size MiB] [--runs N] [--rows g2h,h2g,v2v] [--json]
+    python benchmarks/raw_backend.py [--size MiB] [--runs N] [--rows g2h,h2g,v2v]
+                                     [--paths accel,python] [--json]
 
 No QEMU, no TCG: this process plays QEMU (vhost-user frontend, memfd guest RAM) and the Linux
 virtio-vsock driver (4 KiB rx buffers, 64 KiB tx packets, indirect descriptors, EVENT_IDX,
@@ -12,10 +13,15 @@ and its CPU per GiB is measured with little noise (/proc/<pid>/schedstat, nanose
 Rows: guest->host (g2h), host->guest (h2g), VM->VM (v2v, two fake guests on one backend).
 `memcpy` is a plain copy of the same bytes in 64 KiB pieces in this process: the physical
 limit of any path that has to move them at least once.
+
+Paths: `accel` is the backend as shipped (the C rx accelerator, vsock/_accel.c, when it
+builds), `python` the same backend with VMLAB_NO_ACCEL=1. With both, one backend runs per
+path and the runs alternate between them, so load changes hit both alike.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +44,7 @@ MiB = 1 << 20
 GiB = 1 << 30
 CHUNK = 1 << 20
 ROWS = ("g2h", "h2g", "v2v")
+PATHS = ("accel", "python")
 ROW_NAMES = {"g2h": "guest->host", "h2g": "host->guest", "v2v": "VM->VM", "memcpy": "memcpy"}
 
 
@@ -59,8 +66,12 @@ def task_cpu_ns(pid: int) -> int:
 class RawLab:
     """One backend process with two fake guests (cids 3 and 4, one group)."""
 
-    def __init__(self, tmp: Path, buf_alloc: int | None = None, callgrind: bool = False) -> None:
+    def __init__(self, tmp: Path, buf_alloc: int | None = None, callgrind: bool = False,
+                 path: str = "accel") -> None:
+        if path not in PATHS:
+            raise ValueError(f"path {path!r}: choose from {PATHS}")
         self.tmp = tmp
+        self.path = path
         self.callgrind = callgrind
         vms = [{"name": n, "cid": c, "socket": str(tmp / f"{n}.vu"),
                 "uds_path": str(tmp / f"{n}.vsock"), "group": "default"}
@@ -70,6 +81,8 @@ class RawLab:
             cfg["buf_alloc"] = buf_alloc
         self.vms = vms
         self.backend = BackendProcess(cfg, tmp)
+        if path == "python":
+            self.backend.env_overrides["VMLAB_NO_ACCEL"] = "1"
         if callgrind:   # instruction counts: repeatable where CPU seconds are not
             self.backend.command_prefix = [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.%p",
@@ -97,6 +110,11 @@ class RawLab:
         for g in self.guests:
             g.close()
         self.backend.stop()
+
+    def rx_accel(self) -> bool:
+        """Whether the backend's devices really run the C accelerator."""
+        vms = self.backend.control({"cmd": "stats"}).get("vms", {})
+        return all(vm.get("rx_accel") for vm in vms.values())
 
     def port(self) -> int:
         self.next_port += 1
@@ -316,46 +334,61 @@ def memcpy_row(nbytes: int) -> dict:
 
 
 def run(size_mib: int, runs: int, rows: list[str], verify: bool = False,
-        callgrind: bool = False) -> dict:
-    """Every row `runs` times (interleaved); median per row."""
+        callgrind: bool = False, paths: tuple[str, ...] = ("accel",)) -> dict:
+    """Every row `runs` times per path (interleaved: run 1 of every row on every path, then
+    run 2...); median per row. `rows` is the first path's table, `paths` has them all."""
     nbytes = size_mib * MiB
-    results: dict[str, list[dict]] = {r: [] for r in rows}
+    results: dict[str, dict[str, list[dict]]] = {p: {r: [] for r in rows} for p in paths}
+    accel_on: dict[str, bool] = {}
     load0 = os.getloadavg()
-    with tempfile.TemporaryDirectory(prefix="vmlab-raw-") as tmp:
-        with RawLab(Path(tmp), callgrind=callgrind) as lab:
+    with contextlib.ExitStack() as stack:
+        labs = {}
+        for p in paths:
+            tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=f"vmlab-raw-{p}-")))
+            labs[p] = stack.enter_context(RawLab(tmp, callgrind=callgrind, path=p))
+            accel_on[p] = labs[p].rx_accel()
             for row in rows:                  # warm-up: connections, caches, page faults
-                getattr(lab, row)(min(nbytes, 4 * MiB), verify)
-            for _ in range(runs):
+                getattr(labs[p], row)(min(nbytes, 4 * MiB), verify)
+        for _ in range(runs):
+            for p, lab in labs.items():
                 for row in rows:
-                    results[row].append(getattr(lab, row)(nbytes, verify))
+                    results[p][row].append(getattr(lab, row)(nbytes, verify))
     memcpy = memcpy_row(nbytes)
     out = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
            "cpus": os.cpu_count(), "size_mib": size_mib, "runs": runs,
            "loadavg_before": [round(x, 2) for x in load0],
            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-           "memcpy": memcpy, "rows": {}}
-    for row, res in results.items():
-        med = sorted(res, key=lambda r: r["backend_cpu_s_per_gib"])[len(res) // 2]
-        med = dict(med)
-        med["gib_s_runs"] = [r["gib_s"] for r in res]
-        med["backend_cpu_s_per_gib_runs"] = [r["backend_cpu_s_per_gib"] for r in res]
-        med["vs_memcpy"] = round(med["gib_s"] / memcpy["gib_s"], 4)
-        out["rows"][row] = med
+           "memcpy": memcpy, "rx_accel": accel_on, "paths": {}}
+    for p in paths:
+        table = out["paths"][p] = {}
+        for row, res in results[p].items():
+            med = sorted(res, key=lambda r: r["backend_cpu_s_per_gib"])[len(res) // 2]
+            med = dict(med)
+            med["gib_s_runs"] = [r["gib_s"] for r in res]
+            med["backend_cpu_s_per_gib_runs"] = [r["backend_cpu_s_per_gib"] for r in res]
+            med["vs_memcpy"] = round(med["gib_s"] / memcpy["gib_s"], 4)
+            table[row] = med
+    out["rows"] = out["paths"][paths[0]]
     return out
 
 
 def print_table(res: dict) -> None:
-    print(f"{'row':<14}{'GiB/s':>8}{'backend CPU s/GiB':>19}{'driver CPU s/GiB':>18}"
+    print(f"{'row':<14}{'path':<8}{'GiB/s':>8}{'backend CPU s/GiB':>19}{'driver CPU s/GiB':>18}"
           f"{'x memcpy':>10}{'irqs':>8}{'kicks':>8}  runs (backend CPU s/GiB)")
-    for row, r in res["rows"].items():
-        print(f"{ROW_NAMES[row]:<14}{r['gib_s']:>8.3f}{r['backend_cpu_s_per_gib']:>19.3f}"
-              f"{r['driver_cpu_s_per_gib']:>18.3f}{r['vs_memcpy']:>10.4f}"
-              f"{r['backend_interrupts']:>8}{r['backend_kicks']:>8}  "
-              f"{r['backend_cpu_s_per_gib_runs']}")
-        if "backend_instructions_per_mib" in r:
-            print(f"{'':<14}backend instructions per MiB: {r['backend_instructions_per_mib']:,}")
+    paths = res["paths"]
+    for row in next(iter(paths.values())):
+        for p, table in paths.items():
+            r = table[row]
+            label = p if res["rx_accel"][p] or p == "python" else f"{p}(off)"
+            print(f"{ROW_NAMES[row]:<14}{label:<8}{r['gib_s']:>8.3f}"
+                  f"{r['backend_cpu_s_per_gib']:>19.3f}{r['driver_cpu_s_per_gib']:>18.3f}"
+                  f"{r['vs_memcpy']:>10.4f}{r['backend_interrupts']:>8}{r['backend_kicks']:>8}  "
+                  f"{r['backend_cpu_s_per_gib_runs']}")
+            if "backend_instructions_per_mib" in r:
+                print(f"{'':<22}backend instructions per MiB: "
+                      f"{r['backend_instructions_per_mib']:,}")
     m = res["memcpy"]
-    print(f"{'memcpy':<14}{m['gib_s']:>8.3f}{m['cpu_s_per_gib']:>19.3f}   (this process, 64 KiB pieces)")
+    print(f"{'memcpy':<22}{m['gib_s']:>8.3f}{m['cpu_s_per_gib']:>19.3f}   (this process, 64 KiB pieces)")
     print(f"{res['size_mib']} MiB x {res['runs']}, load average before/after "
           f"{res['loadavg_before']}/{res['loadavg_after']}")
 
@@ -365,6 +398,9 @@ def main() -> int:
     parser.add_argument("--size", type=int, default=256, help="MiB per transfer (default 256)")
     parser.add_argument("--runs", type=int, default=3, help="runs per row (median; default 3)")
     parser.add_argument("--rows", default=",".join(ROWS), help="g2h,h2g,v2v (default all)")
+    parser.add_argument("--paths", default="accel,python",
+                        help="accel (C rx accelerator), python (VMLAB_NO_ACCEL=1) or both, "
+                             "runs alternating (default accel,python)")
     parser.add_argument("--verify", action="store_true", help="sha256 every byte (costs the driver)")
     parser.add_argument("--callgrind", action="store_true",
                         help="run the backend under valgrind: instructions per MiB (slow, exact)")
@@ -374,7 +410,10 @@ def main() -> int:
     bad = [r for r in rows if r not in ROWS]
     if bad:
         parser.error(f"unknown row(s) {bad}; choose from {', '.join(ROWS)}")
-    res = run(args.size, args.runs, rows, args.verify, args.callgrind)
+    paths = tuple(p for p in args.paths.split(",") if p)
+    if not paths or any(p not in PATHS for p in paths):
+        parser.error(f"--paths: choose from {', '.join(PATHS)}")
+    res = run(args.size, args.runs, rows, args.verify, args.callgrind, paths)
     if args.json:
         print(json.dumps(res, indent=2))
     else:

@@ -418,6 +418,12 @@ def _measure(args, nbytes: int, files: dict) -> dict:
         raw["guest sha256sum (context)"] = [r]
         log(f"  {'guest sha256sum (context)':27s}      : {r['MBps']:8.2f} MB/s")
         results["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
+        if lab.backend is not None and lab.vm("bench").transport == "vhost-user":
+            vm = lab.backend.control({"cmd": "stats"})["vms"]["bench"]
+            dev = vm.get("device") or {}
+            results["backend_rx"] = {"rx_accel": vm.get("rx_accel"),
+                                     "rx_packets": dev.get("rx_packets", 0),
+                                     "rx_filled": dev.get("rx_filled", 0)}
     results["total_s"] = round(time.monotonic() - t0, 1)
     results["results"] = {name: _summary(runs) for name, runs in raw.items()}
     return results
@@ -435,6 +441,10 @@ def _print_table(results: dict) -> None:
               f"{('%.1f' % q) if q is not None else '-':>14s}  {r['MBps_runs']}")
     for name, ratio in results.get("ratio_vsock_over_tcp", {}).items():
         print(f"vsock/TCP {name}: {ratio:.2f}x")
+    rx = results.get("backend_rx")
+    if rx:
+        print(f"backend rx: C accelerator {'on' if rx['rx_accel'] else 'off'}, "
+              f"{rx['rx_filled']} of {rx['rx_packets']} rx packets by rx_fill")
     print(f"boot {results['boot_s']}s, total {results['total_s']}s, "
           f"load average before/after {m['loadavg_before']}/{m['loadavg_after']}")
 

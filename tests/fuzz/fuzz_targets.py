@@ -11,6 +11,11 @@ unexpected exception) when a property breaks:
   frontend sends (any request, flags, size, fd count, memory table); no fd is leaked.
 * device: a real VsockDevice with a correct setup gets garbage rings and kicks; nothing escapes,
   a broken device is marked broken and the router told, the other VM's device goes on.
+* rx_fill: Virtqueue.fill_rx (the vsock rx fill: Linux-shaped chains, indirect header +
+  payload or one descriptor, one readv or a copy)
+  on mutated rings gives the same result, last_avail and guest memory byte for byte in pure
+  Python and in the C accelerator (vsock/_accel.c), and what it wrote is exactly the data in
+  the payloads of the chains the reference walker names, headers from the templates.
 * router: arbitrary packets (every op/type/flag, spoofed CIDs, len vs buffer, unknown ports)
   leave the router without errors, and its accounting (queued bytes, control queue, credit)
   never goes negative or past its limits.
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 
 from hypothesis import strategies as st
 
+from vmlab.vsock import accel as vsock_accel
 from vmlab.vsock import vhost_user as vu
 from vmlab.vsock.device import VsockDevice
 from vmlab.vsock.hybrid import Hybrid
@@ -379,6 +385,167 @@ def fuzz_virtqueue(case: dict) -> None:
 
 
 # ==========================================================================================
+# 1b. the vsock rx fill (pure Python and C) against the reference walker
+# ==========================================================================================
+RX_IND = DATA + 0x6000          # indirect tables (region 0), 32 bytes per slot
+RX_HDRS = DATA + 0x7000         # headers, 64 bytes per slot
+RX_PAY = RAM                    # payloads in region 1, 0x400 bytes per slot
+
+
+def rx_fill_case(p: P) -> dict:
+    gap = p.pick([0, 0, 0x10000, 1 << 32])
+    size = p.pick([2, 4, 8, 16])
+    gpa1 = GPA0 + RAM + gap
+    slots = []
+    for i in range(size):
+        ring = [GPA0 + RX_IND + 32 * i, 32, VRING_DESC_F_INDIRECT, 0]
+        hdr = [GPA0 + RX_HDRS + 64 * i, 44, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1]
+        pay = [gpa1 + 0x400 * i, p.pick([0x400, 0x400, 100, 1, 0x3FF]), VRING_DESC_F_WRITE, 0]
+        if p.raw(1)[0] < 90:        # Linux >= 6.2: one descriptor, header + payload
+            ring = [gpa1 + 0x400 * i, p.pick([0x400, 0x400, 45, 44, 0x3FF]),
+                    VRING_DESC_F_WRITE, 0]
+        for _ in range(p.pick([0, 0, 0, 1, 2])):
+            victim = p.pick([ring, hdr, pay])
+            f = p.int(0, 3)
+            victim[f] = p.pick([0, 1, 16, 31, 33, 44, 45, 0x3FF, 0x400, 0x401,
+                                VRING_DESC_F_INDIRECT | VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+                                GPA0 + RAM - 40, gpa1 + RAM - 100, gpa1 + RAM - 1, gpa1 - 8,
+                                U32_MAX, U64_MAX, p.int(0, U64_MAX)])
+            victim[f] &= (U64_MAX, U32_MAX, 0xFFFF, 0xFFFF)[f]
+        slots.append((ring, hdr, pay))
+    heads = p.list(size, lambda: p.int(0, size - 1) if p.raw(1)[0] < 240 else p.int(0, 0xFFFF))
+    start = p.mix([0, 0xFFFF, 0xFFFE, 0x8000], 0, 0xFFFF)
+    avail_idx = (start + len(heads)) & 0xFFFF if p.raw(1)[0] < 230 else p.int(0, 0xFFFF)
+    return dict(gap=gap, size=size, slots=slots, heads=heads, start=start, avail_idx=avail_idx,
+                used_idx=p.mix([0, 0xFFFF], 0, 0xFFFF), pushed=p.int(0, 2), fd=p.bool(),
+                indirect=p.raw(1)[0] < 220,
+                want=p.mix([1, 100, 0x400, 0x401, 0x800, 1 << 20], 1, 0x4000),
+                data=p.int(0, 0x5000), pieces=p.int(1, 5), max_n=p.pick([1, 3, 64]),
+                hdr=p.raw(44), mid=p.raw(44) if p.bool() else None)
+
+
+def _rx_fill_once(case: dict, mod) -> tuple:
+    """Build the ring in a fresh guest, fill_rx once (mod None: pure Python), flush."""
+    g = VqGuest(case["gap"])
+    size, raw = case["size"], g.raw
+    sock = peer = None
+    vq = None
+    try:
+        for i, (ring, hdr, pay) in enumerate(case["slots"]):
+            struct.pack_into("<QIHH", raw, DESC + 16 * i, *ring)
+            struct.pack_into("<QIHH", raw, RX_IND + 32 * i, *hdr)
+            struct.pack_into("<QIHH", raw, RX_IND + 32 * i + 16, *pay)
+        start = case["start"]
+        for k, head in enumerate(case["heads"]):
+            struct.pack_into("<H", raw, AVAIL + 4 + 2 * ((start + k) % size), head)
+        struct.pack_into("<HH", raw, AVAIL, 0, case["avail_idx"])
+        struct.pack_into("<H", raw, USED + 2, case["used_idx"])
+        data = bytes((i * 7 + 3) & 0xFF for i in range(case["data"]))
+        vq = Virtqueue(g.mem, size, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
+                       indirect=case["indirect"], next_avail=start)
+        for j in range(case["pushed"]):
+            vq.push(j % size, 44 + j)           # used elements queued before the fill
+        snapshot = bytes(raw)
+        src = None
+        fd = -1
+        if case["fd"]:
+            sock, peer = socket.socketpair()
+            sock.setblocking(False)
+            if data:
+                peer.sendall(data)
+            else:
+                peer.shutdown(socket.SHUT_WR)   # EOF
+            fd = sock.fileno()
+        else:
+            step = max(1, len(data) // case["pieces"])
+            src = [memoryview(data)[i:i + step] for i in range(0, len(data), step)]
+        mid = case["mid"] if case["mid"] is not None else case["hdr"]
+        try:
+            res = vq.fill_rx(case["max_n"], case["want"], case["hdr"], mid, fd, src, mod)
+        except VirtqueueError:
+            res = "error"
+        last_avail = vq.last_avail
+        vq.flush()
+        return res, last_avail, bytes(raw), snapshot, data
+    finally:
+        if vq is not None:
+            vq.release()
+        for s_ in (sock, peer):
+            if s_ is not None:
+                s_.close()
+        g.close()
+
+
+def fuzz_rx_fill(case: dict) -> None:
+    mod = vsock_accel.load()
+    py = _rx_fill_once(case, None)
+    res, last_avail, now, snapshot, data = py
+    if mod is not None:
+        c = _rx_fill_once(case, mod)
+        assert c[:3] == py[:3], f"C and Python differ: {c[:2]} vs {py[:2]}"
+        OUTCOMES["rx_fill: C == Python"] += 1
+    if res == "error":
+        OUTCOMES["rx_fill: avail idx refused"] += 1
+        return
+    k, got, err, asked = res
+    assert err == 0 and 0 <= got <= min(asked, case["want"]) and 0 <= k <= case["max_n"]
+    assert last_avail == (case["start"] + k) & 0xFFFF
+    OUTCOMES["rx_fill: filled" if k else "rx_fill: nothing filled"] += 1
+    layout = Layout(case["gap"])
+    size = case["size"]
+    used_idx = struct.unpack_from("<H", now, USED + 2)[0]
+    assert used_idx == (case["used_idx"] + case["pushed"] + k) & 0xFFFF
+    moved = b""
+    mid = case["mid"] if case["mid"] is not None else case["hdr"]
+    for i in range(k):
+        pos = (case["used_idx"] + case["pushed"] + i) % size
+        head, written = struct.unpack_from("<II", now, USED + 4 + 8 * pos)
+        assert head == struct.unpack_from("<H", snapshot,
+                                          AVAIL + 4 + 2 * ((case["start"] + i) % size))[0]
+        chain = ref_walk(layout, snapshot, size, case["indirect"], head)
+        assert chain != "error", chain
+        if len(chain) == 1:                   # one descriptor: header, then the payload
+            assert chain[0][1] > 44, chain
+            pay = (chain[0][0] + 44, chain[0][1] - 44)
+        else:
+            assert len(chain) == 2 and chain[0][1] == 44, chain
+            pay = chain[1][:2]
+        n = written - 44
+        assert 0 < n <= pay[1]
+        moved += _bytes_at(layout, now, pay[0], n)
+        want_hdr = case["hdr"] if i == k - 1 and got == case["want"] else mid
+        want_hdr = want_hdr[:24] + struct.pack("<I", n) + want_hdr[28:]
+        if not _overlaps(chain, i, case, layout, snapshot, k):
+            assert _bytes_at(layout, now, chain[0][0], 44) == want_hdr
+    if not any(_overlaps(ref_walk(layout, snapshot, size, case["indirect"], struct.unpack_from(
+            "<H", snapshot, AVAIL + 4 + 2 * ((case["start"] + i) % size))[0]), i, case, layout,
+            snapshot, k) for i in range(k)):
+        assert moved == data[:got], "payload bytes are not the data stream"
+        OUTCOMES["rx_fill: payload bytes checked"] += 1
+    assert got == len(moved) or k == 0
+
+
+def _overlaps(chain, i: int, case: dict, layout: Layout, snapshot: bytes, k: int) -> bool:
+    """A mutated chain whose header/payload overlaps another filled buffer or the rings:
+    its bytes may be overwritten later in the same fill (allowed; not compared)."""
+    spans = []
+    for j in range(k):
+        head = struct.unpack_from("<H", snapshot, AVAIL + 4 + 2 * ((case["start"] + j)
+                                                                  % case["size"]))[0]
+        c = ref_walk(layout, snapshot, case["size"], case["indirect"], head)
+        if c == "error":
+            return True
+        spans += [(a, a + n) for a, n, _ in c]
+    spans += [(GPA0, GPA0 + DATA + 0x8000)]      # rings and tables
+    mine = [(a, a + n) for a, n, _ in chain]
+    for a, b in mine:
+        hits = sum(1 for x, y in spans if x < b and a < y)
+        if hits > 1 + (GPA0 <= a < GPA0 + DATA + 0x8000):
+            return True
+    return False
+
+
+# ==========================================================================================
 # 2. vhost-user messages against a real session + VsockDevice
 # ==========================================================================================
 GUEST_RAM = 64 * KiB
@@ -593,6 +760,7 @@ DEV_RAM = 256 * KiB
 QS = 16
 RINGS = {0: (0x0000, 0x1000, 0x2000), 1: (0x4000, 0x5000, 0x6000)}
 RXD, TXD = 0x10000, 0x20000
+RX_TABLES = 0x38000
 
 
 class Frontend:
@@ -650,6 +818,16 @@ class Frontend:
     def rx_buffer(self, slot: int, length: int = 44 + 4096) -> None:
         self.publish(0, self.desc(0, RXD + slot * 0x1100, length, VRING_DESC_F_WRITE))
 
+    def rx_linux(self, slot: int) -> None:
+        """An rx buffer as Linux posts it: indirect table of header + 4 KiB payload (the shape
+        Device.rx_fill takes), header at the same place as rx_buffer's."""
+        table = RX_TABLES + 32 * slot
+        base = RXD + slot * 0x1100
+        struct.pack_into("<QIHHQIHH", self.raw, table, base, 44,
+                         VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1, base + 44, 4096,
+                         VRING_DESC_F_WRITE, 0)
+        self.publish(0, self.desc(0, table, 32, VRING_DESC_F_INDIRECT))
+
     def packet(self, hdr: bytes, payload: bytes = b"", slot: int = 0) -> None:
         base = TXD + slot * 0x1100
         self.raw[base:base + len(hdr) + len(payload)] = hdr + payload
@@ -676,7 +854,8 @@ def device_case(p: P) -> dict:
                                 _length(p), _flags(p), p.int(0, QS + 2)))
     hdrs = p.list(6, lambda: packet_header(p, 3))
     avail = p.list(3, lambda: (p.int(0, 1), p.int(0, 0xFFFF)))
-    return dict(writes=writes, descs=descs, hdrs=hdrs, avail=avail, rx_bufs=p.int(0, 4))
+    return dict(writes=writes, descs=descs, hdrs=hdrs, avail=avail, rx_bufs=p.int(0, 4),
+                other_rx=p.int(0, 4))
 
 
 def _spin(loop: asyncio.AbstractEventLoop, n: int = 4) -> None:
@@ -715,6 +894,9 @@ def fuzz_device(case: dict) -> None:
             fronts[name].setup()
         _spin(loop)
         v = fronts["victim"]
+        o = fronts["other"]
+        for i in range(case["other_rx"]):      # relayed data goes straight into these
+            o.rx_linux(i)
         for i in range(case["rx_bufs"]):
             v.rx_buffer(i)
         for i, h in enumerate(case["hdrs"]):
@@ -739,10 +921,9 @@ def fuzz_device(case: dict) -> None:
             assert 0 <= stt.queued_ctrl <= MAX_CONTROL_QUEUE
         # the other VM goes on: its REQUEST to a host port nobody listens on gets an RST
         # (packets the victim relayed to it may come first: give it buffers until the RST)
-        o = fronts["other"]
         o.packet(HEADER.pack(4, 2, 1000, 4444, 0, Type.STREAM, Op.REQUEST, 0, 65536, 0))
         got = []
-        for slot in range(QS):
+        for slot in range(case["other_rx"], QS):
             o.rx_buffer(slot)
             _spin(loop, 3)
             got = [Header.unpack_from(o.raw, RXD + i * 0x1100) for i in range(o.used(0))]
@@ -949,4 +1130,5 @@ TARGETS = {
     "vhost_user": (cases(vhost_session_case), fuzz_vhost_user),
     "device": (cases(device_case), fuzz_device),
     "router": (cases(router_case), fuzz_router),
+    "rx_fill": (cases(rx_fill_case), fuzz_rx_fill),
 }

@@ -82,6 +82,9 @@ def test_wheel_contents(wheel: Path):
         # the vmlab exec shim is compiled from its source on first use: the source ships
         assert (z.read("vmlab/shim/vsock_shim.c")
                 == (ROOT / "vmlab/shim/vsock_shim.c").read_bytes())
+        # ... and so is the backend's optional rx accelerator
+        assert (z.read("vmlab/vsock/_accel.c")
+                == (ROOT / "vmlab/vsock/_accel.c").read_bytes())
         dist_info = next(n.split("/")[0] for n in names if n.endswith(".dist-info/METADATA"))
         eps = configparser.ConfigParser()
         eps.read_string(z.read(f"{dist_info}/entry_points.txt").decode())

@@ -882,3 +882,69 @@ def test_fds_of_a_message_complete_before_a_malformed_one_are_closed():
             os.close(fd)
         front.close()
         back.close()
+
+
+# -- rx_fill through the device, pure Python and the C accelerator ---------------------------
+def _add_linux_rx(fake: FakeQemu, slot: int) -> None:
+    """An rx buffer as Linux posts it with INDIRECT_DESC: table of header + 4 KiB payload."""
+    from vmlab.vsock.virtqueue import VRING_DESC_F_INDIRECT
+    base = RX_DATA + slot * 0x2000
+    table = 0x8000 + 32 * slot
+    struct.pack_into("<QIHHQIHH", fake.raw, table, base, 44,
+                     VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1, base + 44, 4096,
+                     VRING_DESC_F_WRITE, 0)
+    fake._publish(0, fake._desc(0, table, 32, VRING_DESC_F_INDIRECT))
+
+
+def test_rx_fill_publishes_once_and_hands_other_shapes_to_rx_pop(running, rx_accel):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup(indirect=True)
+    in_loop(dev, lambda: setattr(dev, "accel", rx_accel))
+    for slot in range(3):
+        _add_linux_rx(fake, slot)
+    fake.add_rx_buffer(3, split=True)                # 10 + 34 + 4096: not rx_fill's shape
+    _add_linux_rx(fake, 4)
+    sync(fake)
+    hdr = HDR.pack(2, 7, 1, 2, 0, 1, 5, 0, 65536, 0)
+    data = bytes(range(256)) * 40                    # 10240 bytes: 2.5 buffers
+    res = in_loop(dev, lambda: dev.rx_fill(len(data), hdr, hdr, -1, [memoryview(data)]))
+    assert res == (3, len(data), 0, len(data))
+    assert fake.wait_call(0)                         # one flush, one interrupt for the batch
+    sync(fake)
+    assert fake.used(0) == (3, [(0, 44 + 4096), (1, 44 + 4096), (2, 44 + 2048)])
+    assert [HDR.unpack_from(fake.raw, RX_DATA + s * 0x2000)[4] for s in range(3)] == [
+        4096, 4096, 2048]
+    got = b"".join(bytes(fake.raw[RX_DATA + s * 0x2000 + 44:RX_DATA + s * 0x2000 + 44 + n])
+                   for s, n in ((0, 4096), (1, 4096), (2, 2048)))
+    assert got == data
+    assert dev.stats["rx_filled"] == 3 and dev.stats["rx_bytes"] == len(data)
+    assert dev.stats["interrupts"] == 1
+    # the direct buffer is next: rx_fill declines, rx_pop takes it, then rx_fill goes on
+    assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")])) is None
+    buf = in_loop(dev, dev.rx_pop)
+    assert buf is not None and buf.capacity == 4096 and len(buf.header) == 2
+    assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")]))[:2] == (1, 1)
+    in_loop(dev, lambda: dev.rx_cancel(buf))         # older than rx_fill's chain: kept, no unpop
+    again = in_loop(dev, dev.rx_pop)
+    assert again is buf
+    in_loop(dev, lambda: dev.rx_push(buf, hdr, 0))
+    sync(fake)
+    idx, elems = fake.used(0)
+    assert idx == 5 and sorted(h for h, _ in elems[3:]) == [3, 6]   # split: descs 3-5
+    assert in_loop(dev, lambda: dev.rx_fill(1, hdr, hdr, -1, [memoryview(b"x")])) is None
+    assert not dev.broken
+
+
+def test_rx_fill_on_an_avail_idx_jump_breaks_the_device_once(running, rx_accel):
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup(indirect=True)
+    in_loop(dev, lambda: setattr(dev, "accel", rx_accel))
+    sync(fake)
+    struct.pack_into("<H", fake.raw, RINGS[0][1] + 2, QSIZE + 1)
+    hdr = bytes(44)
+    assert in_loop(dev, lambda: dev.rx_fill(100, hdr, hdr, -1, [memoryview(b"x" * 100)])) is None
+    assert dev.broken and "avail idx" in dev.broken
+    assert handler.resets and dev.stats["errors"] == 1
+    assert in_loop(dev, lambda: dev.rx_fill(100, hdr, hdr, -1, [memoryview(b"x")])) is None

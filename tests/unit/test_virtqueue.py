@@ -732,3 +732,161 @@ def test_linux_rx_fast_path_across_two_regions():
         mem.close()
         raw.close()
         os.close(fd)
+
+
+# -- fill_rx: the vsock rx fill, pure Python and the C accelerator ----------------------------
+def _linux_rx(g: Guest, slots, payload: int = 4096) -> None:
+    """Linux-shaped rx buffers: ring descriptor -> 32-byte table (44-byte header, payload)."""
+    for i in slots:
+        table = INDIRECT + 32 * i
+        g.desc(0, GPA + DATA + 64 * i, 44, W | N, 1, table=table)
+        g.desc(1, GPA + DATA + 0x1000 * (i + 1), payload, W, 0, table=table)
+        g.desc(i, GPA + table, 32, I)
+    g.publish(*slots)
+
+
+HDR_LAST = bytes(range(1, 45))
+HDR_MID = bytes(range(101, 145))
+
+
+def _hdr(template: bytes, n: int) -> bytes:
+    return template[:24] + struct.pack("<I", n) + template[28:]
+
+
+def test_fill_rx_copies_writes_headers_and_keeps_unfilled_chains(rx_accel):
+    g = make(indirect=True)
+    try:
+        _linux_rx(g, range(4))
+        g.vq.push(7, 3)                               # queued before: published first
+        data = bytes(range(256)) * 20                 # 5120 bytes: 1 full buffer + 1024
+        src = [memoryview(data)[:1000], memoryview(data)[1000:]]
+        res = g.vq.fill_rx(8, len(data), HDR_LAST, HDR_MID, -1, src, rx_accel)
+        assert res == (2, 5120, 0, 5120)              # offered: trimmed to want
+        assert g.vq.last_avail == 2                   # chains 2 and 3 stay available
+        assert g.vq.flush()
+        assert g.used() == (3, [(7, 3), (0, 44 + 4096), (1, 44 + 1024)])
+        assert bytes(g.raw[DATA:DATA + 44]) == _hdr(HDR_MID, 4096)
+        assert bytes(g.raw[DATA + 64:DATA + 108]) == _hdr(HDR_LAST, 1024)
+        assert bytes(g.raw[DATA + 0x1000:DATA + 0x2000]) + bytes(
+            g.raw[DATA + 0x2000:DATA + 0x2400]) == data
+        # less data than wanted: every header is a mid one (the packet goes on)
+        res = g.vq.fill_rx(8, 9000, HDR_LAST, HDR_MID, -1, [memoryview(b"x" * 10)], rx_accel)
+        assert res == (1, 10, 0, 8192) and g.vq.last_avail == 3
+        assert bytes(g.raw[DATA + 128:DATA + 172]) == _hdr(HDR_MID, 10)
+        assert g.vq.fill_rx(8, 0, HDR_LAST, HDR_MID, -1, [], rx_accel) == (0, 0, 0, 0)
+    finally:
+        g.close()
+
+
+def test_fill_rx_from_a_socket_eagain_and_eof(rx_accel):
+    import socket
+    g = make(indirect=True)
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    try:
+        _linux_rx(g, range(4))
+        b.sendall(b"y" * 5000)
+        assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, a.fileno(), None,
+                            rx_accel) == (2, 5000, 0, 4 * 4096)
+        assert g.vq.last_avail == 2
+        import errno
+        k, got, err, asked = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, a.fileno(), None,
+                                          rx_accel)
+        assert (k, got, err in (errno.EAGAIN, errno.EWOULDBLOCK)) == (0, 0, True) and asked
+        assert g.vq.last_avail == 2                   # nothing consumed
+        b.close()
+        assert g.vq.fill_rx(8, 100, HDR_LAST, HDR_LAST, a.fileno(), None,
+                            rx_accel) == (0, 0, 0, 100)   # EOF
+        g.vq.flush()
+        assert g.used() == (2, [(0, 44 + 4096), (1, 44 + 904)])
+        assert bytes(g.raw[DATA + 0x2000:DATA + 0x2000 + 904]) == b"y" * 904
+    finally:
+        a.close()
+        b.close()
+        g.close()
+
+
+def test_fill_rx_stops_at_another_shape_and_needs_indirect(rx_accel):
+    g = make(indirect=True)
+    try:
+        _linux_rx(g, range(3))
+        g.desc(1, GPA + DATA + 0x5000, 44, W | N, 5)  # chain 1: two direct descriptors
+        g.desc(5, GPA + DATA + 0x6000, 4096, W)
+        res = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z" * 9000)],
+                           rx_accel)
+        assert res == (1, 4096, 0, 4096) and g.vq.last_avail == 1
+        assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
+                            rx_accel) == (0, 0, 0, 0)
+        chain = g.vq.pop()                            # the generic walk takes it
+        assert chain.head == 1 and chain.write_len == 4140 and len(chain.writable) == 2
+        chain.release()
+        g.vq.indirect = False
+        assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
+                            rx_accel) == (0, 0, 0, 0)
+        g.vq.indirect = True
+        assert g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")],
+                            rx_accel) == (1, 1, 0, 4096)  # chain 2: the ring is empty now
+        g.set_avail_idx(g.vq.last_avail + 9)          # past the queue size
+        with pytest.raises(VirtqueueError):
+            g.vq.fill_rx(8, 1, HDR_LAST, HDR_LAST, -1, [memoryview(b"z")], rx_accel)
+    finally:
+        g.close()
+
+
+def test_fill_rx_refuses_chains_outside_memory(rx_accel):
+    """Table, header or payload not wholly inside guest memory, or a payload longer than the
+    chain cap: the batch ends before that chain, nothing is written for it."""
+    for victim, field, value in (("ring", 0, GPA + MiB - 16), ("hdr", 0, GPA + MiB - 40),
+                                 ("pay", 0, GPA + MiB - 100), ("pay", 1, 64 << 20),
+                                 ("pay", 0, (1 << 64) - 8), ("hdr", 1, 43), ("pay", 2, W | N)):
+        g = make(indirect=True)
+        try:
+            _linux_rx(g, range(2))
+            entry = {"ring": [GPA + INDIRECT + 32, 32, I, 0],
+                     "hdr": [GPA + DATA + 64, 44, W | N, 1],
+                     "pay": [GPA + DATA + 0x2000, 4096, W, 0]}
+            entry[victim][field] = value
+            g.desc(1, *entry["ring"])
+            g.desc(0, *entry["hdr"], table=INDIRECT + 32)
+            g.desc(1, *entry["pay"], table=INDIRECT + 32)
+            before = bytes(g.raw)
+            res = g.vq.fill_rx(8, 1 << 20, HDR_LAST, HDR_LAST, -1,
+                               [memoryview(b"q" * 8192)], rx_accel)
+            assert res == (1, 4096, 0, 4096), (victim, field, value)
+            after = bytes(g.raw)
+            assert after[DATA + 64:DATA + 108] == before[DATA + 64:DATA + 108]
+            assert after[DATA + 0x2000:] == before[DATA + 0x2000:]
+        finally:
+            g.close()
+
+
+@pytest.mark.parametrize("indirect", [True, False])
+def test_fill_rx_takes_one_descriptor_buffers(rx_accel, indirect):
+    """Linux >= 6.2 posts one device-writable descriptor (header + payload): filled the same
+    way, also without INDIRECT_DESC; flags other than exactly WRITE, or no room for payload,
+    end the batch (the generic walk handles them)."""
+    g = make(indirect=indirect)
+    try:
+        for i in range(4):
+            g.desc(i, GPA + DATA + 0x2000 * i, 44 + 4096, W)
+        g.desc(2, GPA + DATA + 0x4000, 44, W)                  # header only
+        g.desc(3, GPA + DATA + 0x6000, 44 + 4096, W | 0x80)    # an unknown flag bit
+        g.publish(0, 1, 2, 3)
+        data = bytes(range(256)) * 20
+        res = g.vq.fill_rx(8, len(data), HDR_LAST, HDR_MID, -1, [memoryview(data)], rx_accel)
+        assert res == (2, len(data), 0, len(data)) and g.vq.last_avail == 2
+        g.vq.flush()
+        assert g.used() == (2, [(0, 44 + 4096), (1, 44 + 1024)])
+        assert bytes(g.raw[DATA:DATA + 44]) == _hdr(HDR_MID, 4096)
+        assert bytes(g.raw[DATA + 0x2000:DATA + 0x2000 + 44]) == _hdr(HDR_LAST, 1024)
+        assert bytes(g.raw[DATA + 44:DATA + 44 + 4096]) + bytes(
+            g.raw[DATA + 0x2000 + 44:DATA + 0x2000 + 44 + 1024]) == data
+        assert g.vq.fill_rx(8, 10, HDR_LAST, HDR_MID, -1, [memoryview(data)],
+                            rx_accel) == (0, 0, 0, 0)
+        chain = g.vq.pop()
+        assert chain.head == 2 and chain.write_len == 44
+        chain.release()
+        assert g.vq.fill_rx(8, 10, HDR_LAST, HDR_MID, -1, [memoryview(data)],
+                            rx_accel) == (0, 0, 0, 0)
+    finally:
+        g.close()

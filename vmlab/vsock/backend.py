@@ -257,6 +257,7 @@ class Backend:
             for name, dev in self.devices.items():
                 snap["vms"][name]["device"] = dict(getattr(dev, "stats", {}))
                 snap["vms"][name]["connected"] = bool(getattr(dev, "connected", False))
+                snap["vms"][name]["rx_accel"] = getattr(dev, "accel", None) is not None
             return {"ok": True, **snap}
         if cmd == "reset":
             vm = req.get("vm")

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import errno
 import fcntl
 import logging
+import os
 import select
 import socket
 import struct
@@ -49,6 +51,7 @@ CONNECT_TIMEOUT = 10.0               # host-initiated: wait this long for RESPON
 LINGER_TIMEOUT = 60.0                # keep flushing to a slow host reader after the guest left
 
 _AGAIN = (BlockingIOError, InterruptedError)
+_AGAIN_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
 _INT = struct.Struct("i")
 _INT_ZERO = bytes(4)
 
@@ -120,6 +123,10 @@ class Credit:
         return hdr
 
 
+# Device.rx_fill (want, hdr_last, hdr_mid, fd) -> (filled, bytes, errno, offered) | None
+RxFill = Callable[..., "tuple[int, int, int, int] | None"]
+
+
 class RxBufferLike(Protocol):
     capacity: int
     payload: list[memoryview]
@@ -148,7 +155,7 @@ def trim_views(views: list[memoryview], n: int) -> list[memoryview]:
     return out
 
 
-def _skip_views(views: list[memoryview], n: int) -> list[memoryview]:
+def skip_views(views: list[memoryview], n: int) -> list[memoryview]:
     """The views after their first n bytes."""
     out: list[memoryview] = []
     for v in views:
@@ -220,6 +227,7 @@ class Connection:
     rx_msg_eor: bool = False
     rx_off: int = 0
     reading: bool = False
+    read_tried: bool = False              # a host socket read happened (stream: _on_readable)
     writing: bool = False
     waiting_credit: bool = False
     credit_requested: bool = False
@@ -396,7 +404,7 @@ class Connection:
                 return
             self.credit.forwarded(sent)
             if sent < n:
-                rest = memoryview(b"".join(_skip_views(payload, sent)))   # copy what is left
+                rest = memoryview(b"".join(skip_views(payload, sent)))   # copy what is left
                 self.out.append((rest, 0))
                 self.out_bytes += len(rest)
                 self._start_writing()
@@ -570,14 +578,23 @@ class Connection:
                 pass
 
     def _on_readable(self) -> None:
-        # don't spin on a readable socket while the guest may have no buffers: the router
-        # calls fill() when it has one, and we re-arm the reader when the socket runs dry
-        self._stop_reading()
+        # Don't spin on a readable socket while the guest may have no buffers: the router
+        # calls fill*() when it has some, and we re-arm the reader when the socket runs dry.
+        # A stream keeps its reader armed when the router read from it right away (saves an
+        # epoll_ctl pair per batch); it is stopped when nothing was read (no rx buffer, no
+        # credit, not established), so a readable socket cannot make the loop spin.
+        stream = self.type == Type.STREAM
+        if not stream:
+            self._stop_reading()
+        self.read_tried = False
         try:
             self.env.want_rx(self)
         except Exception:
             log.exception("%r: rx failed", self)
             self.reset("internal error")
+            return
+        if stream and not self.read_tried:
+            self._stop_reading()
 
     def fill(self, buf: RxBufferLike) -> Header | None:
         """Move host data into one guest rx buffer. Returns the header to push, or None when
@@ -623,6 +640,42 @@ class Connection:
         return [(n, pack(k[0], k[2], k[1], k[3], n, self.type, Op.RW, 0, c.buf_alloc,
                          c.fwd_cnt)) for n in lens]
 
+    def fill_device(self, fill: RxFill) -> tuple[int, int] | None:
+        """Stream only: fill_many() without RxBuffers: the device reads the socket straight
+        into its next rx buffers (one readv, headers from one template). Returns (buffers
+        filled, bytes), or None when the device cannot; then the caller uses fill_many()."""
+        if self.state is not State.ESTABLISHED or self.peer_shut & SHUTDOWN_RCV \
+                or self.local_shut & SHUTDOWN_SEND:
+            return 0, 0
+        c = self.credit
+        credit = c.peer_credit()
+        if credit <= 0:
+            self._wait_credit()
+            return 0, 0
+        k = self.key
+        hdr = HEADER.pack(k[0], k[2], k[1], k[3], 0, self.type, Op.RW, 0, c.buf_alloc, c.fwd_cnt)
+        res = fill(credit, hdr, hdr, self.sock.fileno())
+        if res is None:
+            return None
+        self.read_tried = True
+        n, got, err, asked = res
+        if err:
+            if err in _AGAIN_ERRNOS:
+                self.start_reading()
+            else:
+                self.reset(f"host read failed: {os.strerror(err)}")
+            return 0, 0
+        if got == 0:            # asked > 0 and not EAGAIN: a real EOF
+            self._host_eof()
+            return 0, 0
+        c.last_fwd_cnt = c.fwd_cnt             # the headers carried it (stamp())
+        c.sent(got)
+        if got < asked:
+            self.start_reading()    # probably drained: let the loop tell us about more
+        else:
+            self.env.want_rx(self)  # filled every byte offered: likely more waiting
+        return n, got
+
     def _recv_stream(self, bufs: list[RxBufferLike], credit: int) -> list[int]:
         """One recvmsg_into over the buffers' payload views (at most credit bytes); returns the
         bytes each buffer got (only the non-empty ones, in order), [] if none (re-armed)."""
@@ -640,6 +693,7 @@ class Connection:
                 want += room
         if want <= 0:
             return []
+        self.read_tried = True
         try:
             got = self.sock.recvmsg_into(views)[0]
         except _AGAIN:
@@ -716,6 +770,7 @@ class Connection:
         return self.header(Op.RW, flags, n)
 
     def _wait_credit(self) -> None:
+        self._stop_reading()                # _credit_grew() re-arms it
         self.waiting_credit = True
         if not self.credit_requested:
             self.credit_requested = True

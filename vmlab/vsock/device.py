@@ -22,6 +22,7 @@ import struct
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from . import accel
 from .memory import GuestMemoryError
 from .unixsock import listen_unix
 from .vhost_user import (VIRTIO_F_NOTIFY_ON_EMPTY, VIRTIO_RING_F_EVENT_IDX,
@@ -33,6 +34,7 @@ log = logging.getLogger("vmlab.vsock.device")
 HDR_LEN = 44
 RX, TX = 0, 1
 TX_BATCH = 256                          # chains per loop iteration before yielding to other VMs
+RX_FILL_BATCH = 64                      # rx buffers one rx_fill() fills at most
 
 
 class DeviceHandler(Protocol):
@@ -133,7 +135,7 @@ class VsockDevice:
         self.handler = handler
         self.broken: str | None = None
         self.stats: dict[str, int] = dict(tx_packets=0, rx_packets=0, tx_bytes=0, rx_bytes=0,
-                                          kicks=0, interrupts=0, errors=0)
+                                          rx_filled=0, kicks=0, interrupts=0, errors=0)
         self._listener: socket.socket | None = None
         self._session: VhostUserSession | None = None
         self._queues: list[Virtqueue | None] = [None, None]
@@ -154,6 +156,7 @@ class VsockDevice:
         self._rx_free: list[RxBuffer] = []
         self._flush_scheduled = False
         self._tx_scheduled = False
+        self.accel = accel.load()           # None: pure Python (VMLAB_NO_ACCEL, no compiler)
 
     # -- public API -------------------------------------------------------------------
     @property
@@ -356,6 +359,38 @@ class VsockDevice:
             self.stats["rx_packets"] += pushed
             self.stats["rx_bytes"] += total
             self._schedule_flush()
+
+    def rx_fill(self, want: int, hdr_last: bytes, hdr_mid: bytes, fd: int = -1,
+                src: list[memoryview] | None = None, flush_soon: bool = True,
+                ) -> tuple[int, int, int, int] | None:
+        """Fill the next Linux-shaped rx buffers in the ring with up to `want` payload bytes
+        in one call (Virtqueue.fill_rx: one readv from fd, or copied from `src`; headers from
+        the two templates), no RxBuffer per buffer; flushed with the rest. Returns (filled,
+        bytes, errno, offered), or None when it cannot (no ring, paused, broken, or the next
+        chain has another shape): then the caller takes rx_pop_batch(), which also re-arms
+        notifications on an empty ring. A guest fault breaks the device and returns None.
+        flush_soon=False: the caller calls flush() itself (the router's pump does)."""
+        q = self._queues[RX]
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None:
+            return None
+        try:
+            k, got, err, asked = q.fill_rx(RX_FILL_BATCH, want, hdr_last, hdr_mid, fd, src,
+                                           self.accel)
+        except (VirtqueueError, ValueError) as exc:
+            self._fault(str(exc))
+            return None
+        if not asked:
+            return None
+        if k:
+            self._rx_last_ring_pop = None     # rx_cancel must not unpop past these chains
+            stats = self.stats
+            stats["rx_packets"] += k
+            stats["rx_filled"] += k             # of them by rx_fill
+            stats["rx_bytes"] += got
+            if flush_soon:
+                self._schedule_flush()
+        return k, got, err, asked
 
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""

@@ -78,6 +78,7 @@ class GuestMemory:
         self.regions: list[MappedRegion] = []
         self._last: MappedRegion | None = None
         self._last_gpa: MappedRegion | None = None     # gpa_one()'s cache
+        self.accel_regions: tuple[tuple[int, memoryview], ...] = ()   # (gpa, view) for C
 
     # -- table management -------------------------------------------------------------
     def map(self, specs: list[RegionSpec], fds: list[int]) -> None:
@@ -106,6 +107,7 @@ class GuestMemory:
                     pass
         self.close()
         self.regions = new
+        self.accel_regions = tuple((r.gpa_start, r.view) for r in new)
         log.debug("mapped %d regions: %s", len(new),
                   ", ".join(f"gpa {r.spec.guest_phys_addr:#x}+{r.spec.memory_size:#x}"
                             for r in new))
@@ -121,6 +123,7 @@ class GuestMemory:
     def close(self) -> None:
         """Unmap all regions (views handed out earlier keep their mapping alive)."""
         old, self.regions, self._last, self._last_gpa = self.regions, [], None, None
+        self.accel_regions = ()
         for region in old:
             _unmap(region)
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from vmlab import proc as children
 from vmlab.runtime import open_private
+from vmlab.vsock import accel
 
 
 class BackendError(RuntimeError):
@@ -42,6 +43,7 @@ class BackendProcess:
         self.config_path = self.run_dir / "backend.json"
         self.proc: subprocess.Popen[bytes] | None = None
         self.command_prefix: list[str] = []   # benchmarks: e.g. valgrind --tool=callgrind
+        self.env_overrides: dict[str, str] = {}   # benchmarks/tests: e.g. VMLAB_NO_ACCEL=1
         self._stopping = False
 
     @property
@@ -75,6 +77,9 @@ class BackendProcess:
             f.write(json.dumps(self.config, indent=2))
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ)
+        env.update(self.env_overrides)
+        if env.get(accel.ENV_OFF, "") in ("", "0"):
+            accel.load()    # the first build happens here, not inside the READY timeout
         pkg_root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = pkg_root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")

@@ -22,10 +22,11 @@ import asyncio
 import logging
 import time
 from collections import Counter, deque
+from functools import partial
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-from vmlab.vsock.connection import Connection, copy_into, scatter, trim_views
+from vmlab.vsock.connection import Connection, copy_into, scatter, skip_views, trim_views
 from vmlab.vsock.faults import FaultInjector, FaultRule
 from vmlab.vsock.packet import (
     HEADER, HEADER_SIZE, MAX_PKT_PAYLOAD, SEQ_EOM, SEQ_EOR, VMADDR_CID_HOST, Header, Op, Type, rst_for,
@@ -323,6 +324,23 @@ class Router:
         seq = hdr.type == Type.SEQPACKET
         mid_flags = hdr.flags & ~(SEQ_EOM | SEQ_EOR) if seq else hdr.flags
         pack = HEADER.pack
+        fill = getattr(dev, "rx_fill", None)
+        if fill is not None:
+            last = pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0, hdr.type,
+                        hdr.op, hdr.flags, hdr.buf_alloc, hdr.fwd_cnt)
+            mid = last if mid_flags == hdr.flags else pack(
+                hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0, hdr.type, hdr.op,
+                mid_flags, hdr.buf_alloc, hdr.fwd_cnt)
+            res = fill(left, last, mid, -1, src)
+            if res is not None:                 # else: the RxBuffer way below
+                k, moved = res[0], res[1]
+                if k:
+                    self.stats["split"] += k if moved < left else k - 1
+                    self.stats["rx_packets"] += k
+                    self.stats["rx_bytes"] += moved
+                if not moved:
+                    return hdr, payload
+                return hdr.copy(len=left - moved), skip_views(src, moved)
         pushed = moved = 0
         pop_batch = getattr(dev, "rx_pop_batch", None)
         if pop_batch is not None:
@@ -461,6 +479,20 @@ class Router:
         guests post 4 KiB buffers), popping buffers only for what the socket holds (FIONREAD)
         and the credit allows. Returns the buffers pushed, -1 when there is no rx buffer."""
         dev = st.dev
+        fill = getattr(dev, "rx_fill", None)
+        if fill is not None:
+            try:                                # pump() flushes once it is done
+                res = conn.fill_device(partial(fill, flush_soon=False))
+            except Exception:
+                log.exception("%r: fill failed", conn)
+                conn.reset("internal error")
+                dev.flush()                     # what was filled before it failed
+                return 0
+            if res is not None:                 # else: no Linux-shaped buffer next
+                if res[0]:
+                    self.stats["rx_packets"] += res[0]
+                    self.stats["rx_bytes"] += res[1]
+                return res[0]
         credit = conn.credit.peer_credit()
         if credit <= 0:
             conn.fill_many([])                  # no buffer needed to ask for credit

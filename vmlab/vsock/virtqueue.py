@@ -7,11 +7,14 @@ then the index, then decides about one interrupt for the whole batch.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import struct
+import sys
 import threading
 from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Callable
 
 from .memory import GuestMemory, GuestMemoryError
@@ -30,11 +33,18 @@ DEFAULT_MAX_CHAIN_BYTES = 64 << 20
 _DESC = struct.Struct("<QIHH")
 _U16 = struct.Struct("<H")
 _USED_ELEM = struct.Struct("<II")
+_U32 = struct.Struct("<I")
 _IND2 = struct.Struct("<QIHHQIHH")        # a 2-entry indirect table in one read
 _RX_HDR_FLAGS = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT
 _ONE = (1).to_bytes(8, "little")
+VSOCK_HDR_LEN = 44                        # fill_rx(): virtio_vsock_hdr, le32 len at offset 24
+_VSOCK_LEN_OFF = 24
 
 _fence_lock = threading.Lock()
+# Ring fields the driver may read at any moment (used idx, avail_event, used flags) are stored
+# with one 16-bit store through a native 'H' view: struct.pack_into zeroes its target first,
+# and a driver reading used idx in that window sees 0 (seen as "used idx jumped").
+_LE = sys.byteorder == "little"
 
 
 def memory_barrier() -> None:
@@ -69,6 +79,26 @@ class DescChain:
             view.release()
 
 
+def _gather(src: list[memoryview], dst: list[memoryview]) -> int:
+    """Copy the views `src` one after another into the views `dst`; returns bytes copied."""
+    done = si = soff = 0
+    for d in dst:
+        doff = 0
+        while doff < len(d) and si < len(src):
+            s = src[si]
+            k = min(len(d) - doff, len(s) - soff)
+            d[doff:doff + k] = s[soff:soff + k]
+            doff += k
+            soff += k
+            if soff == len(s):
+                si += 1
+                soff = 0
+        done += doff
+        if si == len(src):
+            break
+    return done
+
+
 def need_event(event_idx: int, new_idx: int, old_idx: int) -> bool:
     """vring_need_event(): did [old, new) cross the index the other side asked about?"""
     return ((new_idx - event_idx - 1) & 0xFFFF) < ((new_idx - old_idx) & 0xFFFF)
@@ -97,10 +127,12 @@ class Virtqueue:
         self.last_avail = next_avail & 0xFFFF
         self._avail_seen = self.last_avail      # last avail idx read from the guest
         self._pending: list[tuple[int, int]] = []
+        self._staged = 0                        # used elements written to the ring, idx not yet
         self._signalled_valid = False
         self.interrupts = 0
         self.on_interrupt: Callable[[], None] | None = None
         self.desc = self.avail = self.used = memoryview(b"")
+        self._used16: memoryview | None = None
         self.remap(mem)
         self.used_idx = _U16.unpack_from(self.used, 2)[0]
 
@@ -114,15 +146,26 @@ class Virtqueue:
             self.desc = mem.uva(desc_uva, 16 * self.size)
             self.avail = mem.uva(avail_uva, 4 + 2 * self.size + extra)
             self.used = mem.uva(used_uva, 4 + 8 * self.size + extra)
+            self._used16 = self.used.cast("H") if _LE else None
         except GuestMemoryError as exc:
             self.release()
             raise VirtqueueError(f"{self.name}: ring not in guest memory: {exc}") from exc
         self.mem = mem
 
     def release(self) -> None:
+        if self._used16 is not None:
+            self._used16.release()
+            self._used16 = None
         for view in (self.desc, self.avail, self.used):
             view.release()
         self.desc = self.avail = self.used = memoryview(b"")
+
+    def _store16(self, off: int, value: int) -> None:
+        """One atomic little-endian u16 store into the used area (see _LE)."""
+        if self._used16 is not None:
+            self._used16[off >> 1] = value
+        else:
+            _U16.pack_into(self.used, off, value)
 
     # -- avail side -------------------------------------------------------------------
     def avail_idx(self) -> int:
@@ -153,7 +196,8 @@ class Virtqueue:
         self.last_avail = (self.last_avail + 1) & 0xFFFF
         return chain
 
-    def pop_rx_linux(self, max_n: int, room: int, hdr_len: int) -> list[tuple[int, memoryview, memoryview]]:
+    def pop_rx_linux(self, max_n: int, room: int, hdr_len: int, direct: bool = False,
+                     ) -> list[tuple[int, memoryview, memoryview]]:
         """Batch fast path for rx buffers laid out the way Linux lays them out with
         INDIRECT_DESC: one ring descriptor pointing at a 32-byte indirect table of two
         device-writable entries, `hdr_len` header bytes then the payload, each inside one memory
@@ -161,10 +205,13 @@ class Virtqueue:
         covers `room` bytes) and returns (head, header view, payload view) for each; it stops
         at the first chain of any other shape, leaving it for pop(), whose generic walk checks
         every rule (and raises if the chain is broken). Every guest-written field is checked
-        here too before use; anything unexpected only ends the fast batch."""
+        here too before use; anything unexpected only ends the fast batch. direct: also take
+        what Linux >= 6.2 posts (one device-writable descriptor, flags exactly WRITE, longer
+        than the header, inside one region), split into header and payload views."""
         out: list[tuple[int, memoryview, memoryview]] = []
         size = self.size
-        if not self.indirect or max_n <= 0 or size < 2:
+        indirect = self.indirect
+        if not (indirect or direct) or max_n <= 0 or size < 2:
             return out
         if self._avail_seen == self.last_avail:
             self._avail_seen = self._read_avail_idx()
@@ -182,8 +229,20 @@ class Virtqueue:
             if head >= size:
                 break
             addr, length, flags, _nxt = _DESC.unpack_from(desc, 16 * head)
-            if flags != VRING_DESC_F_INDIRECT or length != 32:
-                break
+            if flags != VRING_DESC_F_INDIRECT or length != 32 or not indirect:
+                if not (direct and flags == VRING_DESC_F_WRITE
+                        and hdr_len < length <= self.max_chain_bytes):
+                    break
+                loc = locate(addr, length)
+                if loc is None:
+                    break
+                view, off = loc
+                out.append((head, view[off:off + hdr_len], view[off + hdr_len:off + length]))
+                last = (last + 1) & 0xFFFF
+                got += length - hdr_len
+                if got >= room:
+                    break
+                continue
             # the usual case: table, header and payload all in the region used last
             region = mem._last_gpa
             if region is not None:
@@ -224,6 +283,72 @@ class Virtqueue:
     def unpop(self) -> None:
         """Give the most recently popped chain back to the avail ring (it is re-read later)."""
         self.last_avail = (self.last_avail - 1) & 0xFFFF
+
+    def fill_rx(self, max_n: int, want: int, hdr_last: bytes, hdr_mid: bytes, fd: int,
+                src: list[memoryview] | None, accel: ModuleType | None = None,
+                ) -> tuple[int, int, int, int]:
+        """vsock rx in one call: fill up to max_n leading Linux-shaped rx chains (the shapes
+        pop_rx_linux(direct=True) takes, its checks) with up to `want` payload bytes, from one readv(fd) when
+        fd >= 0, else copied from the views `src` (not consumed); write each filled buffer's
+        header (hdr_mid, or hdr_last on the buffer that completes `want`, with its len field
+        set) and queue its used element for flush(). Chains that got no bytes stay available.
+        Returns (filled, bytes, errno of a failed readv or 0, bytes offered); offered 0: no
+        chain of that shape is next, nothing was done. `accel` (vsock/accel.py) does the same
+        in C without an object per buffer; the result is the same byte for byte."""
+        if max_n <= 0 or want <= 0 or self.size < 2:
+            return 0, 0, 0, 0
+        if accel is not None:
+            if self._avail_seen == self.last_avail:
+                self._avail_seen = self._read_avail_idx()
+            self._stage()
+            n = min(max_n, (self._avail_seen - self.last_avail) & 0xFFFF)
+            if n <= 0:
+                return 0, 0, 0, 0
+            k, got, err, asked = accel.fill_rx(
+                self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
+                int(self.indirect), self.last_avail, n, (self.used_idx + self._staged) & 0xFFFF,
+                self.max_chain_bytes - VSOCK_HDR_LEN, want, hdr_last, hdr_mid, fd, src)
+            self.last_avail = (self.last_avail + k) & 0xFFFF
+            self._staged += k
+            return k, got, err, asked
+        bufs = self.pop_rx_linux(max_n, want, VSOCK_HDR_LEN, direct=True)
+        if not bufs:
+            return 0, 0, 0, 0
+        views: list[memoryview] = []
+        asked = 0
+        for _head, _hview, pview in bufs:
+            if len(pview) > want - asked:
+                pview = pview[:want - asked]
+            views.append(pview)
+            asked += len(pview)
+        got = err = 0
+        if fd >= 0:
+            try:
+                got = os.readv(fd, views)
+            except OSError as exc:
+                err = exc.errno or errno.EIO
+        else:
+            got = _gather(src or [], views)
+        k = 0
+        left = got
+        pending = self._pending
+        pack_len = _U32.pack_into
+        while k < len(bufs) and left > 0:
+            n = len(views[k])
+            if n > left:
+                n = left
+            left -= n
+            head, hview, _ = bufs[k]
+            hview[:] = hdr_last if left == 0 and got == want else hdr_mid
+            pack_len(hview, _VSOCK_LEN_OFF, n)
+            pending.append((head, VSOCK_HDR_LEN + n))
+            k += 1
+        self.last_avail = (self.last_avail - (len(bufs) - k)) & 0xFFFF   # the unfilled rest
+        for (_head, hview, pview), view in zip(bufs, views):
+            hview.release()
+            view.release()
+            pview.release()
+        return k, got, err, asked
 
     def _walk(self, head: int) -> DescChain:
         size = self.size
@@ -356,15 +481,15 @@ class Virtqueue:
         """Ask the driver not to kick while we are draining the ring anyway."""
         if not self.event_idx:
             flags = _U16.unpack_from(self.used, 0)[0]
-            _U16.pack_into(self.used, 0, flags | VRING_USED_F_NO_NOTIFY)
+            self._store16(0, flags | VRING_USED_F_NO_NOTIFY)
 
     def enable_notification(self) -> bool:
         """Re-arm kicks; returns True if chains arrived meanwhile (process them, no kick comes)."""
         if self.event_idx:
-            _U16.pack_into(self.used, 4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, self.last_avail)
         else:
             flags = _U16.unpack_from(self.used, 0)[0]
-            _U16.pack_into(self.used, 0, flags & ~VRING_USED_F_NO_NOTIFY)
+            self._store16(0, flags & ~VRING_USED_F_NO_NOTIFY)
         memory_barrier()
         return self.has_avail()
 
@@ -377,26 +502,41 @@ class Virtqueue:
 
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + self._staged
+
+    def _stage(self) -> None:
+        """Write the queued used elements into the ring after the staged ones, idx unchanged
+        (the accelerator writes its elements after them, so the order stays push order)."""
+        if not self._pending:
+            return
+        used, mask = self.used, self.size - 1
+        idx = self.used_idx + self._staged
+        pack = _USED_ELEM.pack_into
+        for head, written in self._pending:
+            pack(used, 4 + 8 * (idx & mask), head, written)
+            idx += 1
+        self._staged += len(self._pending)
+        self._pending.clear()
 
     def flush(self) -> bool:
         """Publish queued used elements, then interrupt at most once. Returns True if signalled."""
-        if not self._pending:
+        if not self._pending and not self._staged:
             return False
         used = self.used
         mask = self.size - 1
         old = self.used_idx
-        idx = old
+        idx = (old + self._staged) & 0xFFFF
+        self._staged = 0
         pack = _USED_ELEM.pack_into
         for head, written in self._pending:
             pack(used, 4 + 8 * (idx & mask), head, written)
             idx = (idx + 1) & 0xFFFF
         self._pending.clear()
         # Entries are stored before the index (x86 keeps store order; no compiler here).
-        _U16.pack_into(used, 2, idx)
+        self._store16(2, idx)
         self.used_idx = idx
         if self.event_idx:
-            _U16.pack_into(used, 4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, self.last_avail)
         memory_barrier()
         if self._should_interrupt(old, idx):
             self.interrupt()
