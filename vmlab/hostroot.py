@@ -58,6 +58,25 @@ def overlay_dirs() -> list[Path]:
     return [] if writable(str(root)) or not root.is_dir() else [root]
 
 
+TMPFS_DIRS = ("/tmp", "/run", "/var/tmp", "/var/log")
+"""Fresh tmpfs in a rootfs: host guest: the host's files there are hidden."""
+
+
+def masked_host_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
+    """Host dirs vmlab itself needs in the guest that a guest tmpfs would hide: its own source tree
+    (a checkout in /tmp, as a CI clone may be) and PYTHONPATH entries there. The guest init binds
+    them read-only from the host's root (vmlab.hostpath=)."""
+    env = os.environ if environ is None else environ
+    wanted = [Path(__file__).resolve().parents[1]]
+    wanted += [Path(p).resolve() for p in env.get("PYTHONPATH", "").split(":") if p]
+    out: list[Path] = []
+    for path in wanted:
+        under = any(str(path) == d or str(path).startswith(d + "/") for d in TMPFS_DIRS)
+        if under and path.is_dir() and path not in out and str(path) not in TMPFS_DIRS:
+            out.append(path)
+    return out
+
+
 def unsupported(spec) -> str | None:
     """Why this VM cannot boot with rootfs: host (when --rootfs host is applied to a scenario that
     validation could not check against it), or None."""

@@ -321,6 +321,7 @@ class Lab:
                 lab_id=self.lab_id,
                 rootfs=rootfs, host_modules=modules if rootfs == "host" else None,
                 overlays=hostroot.overlay_dirs() if rootfs == "host" else [],
+                host_paths=hostroot.masked_host_paths() if rootfs == "host" else [],
             )
         return configs
 

@@ -33,7 +33,6 @@ def json_lines(out: str) -> list[dict]:
     return [json.loads(l) for l in out.splitlines() if l.startswith("{")]
 
 
-@contextlib.contextmanager
 @pytest.fixture(autouse=True)
 def stock_kernel(monkeypatch):
     """These tests are about the distribution kernel's image (modules loaded by /init), so they
@@ -41,6 +40,7 @@ def stock_kernel(monkeypatch):
     monkeypatch.delenv("VMLAB_KERNEL", raising=False)
 
 
+@contextlib.contextmanager
 def booted(tmp_path, extra_files=None, append="", qemu_extra=()):
     """Build the image, boot it under TCG, yield the console at VMLAB-READY; always kill qemu."""
     if not shutil.which("qemu-system-x86_64"):

@@ -30,7 +30,7 @@ def virtfs(argv: list[str]) -> list[str]:
 
 def test_host_rootfs_exports_slash_readonly_in_qemu():
     cfg = config(rootfs="host", host_modules=Path("/c/k/lib/modules/6.1.0"),
-                 overlays=[Path("/home/u/.cache/vmlab")])
+                 overlays=[Path("/home/u/.cache/vmlab")], host_paths=[Path("/tmp/clone")])
     (fs,) = virtfs(build_argv(cfg))
     opts = fs.split(",")
     assert opts[0] == "local" and "path=/" in opts and f"mount_tag={ROOT_MOUNT_TAG}" in opts
@@ -39,6 +39,20 @@ def test_host_rootfs_exports_slash_readonly_in_qemu():
     assert "vmlab.rootfs=host" in cmdline.split()
     assert "vmlab.hostmods=/c/k/lib/modules/6.1.0" in cmdline.split()
     assert "vmlab.overlay=/home/u/.cache/vmlab" in cmdline.split()
+    assert "vmlab.hostpath=/tmp/clone" in cmdline.split()
+
+
+def test_a_checkout_or_pythonpath_under_a_guest_tmpfs_is_shown_to_the_guest(tmp_path):
+    from vmlab import hostroot
+
+    inside = (tmp_path / "src").resolve()
+    inside.mkdir()
+    got = hostroot.masked_host_paths({"PYTHONPATH": f"{inside}:/usr/lib/python3/dist-packages"})
+    if str(inside).startswith(("/tmp/", "/var/tmp/", "/run/")):
+        assert inside in got
+    assert Path("/usr/lib/python3/dist-packages") not in got   # visible anyway
+    repo = Path(hostroot.__file__).resolve().parents[1]
+    assert (repo in got) == any(str(repo).startswith(d + "/") for d in hostroot.TMPFS_DIRS)
 
 
 def test_image_rootfs_has_no_root_export_and_paths_with_blanks_stay_off_the_cmdline():

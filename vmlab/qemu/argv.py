@@ -51,6 +51,7 @@ class VmConfig:
     rootfs: str = "image"
     host_modules: Path | None = None     # rootfs host: the guest kernel's module tree on the host
     overlays: list[Path] = field(default_factory=list)  # rootfs host: more dirs made writable (tmpfs overlay)
+    host_paths: list[Path] = field(default_factory=list)  # rootfs host: host dirs under a guest tmpfs, bound ro
     no_reboot: bool = False
     machine: str = "pc"
     extra_args: list[str] = field(default_factory=list)
@@ -81,6 +82,9 @@ def kernel_cmdline(cfg: VmConfig) -> str:
         overlays = [str(p) for p in cfg.overlays if _cmdline_safe(str(p))]
         if overlays:
             parts.append("vmlab.overlay=" + ",".join(overlays))
+        host_paths = [str(p) for p in cfg.host_paths if _cmdline_safe(str(p))]
+        if host_paths:
+            parts.append("vmlab.hostpath=" + ",".join(host_paths))
     if cfg.cmdline:
         parts.append(cfg.cmdline)
     return " ".join(parts)
