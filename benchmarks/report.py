@@ -118,7 +118,7 @@ def print_table(rows: list[dict], res: dict) -> None:
     m = res["machine"]
     print(f"{m['date']}, {m['cpus']} cpus, load average before/after "
           f"{m['loadavg_before']}/{m['loadavg_after']}, {res['elapsed_seconds']} s"
-          f"{' (--quick)' if res['quick'] else ''}")
+          f"{' (--quick)' if res['quick'] else ''}; guest kernel {m.get('kernel', 'stock')}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -127,12 +127,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", metavar="FILE", help="write all results to FILE")
     ap.add_argument("--compare", metavar="OLD", help="an earlier --json file to compare with")
     ap.add_argument("--skip", action="append", default=[], choices=PARTS, help="leave a part out")
+    ap.add_argument("--kernel", metavar="REF", help="guest kernel for the guest parts (e.g. minimal, "
+                    "build:NAME, a path); default: $VMLAB_KERNEL, else the stock distribution kernel")
     args = ap.parse_args(argv)
+    if args.kernel:                            # guests of this process and of throughput.py's
+        from vmlab.kernel.spec import resolve
+        os.environ["VMLAB_KERNEL"] = str(resolve(args.kernel).path)
     old = json.loads(Path(args.compare).read_text()) if args.compare else None
     started = time.monotonic()
     res: dict = {"quick": args.quick, "machine": {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpus": os.cpu_count(),
-        "loadavg_before": [round(x, 2) for x in os.getloadavg()]}}
+        "loadavg_before": [round(x, 2) for x in os.getloadavg()],
+        "kernel": os.environ.get("VMLAB_KERNEL") or "stock"}}
     for part, fn in (("raw", run_raw), ("throughput", run_throughput), ("scale", run_scale)):
         if part in args.skip:
             continue
