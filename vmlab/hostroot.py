@@ -47,7 +47,11 @@ def host_env(environ: Mapping[str, str] | None = None, executable: str = sys.exe
 
 def writable(path: str) -> bool:
     """Whether a guest path is writable in a rootfs: host guest (tmpfs or overlay)."""
-    return any(path == d or path.startswith(d + "/") for d in HOST_ROOTFS_WRITABLE)
+    return _under(path, HOST_ROOTFS_WRITABLE)
+
+
+def _under(path: str, dirs: tuple[str, ...]) -> bool:
+    return any(path == d or path.startswith(d + "/") for d in dirs)
 
 
 def overlay_dirs() -> list[Path]:
@@ -71,8 +75,7 @@ def masked_host_paths(environ: Mapping[str, str] | None = None) -> list[Path]:
     wanted += [Path(p).resolve() for p in env.get("PYTHONPATH", "").split(":") if p]
     out: list[Path] = []
     for path in wanted:
-        under = any(str(path) == d or str(path).startswith(d + "/") for d in TMPFS_DIRS)
-        if under and path.is_dir() and path not in out and str(path) not in TMPFS_DIRS:
+        if _under(str(path), TMPFS_DIRS) and path.is_dir() and path not in out and str(path) not in TMPFS_DIRS:
             out.append(path)
     return out
 

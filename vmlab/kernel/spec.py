@@ -35,7 +35,7 @@ class KernelRefError(ValueError):
 class KernelRef:
     kind: str
     value: str
-    config: str | None = None   # fragment for kind == "source"
+    config: str | None = None   # fragment for kind == "source" or "minimal"
 
     def __str__(self) -> str:
         if self.kind == MINIMAL:

@@ -222,13 +222,10 @@ class _ScenarioChecks(FieldChecker):
             return
         if self.skip(vm, "kernel"):
             return
-        if ref.kind == "minimal" and ref.config is not None and not Path(ref.config).is_file():
+        if ref.kind == "source" and not Path(ref.value).is_dir():
+            self.error(vm, "kernel", ctx, f"kernel: source {ref.value} is not a directory")
+        elif ref.kind in ("source", "minimal") and ref.config is not None and not Path(ref.config).is_file():
             self.error(vm, "kernel", ctx, f"kernel: config fragment {ref.config} does not exist")
-        elif ref.kind == "source":
-            if not Path(ref.value).is_dir():
-                self.error(vm, "kernel", ctx, f"kernel: source {ref.value} is not a directory")
-            elif ref.config is not None and not Path(ref.config).is_file():
-                self.error(vm, "kernel", ctx, f"kernel: config fragment {ref.config} does not exist")
         elif ref.kind == "package" and not ref.value.startswith("linux-image-"):
             self.error(vm, "kernel", ctx, f"kernel: package {ref.value!r} is not a kernel package "
                        "(expected linux-image-..., e.g. linux-image-6.1.0-57-amd64)")
