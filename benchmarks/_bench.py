@@ -75,13 +75,26 @@ def mbs(nbytes: int, seconds: float) -> float:
 
 
 def rss_detail_mib(pid: int | None) -> dict:
-    """VmRSS and its shared-memory part (guest RAM is a shared memfd) of one process, MiB."""
+    """VmRSS and its parts of one process, MiB, plus Pss. Guest RAM is a shared memfd: the pages
+    the backend touched count in its RssShmem *and* in the guest's qemu, so VmRSS sums count them
+    twice; Pss splits shared pages between the processes that map them (sums are real)."""
     out = {}
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             key = line.split(":")[0]
             if key in ("VmRSS", "RssShmem", "RssAnon", "RssFile"):
                 out[key] = round(int(line.split()[1]) / 1024, 1)
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            key = line.split(":")[0]
+            if key in ("Pss", "Pss_Shmem"):
+                out[key] = round(int(line.split()[1]) / 1024, 1)
     except (OSError, TypeError):
         pass
     return out
+
+
+def own_rss_mib(detail: dict) -> float | None:
+    """A process's resident memory without the guest RAM it maps (RssAnon + RssFile)."""
+    if "RssAnon" not in detail:
+        return None
+    return round(detail["RssAnon"] + detail.get("RssFile", 0), 1)

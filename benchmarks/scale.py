@@ -8,7 +8,8 @@ Boots --vms guests in parallel (one vhost-user backend serves them all), has eve
 message to guest (i+1) % N over vsock, then opens --connections concurrent guest->host connections
 spread over the guests, all held open at once before any is closed. Prints boot time, the ring's
 time, connections/s, the peak number of connections the backend held, and the backend's CPU time
-and memory (RSS per idle VM: its qemu plus 1/N of the backend, a few seconds after boot).
+and memory (RSS per idle VM: its qemu plus 1/N of the backend, a few seconds after boot; PSS,
+which counts shared guest RAM once; the backend's own RSS, without the guest RAM it maps).
 --compare-one boots a single VM first and prints the N-VM parallel boot as a multiple of it.
 Numbers only; correctness is checked on the way (every message and byte must arrive).
 """
@@ -24,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _bench import cpu_seconds, rss_detail_mib  # noqa: E402
+from _bench import cpu_seconds, own_rss_mib, rss_detail_mib  # noqa: E402
 
 from vmlab.guest import GuestHelper  # noqa: E402
 from vmlab.lab import Lab, LabOptions  # noqa: E402
@@ -32,16 +33,6 @@ from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
 from vmlab.vsock.host import host_listen  # noqa: E402
 
 DEFAULT_MEMORY = 160
-
-
-def rss_mib(pid: int | None) -> float | None:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except (OSError, TypeError):
-        pass
-    return None
 
 
 def ring(lab: Lab) -> float:
@@ -114,10 +105,13 @@ def boot(n: int, memory: int, idle: float = 3.0, work=None) -> dict:
         qemu = [rss_detail_mib(vm.machine.pid) for vm in lab.vms]
         backend = rss_detail_mib(lab.backend.pid)
         per_vm = [q.get("VmRSS", 0) + backend.get("VmRSS", 0) / n for q in qemu]
+        pss = sum(q.get("Pss", 0) for q in qemu) + backend.get("Pss", 0)
         out = {"vms": n, "memory_mib": memory, "boot_seconds": round(boot_s, 1),
                "rss_per_idle_vm_mib": round(sum(per_vm) / n, 1),
                "rss_per_idle_vm_max_mib": round(max(per_vm), 1),
-               "qemu_rss_mib": qemu[0], "backend_rss_mib_idle": backend.get("VmRSS")}
+               "pss_per_idle_vm_mib": round(pss / n, 1),
+               "qemu_rss_mib": qemu[0], "backend_rss_mib_idle": backend.get("VmRSS"),
+               "backend_own_rss_mib_idle": own_rss_mib(backend)}
         if work is not None:
             out.update(work(lab))
     return out
@@ -159,9 +153,12 @@ def scale(vms: int, memory: int, connections: int, do_ring: bool, compare_one: b
         if connections:
             out.update(concurrent_connections(lab, connections))
         out["backend_cpu_seconds"] = cpu_seconds(pid)
-        out["backend_rss_mib"] = rss_mib(pid)
+        detail = rss_detail_mib(pid)
+        out["backend_rss_mib"] = detail.get("VmRSS")
+        out["backend_rss_detail_mib"] = detail
         if connections:
-            out["backend_rss_mib_after_connections"] = out["backend_rss_mib"]
+            out["backend_rss_mib_after_connections"] = detail.get("VmRSS")
+            out["backend_own_rss_mib_after_connections"] = own_rss_mib(detail)
         return out
 
     result.update(boot(vms, memory, work=work))
