@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from vmlab.vsock.connection import Connection, Credit, State
+from vmlab.vsock.connection import CREDIT_REQUEST_DELAY, Connection, Credit, State
 from vmlab.vsock.packet import SHUTDOWN_BOTH, SHUTDOWN_SEND, Header, Op, Type
 
 M = 2**32
@@ -135,10 +135,31 @@ def test_fill_respects_credit_and_zero_read_is_not_eof(loop) -> None:
             break
         got += h.len
     assert got == 8192                        # exactly the guest's credit
-    assert env.sent[-1].op == Op.CREDIT_REQUEST
+    ops = lambda: [h.op for h in env.sent]   # noqa: E731
+    assert Op.CREDIT_REQUEST not in ops()     # not at once: a Linux peer sends its own update
+    loop.run_until_complete(asyncio.sleep(CREDIT_REQUEST_DELAY / 2))
+    assert Op.CREDIT_REQUEST not in ops()
+    loop.run_until_complete(asyncio.sleep(CREDIT_REQUEST_DELAY))
+    assert env.sent[-1].op == Op.CREDIT_REQUEST     # still none: ask, once
+    assert c.fill(Buf(4096)) is None
+    loop.run_until_complete(asyncio.sleep(2 * CREDIT_REQUEST_DELAY))
+    assert ops().count(Op.CREDIT_REQUEST) == 1
     c.on_packet(Header(3, 2, 1025, 9999, 0, Type.STREAM, Op.CREDIT_UPDATE, 0, 8192, 8192), [])
     h = c.fill(Buf(4096))
     assert h is not None and h.len == 4096
+    c.reset("test")
+    host.close()
+
+
+def test_credit_update_in_time_means_no_credit_request(loop) -> None:
+    """The guest's own CREDIT_UPDATE arriving within CREDIT_REQUEST_DELAY cancels the request."""
+    c, env, host = _conn(loop)
+    host.sendall(b"x" * 20000)
+    while c.fill(Buf(4096)) is not None:
+        pass
+    c.on_packet(Header(3, 2, 1025, 9999, 0, Type.STREAM, Op.CREDIT_UPDATE, 0, 8192, 8192), [])
+    loop.run_until_complete(asyncio.sleep(3 * CREDIT_REQUEST_DELAY))
+    assert Op.CREDIT_REQUEST not in [h.op for h in env.sent]
     c.reset("test")
     host.close()
 

@@ -49,6 +49,12 @@ FRAME_EOR = 0x01                     # framed SEQPACKET: the message ends a reco
 CLOSE_TIMEOUT = 8.0                  # VSOCK_CLOSE_TIMEOUT: wait this long for the guest's RST
 CONNECT_TIMEOUT = 10.0               # host-initiated: wait this long for RESPONSE
 LINGER_TIMEOUT = 60.0                # keep flushing to a slow host reader after the guest left
+# Out of credit: ask for it (CREDIT_REQUEST) only after this long. A Linux receiver sends its own
+# CREDIT_UPDATE once it has read most of its buffer; asking at once made it answer with whatever
+# little it had read so far, and in bulk host->guest transfers that ping-pong doubled the guest's
+# tx packets and split the data into small credit windows. The delay keeps a peer that only
+# answers requests from stalling for good.
+CREDIT_REQUEST_DELAY = 0.01
 
 _AGAIN = (BlockingIOError, InterruptedError)
 _AGAIN_ERRNOS = frozenset((errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR))
@@ -233,6 +239,7 @@ class Connection:
     credit_requested: bool = False
     lingering: bool = False
     timer: asyncio.TimerHandle | None = None
+    credit_timer: asyncio.TimerHandle | None = None   # the delayed CREDIT_REQUEST
     on_close: Callable[["Connection", str], None] | None = None
 
     # --- identity -------------------------------------------------------------------------
@@ -294,6 +301,7 @@ class Connection:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+        self._cancel_credit_request()
         self._stop_reading()
         self.env.release(self)
         if self.out_bytes and not self.lingering and self.sock.fileno() >= 0:
@@ -368,13 +376,14 @@ class Connection:
         self.start_reading()
 
     def _credit_grew(self) -> None:
+        """Credit came back: read the host socket now (in the pump that follows the guest's
+        update) instead of re-arming the reader and waiting a loop iteration for readiness;
+        an empty socket re-arms it itself (EAGAIN)."""
         if self.waiting_credit:
             self.waiting_credit = False
             self.credit_requested = False
-            if self.rx_msg is not None:
-                self.env.want_rx(self)
-            else:
-                self.start_reading()
+            self._cancel_credit_request()
+            self.env.want_rx(self)
 
     def _guest_data(self, hdr: Header, payload: list[memoryview]) -> None:
         n = hdr.len
@@ -772,9 +781,20 @@ class Connection:
     def _wait_credit(self) -> None:
         self._stop_reading()                # _credit_grew() re-arms it
         self.waiting_credit = True
-        if not self.credit_requested:
+        if not self.credit_requested and self.credit_timer is None:
+            self.credit_timer = self.env.loop.call_later(CREDIT_REQUEST_DELAY, self._request_credit)
+
+    def _request_credit(self) -> None:
+        """Still no credit CREDIT_REQUEST_DELAY after it ran out: ask the guest for it."""
+        self.credit_timer = None
+        if self.waiting_credit and not self.credit_requested and self.state is State.ESTABLISHED:
             self.credit_requested = True
             self.send(Op.CREDIT_REQUEST)
+
+    def _cancel_credit_request(self) -> None:
+        if self.credit_timer is not None:
+            self.credit_timer.cancel()
+            self.credit_timer = None
 
     def _peer_hung_up(self) -> bool:
         p = select.poll()
