@@ -21,7 +21,7 @@ MiB = 1 << 20
 UVA = 0x7F1200000000
 PF = (1 << vu.PROTOCOL_F_REPLY_ACK) | (1 << vu.PROTOCOL_F_CONFIG) | (1 << vu.PROTOCOL_F_MQ)
 HDR = struct.Struct("<QQIIIHHIII")
-OP_REQUEST, OP_RST = 1, 3
+OP_REQUEST, OP_RST, OP_RW = 1, 3, 5
 
 
 # -- codec ------------------------------------------------------------------------------
@@ -339,16 +339,22 @@ class FakeQemu:
         struct.pack_into("<QIHH", self.raw, RINGS[q][0] + 16 * i, addr, length, flags, nxt)
         return i
 
-    def _publish(self, q, head):
+    def _publish(self, q, head, kick=True):
+        self.publish(q, [head], kick)
+
+    def publish(self, q, heads, kick=True):
+        """Make chains available with one avail idx store (and kick, unless kick=False)."""
         for ring in (0, 1):     # like virtqueue_enable_cb(): interrupt on the next used entry
             _, avail_area, used_area = RINGS[ring]
             used_idx = struct.unpack_from("<H", self.raw, used_area + 2)[0]
             struct.pack_into("<H", self.raw, avail_area + 4 + 2 * QSIZE, used_idx)
         avail = RINGS[q][1]
-        struct.pack_into("<H", self.raw, avail + 4 + 2 * (self.avail[q] % QSIZE), head)
-        self.avail[q] = (self.avail[q] + 1) & 0xFFFF
+        for head in heads:
+            struct.pack_into("<H", self.raw, avail + 4 + 2 * (self.avail[q] % QSIZE), head)
+            self.avail[q] = (self.avail[q] + 1) & 0xFFFF
         struct.pack_into("<H", self.raw, avail + 2, self.avail[q])
-        os.write(self.kick[q], (1).to_bytes(8, "little"))
+        if kick:
+            os.write(self.kick[q], (1).to_bytes(8, "little"))
 
     def add_rx_buffer(self, slot, split=False):
         base = RX_DATA + slot * 0x2000
@@ -361,7 +367,8 @@ class FakeQemu:
             head = self._desc(0, base, 44 + 4096, VRING_DESC_F_WRITE)
         self._publish(0, head)
 
-    def send_packet(self, header, payload=b"", slot=0, split_at=None):
+    def send_packet(self, header, payload=b"", slot=0, split_at=None, kick=True, publish=True):
+        """Write a tx chain and publish it; publish=False: return its head unpublished."""
         base = TX_DATA + slot * 0x2000
         self.raw[base:base + len(header) + len(payload)] = header + payload
         cut = 44 if split_at is None else split_at
@@ -373,7 +380,13 @@ class FakeQemu:
             last = n == len(parts) - 1
             self._desc(1, addr, length, 0 if last else VRING_DESC_F_NEXT,
                        (first + n + 1) % QSIZE)
-        self._publish(1, first)
+        if not publish:
+            return first
+        self._publish(1, first, kick)
+
+    def avail_event(self, q) -> int:
+        """The avail idx the device asked to be kicked at (EVENT_IDX)."""
+        return struct.unpack_from("<H", self.raw, RINGS[q][2] + 4 + 8 * QSIZE)[0]
 
     def used(self, q):
         used = RINGS[q][2]
@@ -948,3 +961,32 @@ def test_rx_fill_on_an_avail_idx_jump_breaks_the_device_once(running, rx_accel):
     assert dev.broken and "avail idx" in dev.broken
     assert handler.resets and dev.stats["errors"] == 1
     assert in_loop(dev, lambda: dev.rx_fill(100, hdr, hdr, -1, [memoryview(b"x")])) is None
+
+
+def test_bulk_tx_asks_for_fewer_kicks_and_never_leaves_a_chain_waiting(running, monkeypatch):
+    """A drain of >= 64 KiB in >= 2 chains: the device asks to be kicked only after
+    TX_KICK_AHEAD + 1 more chains and looks at the ring itself meanwhile, so a chain the
+    guest posts without a kick (as Linux does below avail_event) is still taken, soon; a drain
+    of one small chain returns to a kick per chain."""
+    from vmlab.vsock import device
+    from vmlab.vsock.device import TX_KICK_AHEAD
+    monkeypatch.setattr(device, "TX_POLL_DELAY", 0.3)    # long enough to look at avail_event
+    dev, handler, connect = running
+    fake = connect()
+    fake.setup()
+    small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
+    fake.send_packet(small, b"first", slot=60)              # also: the ring's first look is done
+    assert wait_until(lambda: fake.used(1)[0] == 1 and fake.avail_event(1) == 1)
+    n = 40000
+    rw = HDR.pack(7, 2, 1000, 1234, n, 1, OP_RW, 0, 65536, 0)
+    heads = [fake.send_packet(rw, bytes(n), slot=0, publish=False),
+             fake.send_packet(rw, b"\x01" * n, slot=20, publish=False)]
+    fake.publish(1, heads)                                  # one drain, one kick
+    assert wait_until(lambda: fake.used(1)[0] == 3)
+    assert wait_until(lambda: fake.avail_event(1) == 3 + TX_KICK_AHEAD)
+    assert dev.stats["kicks"] == 2
+    fake.send_packet(small, b"hello", slot=40, kick=False)  # below avail_event: no kick
+    assert wait_until(lambda: fake.used(1)[0] == 4, timeout=2.0), "chain left waiting"
+    assert handler.payloads[3] == b"hello" and dev.stats["kicks"] == 2
+    assert wait_until(lambda: fake.avail_event(1) == 4)     # back to a kick per chain
+    assert handler.payloads[:3] == [b"first", bytes(n), b"\x01" * n]

@@ -35,6 +35,15 @@ HDR_LEN = 44
 RX, TX = 0, 1
 TX_BATCH = 256                          # chains per loop iteration before yielding to other VMs
 RX_FILL_BATCH = 64                      # rx buffers one rx_fill() fills at most
+# Bulk tx (a drain moved >= TX_BULK_BYTES in >= 2 chains): the guest kicks only every
+# TX_KICK_AHEAD + 1 chains and the device looks at the ring itself TX_POLL_DELAY after each
+# drain, so a guest that posts fewer is never left waiting longer than that. A TCG guest adds
+# its packets more slowly than the backend drains them and kicked about once per 2 packets:
+# each kick is a backend wakeup, which costs more than the packets it carries. Interactive
+# traffic (single packets, control) keeps a kick per chain.
+TX_BULK_BYTES = 64 * 1024
+TX_KICK_AHEAD = 3
+TX_POLL_DELAY = 0.0005
 
 
 class DeviceHandler(Protocol):
@@ -156,6 +165,7 @@ class VsockDevice:
         self._rx_free: list[RxBuffer] = []
         self._flush_scheduled = False
         self._tx_scheduled = False
+        self._tx_poll: asyncio.TimerHandle | None = None   # bulk mode's own look at the ring
         self.accel = accel.load()           # None: pure Python (VMLAB_NO_ACCEL, no compiler)
 
     # -- public API -------------------------------------------------------------------
@@ -646,6 +656,8 @@ class VsockDevice:
             return
         if index == RX:
             self._invalidate_rx()
+        else:
+            self._cancel_tx_poll()
         q.release()
         self._queues[index] = None
         self._sigs[index] = None
@@ -765,10 +777,12 @@ class VsockDevice:
     def _process_tx(self) -> None:
         """Drain the tx ring: every chain -> on_tx_packet, one used flush per batch."""
         self._tx_scheduled = False
+        self._cancel_tx_poll()
         q = self._queues[TX]
         if q is None or self.broken:
             return
         budget = TX_BATCH
+        chains = nbytes = 0
         try:
             while True:
                 q.disable_notification()
@@ -777,6 +791,8 @@ class VsockDevice:
                     if chain is None:
                         break
                     budget -= 1
+                    chains += 1
+                    nbytes += chain.read_len
                     self._tx_chain(chain)
                     if self._queues[TX] is not q:
                         return                # the handler's reaction reset the device
@@ -786,10 +802,26 @@ class VsockDevice:
                 if not budget:
                     self._schedule_tx()       # let other VMs run; kicks stay off meanwhile
                     return
+                bulk = q.event_idx and chains >= 2 and nbytes >= TX_BULK_BYTES
+                q.kick_ahead = TX_KICK_AHEAD if bulk else 0
                 if not q.enable_notification():
+                    if bulk:
+                        self._tx_poll = self.loop.call_later(TX_POLL_DELAY, self._poll_tx)
                     return
         except (VirtqueueError, ValueError) as exc:
             self._fault(str(exc))
+
+    def _poll_tx(self) -> None:
+        """Bulk mode: look at the tx ring without a kick (the guest may post fewer chains
+        than kick_ahead asks for); a drain with little in it returns to a kick per chain."""
+        self._tx_poll = None
+        if self._stopped[TX] is None:
+            self._process_tx()
+
+    def _cancel_tx_poll(self) -> None:
+        if self._tx_poll is not None:
+            self._tx_poll.cancel()
+            self._tx_poll = None
 
     def _tx_chain(self, chain: DescChain) -> None:
         views = chain.readable

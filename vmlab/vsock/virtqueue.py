@@ -129,6 +129,9 @@ class Virtqueue:
         self._pending: list[tuple[int, int]] = []
         self._staged = 0                        # used elements written to the ring, idx not yet
         self._signalled_valid = False
+        # EVENT_IDX: ask for the next kick only after this many more chains than the first
+        # one (the device's bulk mode; it polls the ring itself meanwhile). 0: every chain.
+        self.kick_ahead = 0
         self.interrupts = 0
         self.on_interrupt: Callable[[], None] | None = None
         self.desc = self.avail = self.used = memoryview(b"")
@@ -486,7 +489,7 @@ class Virtqueue:
     def enable_notification(self) -> bool:
         """Re-arm kicks; returns True if chains arrived meanwhile (process them, no kick comes)."""
         if self.event_idx:
-            self._store16(4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, (self.last_avail + self.kick_ahead) & 0xFFFF)
         else:
             flags = _U16.unpack_from(self.used, 0)[0]
             self._store16(0, flags & ~VRING_USED_F_NO_NOTIFY)
@@ -536,7 +539,7 @@ class Virtqueue:
         self._store16(2, idx)
         self.used_idx = idx
         if self.event_idx:
-            self._store16(4 + 8 * self.size, self.last_avail)
+            self._store16(4 + 8 * self.size, (self.last_avail + self.kick_ahead) & 0xFFFF)
         memory_barrier()
         if self._should_interrupt(old, idx):
             self.interrupt()
