@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""vsock vs TCP (QEMU user networking) throughput, guest->host and host->guest.
+"""vsock vs TCP (QEMU user networking) throughput, guest->host, host->guest and VM->VM.
 
     python benchmarks/throughput.py [--size MiB] [--runs N] [--json] [--transport T] [--no-tcp]
+                                    [--no-blast] [--no-v2v]
 
-Boots one lab with two guests of the same image: `bench` with vmlab's vsock device (vhost-user
-backend here, vhost where /dev/vhost-vsock works) and `tcp` with no vsock but a virtio-net NIC on
-QEMU's user networking (slirp), port-forwarded from 127.0.0.1. Only loopback is used on the host.
+Boots one lab with guests of the same image: `bench` with vmlab's vsock device (vhost-user
+backend here, vhost where /dev/vhost-vsock works), `peer` with one too (the VM->VM row's
+receiver) and `tcp` with no vsock but a virtio-net NIC on QEMU's user networking (slirp),
+port-forwarded from 127.0.0.1. Only loopback is used on the host.
 
 Measured (each --runs times, interleaved, median reported; every number is from the receiving side):
   vsock g2h  guest `vmlab-guest connect 2 P --send-bytes N`; the host times first byte -> EOF
@@ -17,6 +19,8 @@ Measured (each --runs times, interleaved, median reported; every number is from 
   (blast)    the same both ways and on both transports with bench-blast (blast.c, compiled here
              and added to the guests): plain 64 KiB writes/reads, no hashing. vmlab-guest hashes
              every byte, so the blast rows are the ones that compare transports.
+  v2v blast  `bench-blast send vsock <peer's CID>` in bench, `bench-blast recv` in peer: the
+             receiving guest times its first byte -> EOF (qemu CPU: both guests' qemu)
 Context line: busybox sha256sum over the same size inside the vsock guest (vmlab-guest hashes
 every byte it sends or receives, on the same emulated vCPU; nc does not).
 Also: the vhost-user backend process's CPU time (utime+stime from /proc/<pid>/stat) per GiB
@@ -233,6 +237,27 @@ def blast_h2g(lab: Lab, vm_name: str, family: str, nbytes: int, port: int) -> di
     return {"bytes": nbytes, "seconds": secs, "MBps": mbs(nbytes, secs), "cpu": cpu.used}
 
 
+def blast_v2v(lab: Lab, nbytes: int, port: int) -> dict:
+    """VM -> VM through the backend's router: bench-blast in `bench` sends to `peer`. Timed by
+    the receiving guest (its first byte to EOF, CLOCK_MONOTONIC in the guest), as the other rows
+    are timed on the receiving side; qemu CPU is both guests' qemu processes."""
+    src, dst = lab.vm("bench"), lab.vm("peer")
+    out_file = f"/tmp/bench-blast-{port}.out"
+    dst.check(f"bench-blast recv vsock {port} > {out_file} 2>&1 &")
+    wait_guest_file(dst, out_file, r'"listening"|"error"', 60)
+    pids = {"backend": lab.backend.pid, "qemu": src.machine.pid, "qemu_peer": dst.machine.pid}
+    with CpuMeter(pids) as cpu:
+        rc, out = src.run(f"bench-blast send vsock {dst.cid} {port} {nbytes}", timeout=_timeout(nbytes))
+        got = wait_guest_file(dst, out_file, r'"done"|"error"', 60)
+    done = next((e for e in guest_events(got) if e.get("event") == "done"), None)
+    if rc != 0 or not done or done.get("bytes") != nbytes:
+        raise RuntimeError(f"blast v2v failed: rc={rc} sender={out[-600:]!r} receiver={got[-600:]!r}")
+    used = dict(cpu.used)
+    used["qemu"] = used.get("qemu", 0) + used.pop("qemu_peer", 0)
+    secs = done["seconds"]
+    return {"bytes": nbytes, "seconds": secs, "MBps": mbs(nbytes, secs), "cpu": used}
+
+
 def guest_sha256(lab: Lab, nbytes: int) -> dict:
     """Context: vmlab-guest hashes (SHA-256) every byte it sends or receives, on the same TCG vCPU;
     this is how fast busybox sha256sum hashes a tmpfs file of the same size in that guest."""
@@ -346,6 +371,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--transport", default=None, help="vsock transport: auto (default), vhost, vhost-user")
     ap.add_argument("--no-tcp", action="store_true", help="skip the TCP (slirp) comparison guest")
     ap.add_argument("--no-blast", action="store_true", help="skip the bench-blast rows (blast.c)")
+    ap.add_argument("--no-v2v", action="store_true",
+                    help="skip the VM->VM blast row (and its second vsock guest)")
     args = ap.parse_args(argv)
     nbytes = args.size << 20
     tmp = Path(tempfile.mkdtemp(prefix="vmlab-bench-"))
@@ -381,6 +408,9 @@ def _measure(args, nbytes: int, files: dict) -> dict:
     while tcp_back == tcp_port:
         tcp_back = free_tcp_port()
     vms = [VmSpec(name="bench", files=dict(files))]
+    v2v = bool(files) and not args.no_v2v
+    if v2v:
+        vms.append(VmSpec(name="peer", files=dict(files)))
     if not args.no_tcp:
         vms.append(VmSpec(name="tcp", vsock=False, cmdline="vmlab.modules=virtio_net", files=dict(files),
                           qemu_args=["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{tcp_port}-:{tcp_port}",
@@ -401,6 +431,8 @@ def _measure(args, nbytes: int, files: dict) -> dict:
         if files:
             plan += [("vsock guest->host (blast)", lambda i: blast_g2h(lab, "bench", "vsock", nbytes, port + 10 * i + 2)),
                      ("vsock host->guest (blast)", lambda i: blast_h2g(lab, "bench", "vsock", nbytes, port + 10 * i + 3))]
+        if v2v:
+            plan += [("vsock VM->VM (blast)", lambda i: blast_v2v(lab, nbytes, port + 10 * i + 4))]
         if not args.no_tcp:
             plan += [("tcp guest->host (nc)", lambda i: tcp_g2h(lab, nbytes, tcp_port, "nc")),
                      ("tcp guest->host (httpd)", lambda i: tcp_g2h(lab, nbytes, tcp_port, "httpd")),

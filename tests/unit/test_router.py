@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import time
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -158,6 +159,56 @@ def test_relay_fills_the_buffers_there_are_and_queues_the_rest_in_order(lab) -> 
     assert [(h.len, h.flags) for h, _ in rest] == [(1808, SEQ_EOM), (4, SEQ_EOM)]
     assert b"".join(d for _, d in first + rest[:1]) == data and rest[1][1] == b"next"
     assert router.stats["split"] == 2
+
+
+class FillDevice(FakeDevice):
+    """FakeDevice with VsockDevice.rx_fill's contract (VM->VM: copied from `src`): the router
+    must fill many rx buffers per call, straight from the sender and from its queue."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.fills = 0
+
+    def rx_fill(self, want, hdr_last, hdr_mid, fd=-1, src=None, flush_soon=True):
+        if not self.free or not self.free[0].capacity:
+            return None                         # empty ring or another shape: rx_pop's way
+        data = b"".join(bytes(v) for v in src)[:want]
+        self.fills += 1
+        k = got = 0
+        while self.free and got < want and self.free[0].capacity:
+            buf = self.free.pop(0)
+            n = min(buf.capacity, want - got)
+            h = Header.unpack_from(hdr_last if got + n == want else hdr_mid)
+            h.len = n
+            self.got.append((h, data[got:got + n]))
+            got += n
+            k += 1
+        return k, got, 0, want
+
+
+@pytest.mark.parametrize("typ,flags", [(Type.STREAM, 0), (Type.SEQPACKET, SEQ_EOM | SEQ_EOR)])
+def test_queued_relay_data_goes_out_with_one_rx_fill(lab, typ, flags) -> None:
+    """The rest of a relayed packet that did not fit waits in the queue; when buffers come it
+    goes out with one rx_fill (many buffers per call), in order, EOM/EOR on the last piece."""
+    loop, router, a, _, _, tmp = lab
+    d = FillDevice("d", 6)
+    router.add_device(d, "g")
+    tx(router, a, Op.REQUEST, 1000, 6, 80, typ=typ)
+    d.take()
+    d.free = d.free[:2]
+    data = bytes(i % 251 for i in range(40000))
+    tx(router, a, Op.RW, 1000, 6, 80, data, typ=typ, flags=flags)
+    tx(router, a, Op.RW, 1000, 6, 80, b"next", typ=typ, flags=flags)
+    first = d.take()
+    assert [h.len for h, _ in first] == [4096, 4096] and d.fills == 1
+    d.give(12, router)
+    rest = d.take()
+    assert d.fills == 3                     # the queued rest in one call, then "next"
+    pieces = first + rest
+    assert [h.len for h, _ in pieces] == [4096] * 9 + [40000 - 9 * 4096, 4]
+    assert [h.flags for h, _ in pieces] == [0] * 9 + [flags, flags]
+    assert b"".join(x for _, x in pieces[:10]) == data and pieces[10][1] == b"next"
+    assert router.devs["d"].queue == deque() and router.devs["d"].queued_bytes == 0
 
 
 def test_relay_waits_for_rx_buffers_then_delivers_in_order(lab) -> None:

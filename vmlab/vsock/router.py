@@ -132,6 +132,18 @@ def _join(payload: list[memoryview], hdr: Header) -> bytes | None:
 FlowKey = tuple[int, int, int, int]   # normalized (cid_a, port_a, cid_b, port_b), a < b
 
 
+def _fill_templates(hdr: Header) -> tuple[bytes, bytes]:
+    """rx_fill's two header templates for a packet split over rx buffers: the last piece keeps
+    the flags, the others lose SEQPACKET's EOM/EOR (as _deliver_queued splits)."""
+    last = HEADER.pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0, hdr.type,
+                       hdr.op, hdr.flags, hdr.buf_alloc, hdr.fwd_cnt)
+    if hdr.type != Type.SEQPACKET or not hdr.flags & (SEQ_EOM | SEQ_EOR):
+        return last, last
+    return last, HEADER.pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0,
+                             hdr.type, hdr.op, hdr.flags & ~(SEQ_EOM | SEQ_EOR),
+                             hdr.buf_alloc, hdr.fwd_cnt)
+
+
 def _flow_key(hdr: Header) -> FlowKey:
     a = (hdr.src_cid, hdr.src_port)
     b = (hdr.dst_cid, hdr.dst_port)
@@ -326,11 +338,7 @@ class Router:
         pack = HEADER.pack
         fill = getattr(dev, "rx_fill", None)
         if fill is not None:
-            last = pack(hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0, hdr.type,
-                        hdr.op, hdr.flags, hdr.buf_alloc, hdr.fwd_cnt)
-            mid = last if mid_flags == hdr.flags else pack(
-                hdr.src_cid, hdr.dst_cid, hdr.src_port, hdr.dst_port, 0, hdr.type, hdr.op,
-                mid_flags, hdr.buf_alloc, hdr.fwd_cnt)
+            last, mid = _fill_templates(hdr)
             res = fill(left, last, mid, -1, src)
             if res is not None:                 # else: the RxBuffer way below
                 k, moved = res[0], res[1]
@@ -427,6 +435,11 @@ class Router:
         try:
             while True:
                 if st.queue:
+                    if st.queue[0][1] is not None:      # relayed data: many buffers per call
+                        n = self._fill_queued(st)
+                        if n:
+                            pushed += n
+                            continue
                     buf = dev.rx_pop()
                     if buf is None:
                         break
@@ -530,6 +543,36 @@ class Router:
         self._fault(rule, hdr, [memoryview(data)] if data else [],
                     lambda h, p: self._enqueue(st, h, _join(p, h)))
         return True
+
+    def _fill_queued(self, st: DevState) -> int | None:
+        """The queue's first packet is data (relayed, captured and faulted when queued): fill
+        the next Linux-shaped rx buffers with it in one rx_fill, as _relay_direct does.
+        Returns the buffers filled, or None when rx_fill cannot (no rx_fill, other buffer
+        shapes, empty ring, nothing filled): then _deliver_queued's one-buffer way, which also
+        re-arms notifications on an empty ring."""
+        fill = getattr(st.dev, "rx_fill", None)
+        if fill is None:
+            return None
+        hdr, data = st.queue[0]
+        view = memoryview(data)
+        left = len(view)
+        last, mid = _fill_templates(hdr)
+        res = fill(left, last, mid, -1, [view], flush_soon=False)
+        if res is None:
+            return None
+        k, moved = res[0], res[1]
+        if not k:
+            return None
+        if moved < left:
+            st.queue[0] = (hdr.copy(len=left - moved), view[moved:])
+            self.stats["split"] += k
+        else:
+            st.queue.popleft()
+            self.stats["split"] += k - 1
+        st.queued_bytes -= moved
+        self.stats["rx_packets"] += k
+        self.stats["rx_bytes"] += moved
+        return k
 
     def _deliver_queued(self, st: DevState, buf: Any) -> int:
         hdr, data = st.queue[0]
