@@ -20,7 +20,9 @@ Measured (each --runs times, interleaved, median reported; every number is from 
              and added to the guests): plain 64 KiB writes/reads, no hashing. vmlab-guest hashes
              every byte, so the blast rows are the ones that compare transports.
   v2v blast  `bench-blast send vsock <peer's CID>` in bench, `bench-blast recv` in peer: the
-             receiving guest times its first byte -> EOF (qemu CPU: both guests' qemu)
+             receiving guest times its first byte -> EOF (no host end sees these bytes); the
+             sender's own time and the host's time around the send command are printed as
+             cross-checks. qemu CPU: both guests' qemu. vhost-user only (--no-v2v skips it)
 Context line: busybox sha256sum over the same size inside the vsock guest (vmlab-guest hashes
 every byte it sends or receives, on the same emulated vCPU; nc does not).
 Also: the vhost-user backend process's CPU time (utime+stime from /proc/<pid>/stat) per GiB
