@@ -4,8 +4,9 @@
     python benchmarks/report.py [--quick] [--json FILE] [--compare OLD.json] [--skip PART]
 
 Runs raw_backend.py (no guest: backend CPU per GiB in three directions), throughput.py (TCG
-guests, bench-blast rows vs TCP/slirp) and scale.py (N guests booting in parallel vs one, RSS
-per idle VM, many concurrent connections), then prints one table: each number, its target and
+guests: bench-blast guest->host and host->guest vs TCP/slirp, and VM->VM) and scale.py (N guests
+booting in parallel vs one, RSS per idle VM, many concurrent connections), then prints one
+table: each number, its target and
 whether it is met. --json writes everything (raw results included) for a later --compare,
 which adds the old value and the change. --quick (under ~3 minutes on a quiet 2-core machine):
 smaller transfers, one run each, no connection storm. Numbers only: nothing here is a test.
