@@ -43,7 +43,7 @@ from vmlab.vsock.memory import GuestMemory, RegionSpec
 from vmlab.vsock.packet import HEADER, Header, Op, Type
 from vmlab.vsock.router import MAX_CONTROL_QUEUE, MAX_RELAY_BYTES, Router
 from vmlab.vsock.virtqueue import (DEFAULT_MAX_CHAIN_BYTES, VRING_DESC_F_INDIRECT,
-                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, Virtqueue,
+                                   VRING_DESC_F_NEXT, VRING_DESC_F_WRITE, DescChain, Virtqueue,
                                    VirtqueueError)
 
 KiB = 1 << 10
@@ -215,6 +215,19 @@ def virtqueue_case(p: P) -> dict:
                           p.int(0, size + 1) if p.bool() else p.int(0, 0xFFFF)))
     # one indirect table (in region 0 after DATA) the descriptors may point to
     ind = p.list(18, lambda: (_addr(p, gap), _length(p), _flags(p), p.int(0, 20)))
+    if plausible and p.bool():              # what Linux posts on tx: header, then payload
+        for i in range(ndesc):              # header-only, or header -> payload in the ring
+            if p.bool():
+                descs[i] = (GPA0 + DATA + p.int(0, 0x4000), p.pick([44, 44, 43, 45]),
+                            p.pick([0, 1, 1, 3]), (i + 1) % size if p.raw(1)[0] < 240 else i)
+            else:
+                descs[i] = (GPA0 + DATA + p.int(0, 0x4000), p.pick([1, 100, 4096, 0]),
+                            p.pick([0, 0, 0, 1, 2, 4]), 0)
+        if p.bool():                        # ... or in a 2-entry indirect table
+            descs[0] = (0, 32, VRING_DESC_F_INDIRECT, 0)
+        ind = [(GPA0 + DATA + p.int(0, 0x4000), 44, VRING_DESC_F_NEXT, p.pick([1, 1, 0, 2])),
+               (GPA0 + DATA + p.int(0, 0x4000), p.pick([1, 100, 4096, 0]),
+                p.pick([0, 0, 0, 1, 2]), 0)]
     heads = p.list(min(size, 16), lambda: p.int(0, ndesc) if p.raw(1)[0] < 220
                    else p.int(0, 0xFFFF))
     start = p.mix([0, 0xFFFF, 0xFFFE, 0xFFF0, 0x8000], 0, 0xFFFF)
@@ -224,7 +237,7 @@ def virtqueue_case(p: P) -> dict:
                 avail_idx=avail_idx, event_idx=p.bool(), indirect=p.bool(),
                 notify_on_empty=p.bool(), used_event=p.int(0, 0xFFFF),
                 avail_flags=p.int(0, 0xFFFF), used_idx=p.mix([0], 0, 0xFFFF),
-                written=p.list(4, lambda: p.int(0, U32_MAX)),
+                written=p.list(4, lambda: p.int(0, U32_MAX)), tx_fast=p.bool(),
                 ind_at=p.pick([GPA0 + DATA + 0x800, GPA0 + RAM - 64, GPA0 + RAM - 8]))
 
 
@@ -300,6 +313,18 @@ class VqGuest:
         os.close(self.fd)
 
 
+def _pop_tx_fast(vq: Virtqueue) -> DescChain | None:
+    """The device's tx fast path (pop_tx_linux, one chain) as a DescChain, None when it
+    leaves the chain to pop()."""
+    fast = vq.pop_tx_linux(1, 44)
+    if not fast:
+        return None
+    OUTCOMES["virtqueue: tx fast path"] += 1
+    (head, header, pview, plen), = fast
+    return DescChain(head, [memoryview(header)] + ([pview] if pview is not None else []), [],
+                     len(header) + plen, 0)
+
+
 def fuzz_virtqueue(case: dict) -> None:
     g = VqGuest(case["gap"])
     call = os.eventfd(0, os.EFD_NONBLOCK)
@@ -333,7 +358,9 @@ def fuzz_virtqueue(case: dict) -> None:
             slot_head = struct.unpack_from("<H", snapshot, AVAIL + 4 + 2 * ((start + k) % size))[0]
             expect_more = not jump and k < ((case["avail_idx"] - start) & 0xFFFF)
             try:
-                chain = vq.pop()
+                chain = _pop_tx_fast(vq) if case["tx_fast"] else None
+                if chain is None:
+                    chain = vq.pop()
             except VirtqueueError:
                 OUTCOMES["virtqueue: refused"] += 1
                 assert jump or ref_walk(layout, snapshot, size, case["indirect"], slot_head) \

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 from collections import deque
@@ -209,6 +210,66 @@ def test_queued_relay_data_goes_out_with_one_rx_fill(lab, typ, flags) -> None:
     assert [h.flags for h, _ in pieces] == [0] * 9 + [flags, flags]
     assert b"".join(x for _, x in pieces[:10]) == data and pieces[10][1] == b"next"
     assert router.devs["d"].queue == deque() and router.devs["d"].queued_bytes == 0
+
+
+class ControlDevice(FillDevice):
+    """FillDevice with VsockDevice.rx_control's contract: a header-only packet into the next
+    buffer, False (nothing done) when there is none."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.controls = 0
+
+    def rx_control(self, header: bytes) -> bool:
+        if not self.free:
+            return False
+        self.free.pop(0)
+        self.controls += 1
+        self.got.append((Header.unpack_from(header), b""))
+        return True
+
+
+def _stream_exchange(router, a, d) -> list[tuple[tuple, bytes]]:
+    """Connect a -> d, data both ways split over rx buffers, credit updates both ways."""
+    data = bytes(i % 251 for i in range(40000))
+    tx(router, a, Op.REQUEST, 1000, 6, 80)
+    tx(router, d, Op.RESPONSE, 80, 3, 1000)
+    tx(router, a, Op.RW, 1000, 6, 80, data, fwd_cnt=7)
+    tx(router, d, Op.CREDIT_UPDATE, 80, 3, 1000, fwd_cnt=40000)
+    tx(router, d, Op.RW, 80, 3, 1000, b"reply", fwd_cnt=40000)
+    tx(router, a, Op.CREDIT_REQUEST, 1000, 6, 80)
+    h = Header(3, 6, 1000, 80, 100, Type.STREAM, Op.RW)     # liar length: never relayed
+    router.on_tx_packet(a, h.pack(), [memoryview(b"short")])
+    tx(router, a, Op.RW, 1000, 6, 80, b"spoof", src_cid=4)   # spoofed data: dropped
+    return [(dataclasses.astuple(h), x) for h, x in a.take() + d.take()]
+
+
+def test_vm_to_vm_stream_fast_path_writes_what_the_general_path_writes(lab) -> None:
+    """STREAM data and credit updates between two guests take the one-step relay (rx_fill,
+    rx_control) when nothing is hooked in; with capture on they take the general path. Both
+    put the same headers and bytes into the guests' buffers and count the same."""
+    loop, router, *_ = lab
+    results = []
+    for capture in (False, True):
+        r = Router(loop)
+        a, d = ControlDevice("a", 3), ControlDevice("d", 6)
+        r.add_device(a)
+        r.add_device(d)
+        seen: list = []
+        if capture:
+            r.capture = lambda hdr, payload: seen.append(hdr.op)
+        got = _stream_exchange(r, a, d)
+        stats = {k: r.stats[k] for k in ("tx_packets", "tx_bytes", "relayed", "rx_packets",
+                                           "rx_bytes", "split", "spoofed", "malformed")}
+        results.append((got, stats, dict(r.flows)))
+        fast = (a.controls + d.controls, a.fills + d.fills)
+        assert fast == ((0, 2) if capture else (2, 2))   # queued data goes by rx_fill too
+    assert results[0] == results[1]
+    got, stats, flows = results[0]
+    assert stats["spoofed"] == 1 and stats["malformed"] == 1 and stats["relayed"] == 6
+    assert flows == {(3, 1000, 6, 80): Type.STREAM}
+    assert [h[6] for h, _ in got] == [Op.RESPONSE, Op.CREDIT_UPDATE, Op.RW, Op.REQUEST] + \
+        [Op.RW] * 10 + [Op.CREDIT_REQUEST]
 
 
 def test_relay_waits_for_rx_buffers_then_delivers_in_order(lab) -> None:

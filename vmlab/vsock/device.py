@@ -402,6 +402,34 @@ class VsockDevice:
                 self._schedule_flush()
         return k, got, err, asked
 
+    def rx_control(self, header: bytes) -> bool:
+        """Put a header-only packet (`header`, len 0) into the next rx buffer if that is
+        Linux-shaped (Virtqueue.pop_rx_linux's checks) and nothing handed out earlier waits;
+        flushed soon. False, having done nothing, otherwise: the caller takes rx_pop(), which
+        also re-arms notifications on an empty ring."""
+        q = self._queues[RX]
+        stopped = self._stopped
+        if q is None or self.broken or stopped[RX] is not None or stopped[TX] is not None \
+                or self._rx_free or len(header) != HDR_LEN:
+            return False
+        try:
+            bufs = q.pop_rx_linux(1, 1, HDR_LEN, direct=True)
+        except (VirtqueueError, ValueError) as exc:
+            self._fault(str(exc))
+            return False
+        if not bufs:
+            return False
+        head, hview, pview = bufs[0]
+        hview[:] = header
+        hview.release()
+        pview.release()
+        q.push(head, HDR_LEN)
+        self._rx_last_ring_pop = None         # rx_cancel must not unpop past this chain
+        stats = self.stats
+        stats["rx_packets"] += 1
+        self._schedule_flush()
+        return True
+
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""
         if buf.epoch != self._epoch or self._rx_out.pop(buf.seq, None) is None:
@@ -787,6 +815,23 @@ class VsockDevice:
             while True:
                 q.disable_notification()
                 while budget:
+                    fast = q.pop_tx_linux(budget, HDR_LEN)
+                    if fast:
+                        budget -= len(fast)
+                        chains += len(fast)
+                        for i, (head, header, pview, plen) in enumerate(fast):
+                            nbytes += plen
+                            self._tx_packet(header, [pview] if pview is not None else [],
+                                            plen)
+                            if pview is not None:
+                                pview.release()
+                            if self._queues[TX] is not q:
+                                for _, _, rest, _ in fast[i + 1:]:
+                                    if rest is not None:
+                                        rest.release()
+                                return        # the handler's reaction reset the device
+                            q.push(head, 0)
+                        continue
                     chain = q.pop()
                     if chain is None:
                         break
@@ -854,17 +899,22 @@ class VsockDevice:
                     payload.append(tail)
                     need = 0
             header = b"".join(parts)
-        self.stats["tx_packets"] += 1
-        self.stats["tx_bytes"] += chain.read_len - HDR_LEN
         try:
-            self.handler.on_tx_packet(self, header, payload)
-        except Exception:
-            self.stats["errors"] += 1
-            log.exception("%s: on_tx_packet failed", self.name)
+            self._tx_packet(header, payload, chain.read_len - HDR_LEN)
         finally:
             for view in extra:
                 view.release()
             chain.release()
+
+    def _tx_packet(self, header: bytes, payload: list[memoryview], nbytes: int) -> None:
+        stats = self.stats
+        stats["tx_packets"] += 1
+        stats["tx_bytes"] += nbytes
+        try:
+            self.handler.on_tx_packet(self, header, payload)
+        except Exception:
+            stats["errors"] += 1
+            log.exception("%s: on_tx_packet failed", self.name)
 
 
 __all__ = ["DeviceHandler", "HDR_LEN", "RxBuffer", "VsockDevice", "GuestMemoryError"]
