@@ -971,7 +971,9 @@ def test_bulk_tx_asks_for_fewer_kicks_and_never_leaves_a_chain_waiting(running, 
     from vmlab.vsock import device
     from vmlab.vsock.device import TX_KICK_AHEAD
     monkeypatch.setattr(device, "TX_POLL_DELAY", 0.3)    # long enough to look at avail_event
+    monkeypatch.setattr(device, "TX_POLL_MAX", 0.3)
     dev, handler, connect = running
+    dev._tx_poll_delay = 0.3
     fake = connect()
     fake.setup()
     small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
@@ -990,3 +992,42 @@ def test_bulk_tx_asks_for_fewer_kicks_and_never_leaves_a_chain_waiting(running, 
     assert handler.payloads[3] == b"hello" and dev.stats["kicks"] == 2
     assert wait_until(lambda: fake.avail_event(1) == 4)     # back to a kick per chain
     assert handler.payloads[:3] == [b"first", bytes(n), b"\x01" * n]
+
+
+def test_bulk_tx_looks_that_find_nothing_back_off_but_a_chain_is_still_taken(running,
+                                                                           monkeypatch):
+    """A credit-limited sender posts exactly what a window allows, so the device's own look
+    after a bulk drain finds nothing: each such look doubles the next delay up to TX_POLL_MAX
+    (fewer wakeups for nothing); a chain posted without a kick is still taken by the next
+    look, which goes back to TX_POLL_DELAY."""
+    from vmlab.vsock import device
+    monkeypatch.setattr(device, "TX_POLL_DELAY", 0.01)
+    monkeypatch.setattr(device, "TX_POLL_MAX", 0.04)
+    dev, handler, connect = running
+    dev._tx_poll_delay = 0.01
+    fake = connect()
+    fake.setup()
+    small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
+    fake.send_packet(small, b"first", slot=60)              # also: the ring's first look is done
+    assert wait_until(lambda: fake.used(1)[0] == 1 and fake.avail_event(1) == 1)
+    n = 40000
+    rw = HDR.pack(7, 2, 1000, 1234, n, 1, OP_RW, 0, 65536, 0)
+    sent = 1
+    for delay in (0.02, 0.04, 0.04):                         # doubled, then capped
+        polls = dev.stats["tx_polls"]
+        heads = [fake.send_packet(rw, bytes(n), slot=0, publish=False),
+                 fake.send_packet(rw, bytes(n), slot=20, publish=False)]
+        fake.publish(1, heads)                              # a bulk drain, then nothing
+        sent += 2
+        assert wait_until(lambda: fake.used(1)[0] == sent)
+        assert wait_until(lambda: dev.stats["tx_polls"] == polls + 1)
+        assert wait_until(lambda: dev._tx_poll_delay == delay)
+    assert dev.stats["tx_poll_hits"] == 0
+    heads = [fake.send_packet(rw, bytes(n), slot=0, publish=False),
+             fake.send_packet(rw, bytes(n), slot=20, publish=False)]
+    fake.publish(1, heads)
+    assert wait_until(lambda: fake.used(1)[0] == sent + 2)
+    fake.send_packet(small, b"hello", slot=40, kick=False)  # below avail_event: no kick
+    assert wait_until(lambda: fake.used(1)[0] == sent + 3, timeout=2.0), "chain left waiting"
+    assert dev.stats["tx_poll_hits"] == 1 and dev._tx_poll_delay == 0.01
+    assert handler.payloads[-1] == b"hello"

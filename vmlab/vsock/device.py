@@ -19,6 +19,7 @@ import logging
 import os
 import socket
 import struct
+import threading
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -36,14 +37,33 @@ RX, TX = 0, 1
 TX_BATCH = 256                          # chains per loop iteration before yielding to other VMs
 RX_FILL_BATCH = 64                      # rx buffers one rx_fill() fills at most
 # Bulk tx (a drain moved >= TX_BULK_BYTES in >= 2 chains): the guest kicks only every
-# TX_KICK_AHEAD + 1 chains and the device looks at the ring itself TX_POLL_DELAY after each
-# drain, so a guest that posts fewer is never left waiting longer than that. A TCG guest adds
+# TX_KICK_AHEAD + 1 chains and the device looks at the ring itself TX_POLL_DELAY (up to
+# TX_POLL_MAX) after each drain, so a guest that posts fewer is never left waiting longer than
+# that. A TCG guest adds
 # its packets more slowly than the backend drains them and kicked about once per 2 packets:
 # each kick is a backend wakeup, which costs more than the packets it carries. Interactive
 # traffic (single packets, control) keeps a kick per chain.
 TX_BULK_BYTES = 64 * 1024
 TX_KICK_AHEAD = 3
 TX_POLL_DELAY = 0.0005
+# A look that finds nothing doubles the next delay, up to TX_POLL_MAX; one that finds chains
+# goes back to TX_POLL_DELAY. A sender limited by its peer's credit posts exactly the chains a
+# window allows, so its kick comes with the last one and the look after it is a wakeup for
+# nothing (VM->VM: ~4k per GiB, nearly half of the backend's wakeups); its next kick then
+# comes before the longer delay runs out and cancels the look.
+TX_POLL_MAX = 0.004
+
+
+class _Drain(threading.local):
+    """The devices given rx packets while a tx drain runs (VM<->VM relay): the drain flushes
+    them when it ends, one interrupt each, instead of a loop callback each (a loop iteration
+    per relayed batch)."""
+
+    def __init__(self) -> None:
+        self.devs: list[VsockDevice] | None = None
+
+
+_DRAIN = _Drain()
 
 
 class DeviceHandler(Protocol):
@@ -144,7 +164,8 @@ class VsockDevice:
         self.handler = handler
         self.broken: str | None = None
         self.stats: dict[str, int] = dict(tx_packets=0, rx_packets=0, tx_bytes=0, rx_bytes=0,
-                                          rx_filled=0, kicks=0, interrupts=0, errors=0)
+                                          rx_filled=0, kicks=0, interrupts=0, errors=0,
+                                          tx_polls=0, tx_poll_hits=0)
         self._listener: socket.socket | None = None
         self._session: VhostUserSession | None = None
         self._queues: list[Virtqueue | None] = [None, None]
@@ -166,6 +187,7 @@ class VsockDevice:
         self._flush_scheduled = False
         self._tx_scheduled = False
         self._tx_poll: asyncio.TimerHandle | None = None   # bulk mode's own look at the ring
+        self._tx_poll_delay = TX_POLL_DELAY
         self.accel = accel.load()           # None: pure Python (VMLAB_NO_ACCEL, no compiler)
 
     # -- public API -------------------------------------------------------------------
@@ -795,7 +817,11 @@ class VsockDevice:
     def _schedule_flush(self) -> None:
         if not self._flush_scheduled:
             self._flush_scheduled = True
-            self.loop.call_soon(self.flush)
+            devs = _DRAIN.devs
+            if devs is not None:
+                devs.append(self)           # flushed when the running tx drain ends
+            else:
+                self.loop.call_soon(self.flush)
 
     def _schedule_tx(self) -> None:
         if not self._tx_scheduled:
@@ -803,7 +829,24 @@ class VsockDevice:
             self.loop.call_soon(self._process_tx)
 
     def _process_tx(self) -> None:
-        """Drain the tx ring: every chain -> on_tx_packet, one used flush per batch."""
+        """Drain the tx ring: every chain -> on_tx_packet, one used flush per batch; then
+        flush the devices the packets went to (_Drain)."""
+        if _DRAIN.devs is not None:
+            self._drain_tx()
+            return
+        _DRAIN.devs = devs = []
+        try:
+            self._drain_tx()
+        finally:
+            _DRAIN.devs = None
+            for dev in devs:
+                if dev._flush_scheduled:
+                    try:
+                        dev.flush()
+                    except Exception:
+                        log.exception("%s: flush failed", dev.name)
+
+    def _drain_tx(self) -> None:
         self._tx_scheduled = False
         self._cancel_tx_poll()
         q = self._queues[TX]
@@ -851,7 +894,8 @@ class VsockDevice:
                 q.kick_ahead = TX_KICK_AHEAD if bulk else 0
                 if not q.enable_notification():
                     if bulk:
-                        self._tx_poll = self.loop.call_later(TX_POLL_DELAY, self._poll_tx)
+                        self._tx_poll = self.loop.call_later(self._tx_poll_delay,
+                                                             self._poll_tx)
                     return
         except (VirtqueueError, ValueError) as exc:
             self._fault(str(exc))
@@ -861,6 +905,17 @@ class VsockDevice:
         than kick_ahead asks for); a drain with little in it returns to a kick per chain."""
         self._tx_poll = None
         if self._stopped[TX] is None:
+            q = self._queues[TX]
+            self.stats["tx_polls"] += 1
+            try:
+                hit = q is not None and not self.broken and q.has_avail()
+            except VirtqueueError:
+                hit = True                      # _process_tx() reports it
+            if hit:
+                self.stats["tx_poll_hits"] += 1
+                self._tx_poll_delay = TX_POLL_DELAY
+            else:
+                self._tx_poll_delay = min(2 * self._tx_poll_delay, TX_POLL_MAX)
             self._process_tx()
 
     def _cancel_tx_poll(self) -> None:
