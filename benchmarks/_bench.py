@@ -69,6 +69,17 @@ def machine_info(lab) -> dict:
     }
 
 
+def steal_seconds() -> float | None:
+    """CPU time the hypervisor gave other guests while ours wanted it (/proc/stat "steal", all
+    CPUs): on a shared cloud VM the CPU seconds per GiB of a run rise with it."""
+    try:
+        with open("/proc/stat") as f:
+            fields = f.readline().split()
+        return int(fields[8]) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def mbs(nbytes: int, seconds: float) -> float:
     """MB/s, 1 MB = 10^6 bytes."""
     return nbytes / seconds / 1e6 if seconds > 0 else float("inf")

@@ -24,8 +24,10 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
+from _bench import steal_seconds  # noqa: E402
 
 PARTS = ("raw", "throughput", "scale")
+SETTLE_SECONDS = 5      # between parts: the last part's guests are gone before the next one times
 
 
 def run_raw(quick: bool) -> dict:
@@ -126,6 +128,9 @@ def print_table(rows: list[dict], res: dict) -> None:
     print(f"{m['date']}, {m['cpus']} cpus, load average before/after "
           f"{m['loadavg_before']}/{m['loadavg_after']}, {res['elapsed_seconds']} s"
           f"{' (--quick)' if res['quick'] else ''}; guest kernel {m.get('kernel', 'stock')}")
+    if m.get("steal_percent") is not None:
+        print(f"CPU steal during the run: {m['steal_percent']}% of the CPUs' time (the hypervisor "
+              "running other guests; CPU seconds per GiB rise with it)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -142,13 +147,18 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["VMLAB_KERNEL"] = str(resolve(args.kernel).path)
     old = json.loads(Path(args.compare).read_text()) if args.compare else None
     started = time.monotonic()
+    steal_before = steal_seconds()
     res: dict = {"quick": args.quick, "machine": {
         "date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()), "cpus": os.cpu_count(),
         "loadavg_before": [round(x, 2) for x in os.getloadavg()],
         "kernel": os.environ.get("VMLAB_KERNEL") or "stock"}}
+    first = True
     for part, fn in (("raw", run_raw), ("throughput", run_throughput), ("scale", run_scale)):
         if part in args.skip:
             continue
+        if not first:
+            time.sleep(SETTLE_SECONDS)
+        first = False
         print(f"[report] {part} ...", file=sys.stderr, flush=True)
         try:
             res[part] = fn(args.quick)
@@ -157,6 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[report] {part} failed: {e!r}", file=sys.stderr, flush=True)
     res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["elapsed_seconds"] = round(time.monotonic() - started, 1)
+    steal_after = steal_seconds()
+    if steal_before is not None and steal_after is not None and res["elapsed_seconds"]:
+        res["machine"]["steal_percent"] = round(
+            100 * (steal_after - steal_before) / (res["elapsed_seconds"] * (os.cpu_count() or 1)), 1)
     res["table"] = table(res, old)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))

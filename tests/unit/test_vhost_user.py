@@ -963,22 +963,29 @@ def test_rx_fill_on_an_avail_idx_jump_breaks_the_device_once(running, rx_accel):
     assert in_loop(dev, lambda: dev.rx_fill(100, hdr, hdr, -1, [memoryview(b"x")])) is None
 
 
+def _bulk_tx_device(running, monkeypatch, delay: float, max_delay: float):
+    """A running device with these bulk-tx look delays, its ring's first look done (one small
+    packet taken). Returns (dev, handler, fake, the small packet's header)."""
+    from vmlab.vsock import device
+    monkeypatch.setattr(device, "TX_POLL_DELAY", delay)
+    monkeypatch.setattr(device, "TX_POLL_MAX", max_delay)
+    dev, handler, connect = running
+    dev._tx_poll_delay = delay
+    fake = connect()
+    fake.setup()
+    small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
+    fake.send_packet(small, b"first", slot=60)
+    assert wait_until(lambda: fake.used(1)[0] == 1 and fake.avail_event(1) == 1)
+    return dev, handler, fake, small
+
+
 def test_bulk_tx_asks_for_fewer_kicks_and_never_leaves_a_chain_waiting(running, monkeypatch):
     """A drain of >= 64 KiB in >= 2 chains: the device asks to be kicked only after
     TX_KICK_AHEAD + 1 more chains and looks at the ring itself meanwhile, so a chain the
     guest posts without a kick (as Linux does below avail_event) is still taken, soon; a drain
     of one small chain returns to a kick per chain."""
-    from vmlab.vsock import device
     from vmlab.vsock.device import TX_KICK_AHEAD
-    monkeypatch.setattr(device, "TX_POLL_DELAY", 0.3)    # long enough to look at avail_event
-    monkeypatch.setattr(device, "TX_POLL_MAX", 0.3)
-    dev, handler, connect = running
-    dev._tx_poll_delay = 0.3
-    fake = connect()
-    fake.setup()
-    small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
-    fake.send_packet(small, b"first", slot=60)              # also: the ring's first look is done
-    assert wait_until(lambda: fake.used(1)[0] == 1 and fake.avail_event(1) == 1)
+    dev, handler, fake, small = _bulk_tx_device(running, monkeypatch, 0.3, 0.3)  # time to look
     n = 40000
     rw = HDR.pack(7, 2, 1000, 1234, n, 1, OP_RW, 0, 65536, 0)
     heads = [fake.send_packet(rw, bytes(n), slot=0, publish=False),
@@ -1000,16 +1007,7 @@ def test_bulk_tx_looks_that_find_nothing_back_off_but_a_chain_is_still_taken(run
     after a bulk drain finds nothing: each such look doubles the next delay up to TX_POLL_MAX
     (fewer wakeups for nothing); a chain posted without a kick is still taken by the next
     look, which goes back to TX_POLL_DELAY."""
-    from vmlab.vsock import device
-    monkeypatch.setattr(device, "TX_POLL_DELAY", 0.01)
-    monkeypatch.setattr(device, "TX_POLL_MAX", 0.04)
-    dev, handler, connect = running
-    dev._tx_poll_delay = 0.01
-    fake = connect()
-    fake.setup()
-    small = HDR.pack(7, 2, 1000, 1234, 5, 1, OP_RW, 0, 65536, 0)
-    fake.send_packet(small, b"first", slot=60)              # also: the ring's first look is done
-    assert wait_until(lambda: fake.used(1)[0] == 1 and fake.avail_event(1) == 1)
+    dev, handler, fake, small = _bulk_tx_device(running, monkeypatch, 0.01, 0.04)
     n = 40000
     rw = HDR.pack(7, 2, 1000, 1234, n, 1, OP_RW, 0, 65536, 0)
     sent = 1

@@ -610,18 +610,32 @@ def test_common_rx_shapes_take_the_fast_path(monkeypatch):
 
 
 # -- the Linux rx batch fast path (pop_rx_linux) agrees with the generic walk ---------------
-def _pop_all(vq, fast: bool, n: int = 3):
-    """Pop until empty or an error; each chain as _shape(). fast: pop_rx_linux first, pop()
-    only for what it leaves."""
+def _rx_fast(vq, n: int) -> list:
+    """pop_rx_linux's chains as _shape()s."""
+    return [(head, 0, len(hview) + len(pview), [], [bytes(hview), bytes(pview)])
+            for head, hview, pview in vq.pop_rx_linux(n, 1 << 30, 44)]
+
+
+def _tx_fast(vq, n: int) -> list:
+    """pop_tx_linux's chains as _shape()s."""
+    out = []
+    for head, header, pview, plen in vq.pop_tx_linux(n, 44):
+        assert plen == (len(pview) if pview is not None else 0)
+        out.append((head, 44 + plen, 0, [header] + ([bytes(pview)] if pview is not None else []),
+                    []))
+    return out
+
+
+def _pop_all(vq, fast: bool, n: int = 3, batch=_rx_fast):
+    """Pop until empty or an error; each chain as _shape(). fast: batch() (a fast path) first,
+    pop() only for what it leaves."""
     out = []
     try:
         while True:
             if fast:
-                got = vq.pop_rx_linux(n, 1 << 30, 44)
+                got = batch(vq, n)
                 if got:
-                    for head, hview, pview in got:
-                        out.append((head, 0, len(hview) + len(pview), [],
-                                    [bytes(hview), bytes(pview)]))
+                    out += got
                     continue
             chain = vq.pop()
             if chain is None:
@@ -735,29 +749,6 @@ def test_linux_rx_fast_path_across_two_regions():
 
 
 # -- the Linux tx batch fast path (pop_tx_linux) agrees with the generic walk ---------------
-def _pop_all_tx(vq, fast: bool, n: int = 3):
-    """Pop until empty or an error; each chain as _shape(). fast: pop_tx_linux first, pop()
-    only for what it leaves."""
-    out = []
-    try:
-        while True:
-            if fast:
-                got = vq.pop_tx_linux(n, 44)
-                if got:
-                    for head, header, pview, plen in got:
-                        views = [header] + ([bytes(pview)] if pview is not None else [])
-                        assert plen == (len(pview) if pview is not None else 0)
-                        out.append((head, 44 + plen, 0, views, []))
-                    continue
-            chain = vq.pop()
-            if chain is None:
-                return out, vq.last_avail, None
-            out.append(_shape(chain))
-            chain.release()
-    except VirtqueueError:
-        return out, vq.last_avail, "error"
-
-
 @pytest.mark.parametrize("size", [8, 1])
 def test_linux_tx_fast_path_matches_generic_walk_on_random_rings(size):
     """Rings of mostly Linux-shaped tx chains (a 44-byte header then the payload, readable,
@@ -808,8 +799,8 @@ def test_linux_tx_fast_path_matches_generic_walk_on_random_rings(size):
             generic = Virtqueue(g.mem, g.size, UVA + DESC, UVA + AVAIL, UVA + USED,
                                 indirect=True, next_avail=start, max_chain_bytes=8192)
             try:
-                assert _pop_all_tx(g.vq, fast=True, n=rng.randrange(1, 4)) == \
-                    _pop_all_tx(generic, fast=False)
+                assert _pop_all(g.vq, fast=True, n=rng.randrange(1, 4), batch=_tx_fast) == \
+                    _pop_all(generic, fast=False)
             finally:
                 generic.release()
     finally:

@@ -187,6 +187,14 @@ class Virtqueue:
                 f"{self.name}: avail idx jumped from {self.last_avail} to {idx} (size {self.size})")
         return idx
 
+    def _available(self, max_n: int) -> int:
+        """Chains the driver has made available (avail idx re-read once all seen were
+        taken), at most max_n."""
+        if self._avail_seen == self.last_avail:
+            self._avail_seen = self._read_avail_idx()
+        have = (self._avail_seen - self.last_avail) & 0xFFFF
+        return have if have < max_n else max_n
+
     def pop(self) -> DescChain | None:
         """Next available chain, or None when the driver has not made more available."""
         if self._avail_seen == self.last_avail:
@@ -216,12 +224,8 @@ class Virtqueue:
         indirect = self.indirect
         if not (indirect or direct) or max_n <= 0 or size < 2:
             return out
-        if self._avail_seen == self.last_avail:
-            self._avail_seen = self._read_avail_idx()
+        have = self._available(max_n)
         last = self.last_avail
-        have = (self._avail_seen - last) & 0xFFFF
-        if have > max_n:
-            have = max_n
         avail, desc, mask = self.avail, self.desc, size - 1
         mem = self.mem
         locate = mem.locate
@@ -298,12 +302,8 @@ class Virtqueue:
         size = self.size
         if max_n <= 0:
             return out
-        if self._avail_seen == self.last_avail:
-            self._avail_seen = self._read_avail_idx()
+        have = self._available(max_n)
         last = self.last_avail
-        have = (self._avail_seen - last) & 0xFFFF
-        if have > max_n:
-            have = max_n
         avail, desc, mask = self.avail, self.desc, size - 1
         locate = self.mem.locate
         indirect = self.indirect and size >= 2    # a 2-entry table in a 1-entry queue: generic
@@ -369,10 +369,8 @@ class Virtqueue:
         if max_n <= 0 or want <= 0 or self.size < 2:
             return 0, 0, 0, 0
         if accel is not None:
-            if self._avail_seen == self.last_avail:
-                self._avail_seen = self._read_avail_idx()
+            n = self._available(max_n)
             self._stage()
-            n = min(max_n, (self._avail_seen - self.last_avail) & 0xFFFF)
             if n <= 0:
                 return 0, 0, 0, 0
             k, got, err, asked = accel.fill_rx(
