@@ -129,8 +129,17 @@ def print_table(rows: list[dict], res: dict) -> None:
           f"{m['loadavg_before']}/{m['loadavg_after']}, {res['elapsed_seconds']} s"
           f"{' (--quick)' if res['quick'] else ''}; guest kernel {m.get('kernel', 'stock')}")
     if m.get("steal_percent") is not None:
-        print(f"CPU steal during the run: {m['steal_percent']}% of the CPUs' time (the hypervisor "
-              "running other guests; CPU seconds per GiB rise with it)")
+        parts = ", ".join(f"{k} {v}%" for k, v in m.get("steal_percent_by_part", {}).items())
+        print(f"CPU steal during the run: {m['steal_percent']}% of the CPUs' time ({parts}; the "
+              "hypervisor running other guests: CPU seconds per GiB rise with it)")
+
+
+def _steal_percent(before: float | None, seconds: float) -> float | None:
+    """Steal since `before` (steal_seconds()) as a percentage of all CPUs' time."""
+    after = steal_seconds()
+    if before is None or after is None or seconds <= 0:
+        return None
+    return round(100 * (after - before) / (seconds * (os.cpu_count() or 1)), 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,17 +169,20 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(SETTLE_SECONDS)
         first = False
         print(f"[report] {part} ...", file=sys.stderr, flush=True)
+        part_started, part_steal = time.monotonic(), steal_seconds()
         try:
             res[part] = fn(args.quick)
         except Exception as e:                 # one part failing still reports the others
             res[part] = {"error": repr(e)}
             print(f"[report] {part} failed: {e!r}", file=sys.stderr, flush=True)
+        pct = _steal_percent(part_steal, time.monotonic() - part_started)
+        if pct is not None:
+            res["machine"].setdefault("steal_percent_by_part", {})[part] = pct
     res["machine"]["loadavg_after"] = [round(x, 2) for x in os.getloadavg()]
     res["elapsed_seconds"] = round(time.monotonic() - started, 1)
-    steal_after = steal_seconds()
-    if steal_before is not None and steal_after is not None and res["elapsed_seconds"]:
-        res["machine"]["steal_percent"] = round(
-            100 * (steal_after - steal_before) / (res["elapsed_seconds"] * (os.cpu_count() or 1)), 1)
+    pct = _steal_percent(steal_before, res["elapsed_seconds"])
+    if pct is not None:
+        res["machine"]["steal_percent"] = pct
     res["table"] = table(res, old)
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
