@@ -164,6 +164,36 @@ def test_credit_update_in_time_means_no_credit_request(loop) -> None:
     host.close()
 
 
+def test_credit_request_waits_from_the_latest_run_out(loop, monkeypatch) -> None:
+    """Credit runs out, comes back, runs out again: the request timer set the first time is
+    not cancelled (a bulk transfer does this thousands of times a second) but the request
+    still goes out only CREDIT_REQUEST_DELAY after the latest run-out, once."""
+    from vmlab.vsock import connection
+    delay = 0.2
+    monkeypatch.setattr(connection, "CREDIT_REQUEST_DELAY", delay)
+    c, env, host = _conn(loop)
+    host.sendall(b"x" * 40000)
+    ops = lambda: [h.op for h in env.sent]   # noqa: E731
+
+    def run_out() -> None:
+        while c.fill(Buf(4096)) is not None:
+            pass
+        assert c.waiting_credit
+    run_out()
+    first = c.credit_timer
+    loop.run_until_complete(asyncio.sleep(delay / 2))
+    c.on_packet(Header(3, 2, 1025, 9999, 0, Type.STREAM, Op.CREDIT_UPDATE, 0, 8192, 8192), [])
+    assert not c.waiting_credit and c.credit_timer is first      # left to lapse
+    run_out()                                                    # again, half a delay later
+    assert c.credit_timer is first
+    loop.run_until_complete(asyncio.sleep(delay * 0.75))         # the first timer has fired
+    assert Op.CREDIT_REQUEST not in ops() and c.credit_timer is not None
+    loop.run_until_complete(asyncio.sleep(delay * 0.75))
+    assert ops().count(Op.CREDIT_REQUEST) == 1
+    c.reset("test")
+    host.close()
+
+
 @pytest.mark.parametrize("pieces", [1, 3])   # payload in several views: partial writes mid-view
 def test_stalled_host_reader_buffers_within_credit_and_loses_nothing(loop, pieces) -> None:
     c, env, host = _conn(loop)

@@ -240,6 +240,7 @@ class Connection:
     lingering: bool = False
     timer: asyncio.TimerHandle | None = None
     credit_timer: asyncio.TimerHandle | None = None   # the delayed CREDIT_REQUEST
+    credit_wait_since: float = 0.0      # loop time credit ran out (while waiting_credit)
     on_close: Callable[["Connection", str], None] | None = None
 
     # --- identity -------------------------------------------------------------------------
@@ -381,8 +382,7 @@ class Connection:
         an empty socket re-arms it itself (EAGAIN)."""
         if self.waiting_credit:
             self.waiting_credit = False
-            self.credit_requested = False
-            self._cancel_credit_request()
+            self.credit_requested = False       # the request timer lapses (_request_credit)
             self.env.want_rx(self)
 
     def _guest_data(self, hdr: Header, payload: list[memoryview]) -> None:
@@ -681,6 +681,8 @@ class Connection:
         c.sent(got)
         if got < asked:
             self.start_reading()    # probably drained: let the loop tell us about more
+        elif c.peer_credit() <= 0:
+            self._wait_credit()     # what the next fill would find, without another pump turn
         else:
             self.env.want_rx(self)  # filled every byte offered: likely more waiting
         return n, got
@@ -717,6 +719,8 @@ class Connection:
         self.credit.sent(got)
         if got < want:
             self.start_reading()    # probably drained: let the loop tell us about more
+        elif self.credit.peer_credit() <= 0:
+            self._wait_credit()     # what the next fill would find, without another pump turn
         else:
             self.env.want_rx(self)  # filled every byte we asked for: likely more waiting
         lens: list[int] = []
@@ -780,16 +784,26 @@ class Connection:
 
     def _wait_credit(self) -> None:
         self._stop_reading()                # _credit_grew() re-arms it
-        self.waiting_credit = True
+        if not self.waiting_credit:
+            self.waiting_credit = True
+            self.credit_wait_since = self.env.loop.time()
         if not self.credit_requested and self.credit_timer is None:
             self.credit_timer = self.env.loop.call_later(CREDIT_REQUEST_DELAY, self._request_credit)
 
     def _request_credit(self) -> None:
-        """Still no credit CREDIT_REQUEST_DELAY after it ran out: ask the guest for it."""
+        """Still no credit CREDIT_REQUEST_DELAY after it ran out: ask the guest for it. The
+        timer is not cancelled when credit comes back (a bulk transfer runs out of credit
+        thousands of times a second): it lapses here, or waits out the rest of the delay
+        when credit ran out again since."""
         self.credit_timer = None
-        if self.waiting_credit and not self.credit_requested and self.state is State.ESTABLISHED:
-            self.credit_requested = True
-            self.send(Op.CREDIT_REQUEST)
+        if not self.waiting_credit or self.credit_requested or self.state is not State.ESTABLISHED:
+            return
+        left = self.credit_wait_since + CREDIT_REQUEST_DELAY - self.env.loop.time()
+        if left > 0:
+            self.credit_timer = self.env.loop.call_later(left, self._request_credit)
+            return
+        self.credit_requested = True
+        self.send(Op.CREDIT_REQUEST)
 
     def _cancel_credit_request(self) -> None:
         if self.credit_timer is not None:
