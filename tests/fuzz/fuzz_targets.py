@@ -1040,6 +1040,47 @@ class FakeDevice:
         pass
 
 
+class FillFakeDevice(FakeDevice):
+    """FakeDevice with VsockDevice.rx_fill's and rx_control's contracts, so the router's
+    one-step relay and its rx_fill paths run: leading buffers with room are filled (one
+    readv from fd, or a copy from src), a zero-capacity one ends the batch (another shape)."""
+
+    def rx_fill(self, want, hdr_last, hdr_mid, fd=-1, src=None, flush_soon=True):
+        assert len(hdr_last) == 44 and len(hdr_mid) == 44 and want > 0, (want, fd)
+        views, asked = [], 0
+        for buf in self.free:
+            if buf.capacity <= 0 or asked >= want:
+                break
+            views.append(memoryview(bytearray(min(buf.capacity, want - asked))))
+            asked += len(views[-1])
+        if not views:
+            return None
+        if fd >= 0:
+            try:
+                got = os.readv(fd, views)
+            except OSError as exc:
+                return 0, 0, exc.errno or 5, asked
+        else:
+            got = min(asked, sum(len(v) for v in src or []))
+        k, left = 0, got
+        while left > 0:
+            n = min(len(views[k]), left)
+            left -= n
+            self.free.pop(0)
+            hdr = Header.unpack_from(hdr_last if left == 0 and got == want else hdr_mid)
+            self.got.append((hdr, n))
+            k += 1
+        return k, got, 0, asked
+
+    def rx_control(self, header: bytes) -> bool:
+        assert len(header) == 44
+        if not self.free:
+            return False
+        self.free.pop(0)
+        self.got.append((Header.unpack_from(header), 0))
+        return True
+
+
 def _router_step(p: P) -> tuple:
     k = p.int(0, 4)
     if k == 0:
@@ -1055,6 +1096,7 @@ def _router_step(p: P) -> tuple:
 
 def router_case(p: P) -> dict:
     return dict(steps=p.list(25, lambda: _router_step(p), min_len=1), seq_a=p.bool(),
+                fill_b=p.bool(),
                 caps=p.list(8, lambda: p.pick([0, 1, 44, 4096, 65536])))
 
 
@@ -1068,7 +1110,7 @@ def fuzz_router(case: dict) -> None:
     hybrid = Hybrid(loop, router, close_timeout=0.01, connect_timeout=0.05, buf_alloc=8192)
     router.hybrid = hybrid
     a = FakeDevice("a", 3, case["caps"], case["seq_a"])
-    b = FakeDevice("b", 4, [4096] * 4, True)
+    b = (FillFakeDevice if case["fill_b"] else FakeDevice)("b", 4, [4096] * 4, True)
     c = FakeDevice("c", 5, [4096] * 4, True)
     listeners, accepted = [], []
     try:
@@ -1118,8 +1160,8 @@ def fuzz_router(case: dict) -> None:
             _check_router(router, hybrid)
         _spin(loop, 2)
         _check_router(router, hybrid)
-        for k in ("spoofed", "malformed", "bad_type", "unroutable", "relayed", "guest_connects",
-                  "refused", "rx_packets"):
+        for k in ("spoofed", "malformed", "bad_type", "unroutable", "relayed", "relayed_fast",
+                  "guest_connects", "refused", "rx_packets"):
             OUTCOMES[f"router: {k}"] += router.stats[k]
         assert router.stats["errors"] == 0
         assert not seen, f"exception in the event loop: {seen[0]}"
