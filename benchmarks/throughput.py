@@ -50,6 +50,7 @@ from _bench import cpu_seconds, free_tcp_port, guest_events, machine_info, mbs, 
 
 from vmlab.lab import Lab, LabOptions  # noqa: E402
 from vmlab.scenario import VmSpec, inline_scenario  # noqa: E402
+from vmlab.scenario.model import DEFAULT_MEMORY_MIB  # noqa: E402
 from vmlab.vsock.host import host_connect, host_listen  # noqa: E402
 
 CHUNK = 1 << 20
@@ -327,6 +328,12 @@ def _wait_guest_idle(vm, timeout: float = 60) -> None:
     vm.run("killall nc httpd", timeout=10)
 
 
+def tcp_guest_memory(size_mib: int) -> int:
+    """MiB of RAM for the TCP guest: its tmpfs (half the RAM) holds the file nc and httpd serve,
+    so a --size beyond the default guest's 128 MiB tmpfs gets a bigger guest, not an I/O error."""
+    return max(DEFAULT_MEMORY_MIB, 2 * size_mib + 128)
+
+
 def tcp_setup(lab: Lab, nbytes: int) -> None:
     vm = lab.vm("tcp")
     vm.check("ip link set eth0 up && ip addr add 10.0.2.15/24 dev eth0 "
@@ -446,6 +453,7 @@ def _measure(args, nbytes: int, files: dict) -> dict:
         vms.append(VmSpec(name="peer", files=dict(files)))
     if not args.no_tcp:
         vms.append(VmSpec(name="tcp", vsock=False, cmdline="vmlab.modules=virtio_net", files=dict(files),
+                          memory_mib=tcp_guest_memory(args.size),
                           qemu_args=["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{tcp_port}-:{tcp_port}",
                                      "-device", "virtio-net-pci,netdev=n0"]))
     port = random.randint(20000, 60000)
