@@ -358,8 +358,9 @@ class Router:
             stats["rx_packets"] += k
             stats["rx_bytes"] += moved
         if moved < length:                       # the receiver's ring is full: queue the rest
-            self._queue_relay(st, peer, Header(*f).copy(len=length - moved),
-                              skip_views(payload, moved) if moved else payload)
+            rest = Header(*f)
+            rest.len = length - moved
+            self._queue_relay(st, peer, rest, skip_views(payload, moved) if moved else payload)
         return True
 
     def _relay(self, src: DevState, dst: DevState, hdr: Header,
