@@ -3,7 +3,8 @@ and the Linux virtio-vsock driver (rings, credit) against the real backend proce
 
 Not part of vmlab's API. It lays buffers out as Linux 6.1 does with INDIRECT_DESC and EVENT_IDX
 negotiated: every rx buffer is one ring descriptor pointing at a 2-entry indirect table (44-byte
-header, 4 KiB payload), every tx packet one indirect table (header, up to 64 KiB payload).
+header, 4 KiB payload), every tx packet with data one indirect table (header, up to 64 KiB
+payload), every header-only tx packet one plain descriptor (Linux uses a table for 2+ buffers).
 Interrupts and kicks follow EVENT_IDX (used_event / avail_event), so the backend sees the
 notification pattern a real guest produces. Everything the backend writes is read back and
 checked (used ids, lengths, header fields) so a broken data path fails loudly instead of
@@ -215,10 +216,8 @@ class FakeGuest:
                       length, STREAM, op, flags, BUF_ALLOC, flow.fwd_cnt)
         flow.last_fwd_sent = flow.fwd_cnt
         DESC.pack_into(self.raw, INDIRECT[1] + 32 * slot + 16, base + HDR_OFF + skew, length, 0, 0)
-        if not length:     # header only: one descriptor in the table
-            DESC.pack_into(self.raw, INDIRECT[1] + 32 * slot, base, 44, 0, 0)
-            DESC.pack_into(self.raw, RINGS[1][0] + 16 * slot, INDIRECT[1] + 32 * slot, 16,
-                           F_INDIRECT, 0)
+        if not length:     # header only: one ring descriptor, as Linux posts one buffer
+            DESC.pack_into(self.raw, RINGS[1][0] + 16 * slot, base, 44, 0, 0)
         else:
             DESC.pack_into(self.raw, INDIRECT[1] + 32 * slot, base, 44, F_NEXT, 1)
             DESC.pack_into(self.raw, RINGS[1][0] + 16 * slot, INDIRECT[1] + 32 * slot, 32,
