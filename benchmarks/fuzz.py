@@ -25,7 +25,8 @@ from hypothesis import HealthCheck, Phase, given, seed, settings  # noqa: E402
 import fuzz_targets  # noqa: E402
 
 # share of the cases per target: the cheap, dense parsers get more
-WEIGHTS = {"virtqueue": 0.30, "vhost_user": 0.25, "router": 0.25, "device": 0.10, "rx_fill": 0.10}
+WEIGHTS = {"virtqueue": 0.30, "vhost_user": 0.20, "router": 0.25, "device": 0.10, "rx_fill": 0.10,
+           "relay": 0.05}
 
 
 def run_target(name: str, n: int, rng_seed: int) -> tuple[int, float, str | None, dict]:

@@ -16,6 +16,10 @@ unexpected exception) when a property breaks:
   on mutated rings gives the same result, last_avail and guest memory byte for byte in pure
   Python and in the C accelerator (vsock/_accel.c), and what it wrote is exactly the data in
   the payloads of the chains the reference walker names, headers from the templates.
+* relay: Virtqueue.relay_stream (the C accelerator's batched VM->VM STREAM relay) on two
+  guests' mutated rings and headers takes the same chains, gives the same counts and leaves
+  both guests' memory byte for byte as the Python model of its contract does
+  (tests/unit/test_relay_stream.py), within the rings' bounds.
 * router: arbitrary packets (every op/type/flag, spoofed CIDs, len vs buffer, unknown ports)
   leave the router without errors, and its accounting (queued bytes, control queue, credit)
   never goes negative or past its limits.
@@ -1194,10 +1198,149 @@ def _check_router(router: Router, hybrid: Hybrid) -> None:
         assert conn.out_bytes == sum(len(m) for m, _ in conn.out), conn
 
 
+# --- relay: the C accelerator's batched VM->VM relay against its Python model ---------------
+TX_IND = DATA + 0x4000          # tx indirect tables (region 0), 32 bytes per slot
+TX_HDRS = DATA + 0x5000         # tx headers, 64 bytes per slot
+TX_PAY = RAM                    # tx payloads in region 1, 0x400 bytes per slot (may overlap)
+
+
+def _relay_header(p: P, plen: int) -> bytes:
+    if p.raw(1)[0] < 210:                   # mostly what a relay takes: data or a credit packet
+        op = p.pick([5, 5, 5, 6, 7])
+        return HEADER.pack(3, 4, p.int(0, 11), 2000, p.pick([plen, max(plen - 1, 1)])
+                           if op == 5 else 0, 1, op, 0, p.int(0, U32_MAX), p.int(0, U32_MAX))
+    op = p.pick([5, 5, 5, 6, 7, 4, 1, p.int(0, 0xFFFF)])
+    length = p.pick([plen, plen, max(plen - 1, 0), 0, 1, plen + 1, 0x10000, 0x10001,
+                     p.int(0, U32_MAX)]) if op == 5 else p.pick([0, 0, 0, 1, p.int(0, U32_MAX)])
+    return HEADER.pack(p.pick([3, 3, 3, 3, 4, 2, p.int(0, U64_MAX)]),
+                       p.pick([4, 4, 4, 4, 3, 5, p.int(0, U64_MAX)]),
+                       p.int(0, 11), p.pick([2000, 2000, 2001]), length & U32_MAX,
+                       p.pick([1, 1, 1, 1, 2, p.int(0, 0xFFFF)]), op, p.int(0, 3),
+                       p.int(0, U32_MAX), p.int(0, U32_MAX))
+
+
+def _mutate(p: P, slot: list[list[int]], gpa1: int) -> None:
+    for _ in range(p.pick([0] * 12 + [1, 2])):
+        victim = p.pick(slot)
+        f = p.int(0, 3)
+        victim[f] = p.pick([0, 1, 16, 31, 32, 33, 44, 45, 0x3FF, 0x400, 0x401,
+                            VRING_DESC_F_INDIRECT, VRING_DESC_F_NEXT, VRING_DESC_F_WRITE,
+                            GPA0 + RAM - 40, gpa1 + RAM - 100, gpa1 + RAM - 1, gpa1 - 8,
+                            U32_MAX, U64_MAX, p.int(0, U64_MAX)])
+        victim[f] &= (U64_MAX, U32_MAX, 0xFFFF, 0xFFFF)[f]
+
+
+def relay_case(p: P) -> dict:
+    tx_gap, rx_gap = p.pick([0, 0, 0x10000, 1 << 32]), p.pick([0, 0, 0x10000, 1 << 32])
+    tx_size, rx_size = p.pick([1, 2, 4, 8, 8, 16, 16]), p.pick([1, 2, 4, 8, 8, 16, 16])
+    tx1, rx1 = GPA0 + RAM + tx_gap, GPA0 + RAM + rx_gap
+    tx_slots = []
+    for i in range(tx_size):
+        plen = p.pick([0x400, 0x400, 100, 1, 0x3FF, 0x401])
+        shape = p.pick(["indirect", "indirect", "header", "chained"])
+        hdr = [GPA0 + TX_HDRS + 64 * i, 44, VRING_DESC_F_NEXT, 1]
+        pay = [tx1 + 0x400 * i, plen, 0, 0]
+        ring = [GPA0 + TX_IND + 32 * i, 32, VRING_DESC_F_INDIRECT, 0]
+        if shape == "header":
+            ring = [GPA0 + TX_HDRS + 64 * i, 44, 0, 0]
+        elif shape == "chained":
+            ring = [GPA0 + TX_HDRS + 64 * i, 44, VRING_DESC_F_NEXT, (i + 1) % tx_size]
+        _mutate(p, [ring, hdr, pay], tx1)
+        tx_slots.append((shape, ring, hdr, pay, _relay_header(p, plen)))
+    rx_slots = []
+    for i in range(rx_size):
+        ring = [GPA0 + RX_IND + 32 * i, 32, VRING_DESC_F_INDIRECT, 0]
+        hdr = [GPA0 + RX_HDRS + 64 * i, 44, VRING_DESC_F_WRITE | VRING_DESC_F_NEXT, 1]
+        pay = [rx1 + 0x400 * i, p.pick([0x400, 0x400, 100, 1, 0x3FF]), VRING_DESC_F_WRITE, 0]
+        if p.raw(1)[0] < 60:        # Linux >= 6.2: one descriptor, header + payload
+            ring = [rx1 + 0x400 * i, p.pick([0x400, 0x400, 45, 44]), VRING_DESC_F_WRITE, 0]
+        _mutate(p, [ring, hdr, pay], rx1)
+        rx_slots.append((ring, hdr, pay))
+    return dict(tx_gap=tx_gap, rx_gap=rx_gap, tx_size=tx_size, rx_size=rx_size,
+                tx_slots=tx_slots, rx_slots=rx_slots,
+                tx_heads=p.list(tx_size, lambda: p.int(0, tx_size - 1) if p.raw(1)[0] < 245
+                                else p.int(0, 0xFFFF), min_len=int(p.raw(1)[0] < 230)),
+                rx_heads=p.list(rx_size, lambda: p.int(0, rx_size - 1) if p.raw(1)[0] < 245
+                                else p.int(0, 0xFFFF), min_len=int(p.raw(1)[0] < 230)),
+                tx_start=p.mix([0, 0xFFFF, 0x8000], 0, 0xFFFF),
+                rx_start=p.mix([0, 0xFFFF, 0x8000], 0, 0xFFFF),
+                tx_indirect=p.raw(1)[0] < 230, rx_indirect=p.raw(1)[0] < 230,
+                max_chain=p.pick([DEFAULT_MAX_CHAIN_BYTES] * 4 + [44 + 0x400, 44 + 100]),
+                max_n=p.pick([256, 256, 1, 2]))
+
+
+def _relay_once(case: dict, mod) -> tuple:
+    """Both guests built fresh from the case, one relay (mod None: the Python model), both
+    queues flushed: (result, tx last_avail, rx last_avail, tx memory, rx memory)."""
+    from tests.unit.test_relay_stream import model
+    tx, rx = VqGuest(case["tx_gap"]), VqGuest(case["rx_gap"])
+    txq = rxq = None
+    try:
+        for i, (shape, ring, hdr, pay, header) in enumerate(case["tx_slots"]):
+            raw = tx.raw
+            struct.pack_into("<QIHH", raw, DESC + 16 * i, *ring)
+            struct.pack_into("<QIHH", raw, TX_IND + 32 * i, *hdr)
+            struct.pack_into("<QIHH", raw, TX_IND + 32 * i + 16, *pay)
+            if shape == "chained":                  # the ring's next entry is the payload
+                nxt = ring[3] % case["tx_size"]
+                if nxt != i:
+                    struct.pack_into("<QIHH", raw, DESC + 16 * nxt, *pay)
+            raw[TX_HDRS + 64 * i:TX_HDRS + 64 * i + 44] = header
+            raw[TX_PAY + 0x400 * i:TX_PAY + 0x400 * (i + 1)] = bytes([i * 17 & 0xFF]) * 0x400
+        for i, (ring, hdr, pay) in enumerate(case["rx_slots"]):
+            struct.pack_into("<QIHH", rx.raw, DESC + 16 * i, *ring)
+            struct.pack_into("<QIHH", rx.raw, RX_IND + 32 * i, *hdr)
+            struct.pack_into("<QIHH", rx.raw, RX_IND + 32 * i + 16, *pay)
+        for g, heads, start, size in ((tx, case["tx_heads"], case["tx_start"], case["tx_size"]),
+                                      (rx, case["rx_heads"], case["rx_start"], case["rx_size"])):
+            for k, head in enumerate(heads):
+                struct.pack_into("<H", g.raw, AVAIL + 4 + 2 * ((start + k) % size), head)
+            struct.pack_into("<HH", g.raw, AVAIL, 0, (start + len(heads)) & 0xFFFF)
+        txq = Virtqueue(tx.mem, case["tx_size"], UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
+                        indirect=case["tx_indirect"], next_avail=case["tx_start"],
+                        max_chain_bytes=case["max_chain"])
+        rxq = Virtqueue(rx.mem, case["rx_size"], UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
+                        indirect=case["rx_indirect"], next_avail=case["rx_start"],
+                        max_chain_bytes=case["max_chain"])
+        have, rx_have = txq._available(case["max_n"]), rxq._available(1024)
+        if mod is None:
+            res = model(txq, rxq, have, rx_have)
+        else:
+            res = txq.relay_stream(have, rxq, rx_have, 3, 4, mod)
+        txq.flush()
+        rxq.flush()
+        return res, txq.last_avail, rxq.last_avail, bytes(tx.raw), bytes(rx.raw), have, rx_have
+    finally:
+        for q in (txq, rxq):
+            if q is not None:
+                q.release()
+        tx.close()
+        rx.close()
+
+
+def fuzz_relay(case: dict) -> None:
+    mod = vsock_accel.load()
+    if mod is None:
+        OUTCOMES["relay: no accelerator here"] += 1
+        return
+    c = _relay_once(case, mod)
+    py = _relay_once(case, None)
+    assert c[:3] == py[:3], f"C and the model differ: {c[:3]} vs {py[:3]}"
+    assert c[3] == py[3] and c[4] == py[4], "C and the model left different guest memory"
+    res, have, rx_have = c[0], c[5], c[6]
+    chains, _, data_pkts, data_bytes, rx_data, control, flows = res
+    assert chains <= have and rx_data + control <= rx_have and data_pkts + control == chains
+    assert data_bytes <= 0x10000 * data_pkts and len(flows) <= 8
+    OUTCOMES["relay: chains taken" if chains else "relay: nothing taken"] += 1
+    if data_pkts:
+        OUTCOMES["relay: data relayed"] += 1
+
+
 TARGETS = {
     "virtqueue": (cases(virtqueue_case), fuzz_virtqueue),
     "vhost_user": (cases(vhost_session_case), fuzz_vhost_user),
     "device": (cases(device_case), fuzz_device),
     "router": (cases(router_case), fuzz_router),
     "rx_fill": (cases(rx_fill_case), fuzz_rx_fill),
+    "relay": (cases(relay_case), fuzz_relay),
 }

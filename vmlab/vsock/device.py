@@ -36,6 +36,7 @@ HDR_LEN = 44
 RX, TX = 0, 1
 TX_BATCH = 256                          # chains per loop iteration before yielding to other VMs
 RX_FILL_BATCH = 64                      # rx buffers one rx_fill() fills at most
+RELAY_RX_MAX = 1024                     # rx buffers one relay_to() looks at (the C side's cap)
 # Bulk tx (a drain moved >= TX_BULK_BYTES in >= 2 chains): the guest kicks only every
 # TX_KICK_AHEAD + 1 chains and the device looks at the ring itself TX_POLL_DELAY (up to
 # TX_POLL_MAX) after each drain, so a guest that posts fewer is never left waiting longer than
@@ -72,6 +73,9 @@ class DeviceHandler(Protocol):
     def on_tx_packet(self, dev: "VsockDevice", header: bytes, payload: list[memoryview]) -> None: ...
     def on_rx_ready(self, dev: "VsockDevice") -> None: ...
     def on_device_reset(self, dev: "VsockDevice", reason: str) -> None: ...
+    # Optional: relay_tx(dev, budget) -> (chains, payload bytes, ring drained) it took from
+    # dev's tx ring itself, before any on_tx_packet (the router's batched VM->VM relay, with
+    # relay_to() below); drained: it took every chain the ring had.
 
 
 @dataclass(eq=False, slots=True)
@@ -189,6 +193,8 @@ class VsockDevice:
         self._tx_poll: asyncio.TimerHandle | None = None   # bulk mode's own look at the ring
         self._tx_poll_delay = TX_POLL_DELAY
         self.accel = accel.load()           # None: pure Python (VMLAB_NO_ACCEL, no compiler)
+        # the handler's batched relay (relay_to) needs the accelerator
+        self._relay_tx = getattr(handler, "relay_tx", None) if self.accel is not None else None
 
     # -- public API -------------------------------------------------------------------
     @property
@@ -451,6 +457,48 @@ class VsockDevice:
         stats["rx_packets"] += 1
         self._schedule_flush()
         return True
+
+    def relay_to(self, peer: "VsockDevice", max_n: int,
+                 ) -> tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...], bool] | None:
+        """Up to max_n of this guest's leading tx chains that are STREAM data or credit
+        packets for `peer`, straight into peer's rx buffers in one C call
+        (Virtqueue.relay_stream; the checks Router._relay_stream makes). Counts them on both
+        devices and schedules peer's flush; this device's used elements go out with its tx
+        drain's flush. Returns relay_stream's counts and whether they were all the chains the
+        ring had, or None when it cannot run here (no accelerator, a queue missing, stopped
+        or broken, rx buffers handed out earlier waiting) or there is no chain to relay. A
+        fault in peer's ring breaks peer, not this device; one in this device's tx ring
+        raises VirtqueueError (the drain's)."""
+        accel = self.accel
+        q = self._queues[TX]
+        pq = peer._queues[RX]
+        if accel is None or q is None or pq is None or peer is self or peer.broken \
+                or peer._stopped[RX] is not None or peer._stopped[TX] is not None \
+                or peer._rx_free:
+            return None
+        have = q._available(max_n)
+        if not have:
+            return None
+        try:
+            rx_have = pq._available(RELAY_RX_MAX)
+        except VirtqueueError as exc:
+            peer._fault(str(exc))
+            return None
+        res = q.relay_stream(have, pq, rx_have, self.cid, peer.cid, accel)
+        chains = res[0]
+        if chains:
+            stats = self.stats
+            stats["tx_packets"] += chains
+            stats["tx_bytes"] += res[1]
+            taken = res[4] + res[5]
+            if taken:
+                peer._rx_last_ring_pop = None   # rx_cancel must not unpop past these chains
+                pstats = peer.stats
+                pstats["rx_packets"] += taken
+                pstats["rx_filled"] += res[4]
+                pstats["rx_bytes"] += res[3]
+                peer._schedule_flush()
+        return (*res, chains == have)
 
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""
@@ -854,10 +902,22 @@ class VsockDevice:
             return
         budget = TX_BATCH
         chains = nbytes = 0
+        relay = self._relay_tx
         try:
             while True:
                 q.disable_notification()
                 while budget:
+                    if relay is not None:
+                        took, plen, drained = relay(self, budget)
+                        if took:
+                            budget -= took
+                            chains += took
+                            nbytes += plen
+                            if self._queues[TX] is not q:
+                                return
+                            if drained:
+                                break         # nothing more in the ring (flush, re-arm, look)
+                            continue
                     fast = q.pop_tx_linux(budget, HDR_LEN)
                     if fast:
                         budget -= len(fast)

@@ -117,10 +117,12 @@ class DevState:
     pumping: bool = False
     fill: Any = None                                # dev.rx_fill, where the device has it
     control: Any = None                             # dev.rx_control, where it has it
+    relay_peer: "DevState | None" = None            # where its last one-step relay went
 
 
 _OPS = frozenset(int(o) for o in Op if o != Op.INVALID)
 _STREAM, _RW = int(Type.STREAM), int(Op.RW)
+_NONE_TAKEN = (0, 0, False)
 _CREDIT_OPS = frozenset((int(Op.CREDIT_UPDATE), int(Op.CREDIT_REQUEST)))
 
 
@@ -345,6 +347,7 @@ class Router:
         stats["tx_packets"] += 1
         stats["relayed"] += 1
         stats["relayed_fast"] += 1
+        st.relay_peer = peer                     # relay_tx() tries the next ones in a batch
         a = (f[0], f[2])
         b = (dst, f[3])
         self.flows[(*a, *b) if a <= b else (*b, *a)] = _STREAM
@@ -362,6 +365,42 @@ class Router:
             rest.len = length - moved
             self._queue_relay(st, peer, rest, skip_views(payload, moved) if moved else payload)
         return True
+
+    def relay_tx(self, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
+        """DeviceHandler hook, before any packet of a tx drain is popped: _relay_stream for
+        a whole run of chains, in one call (dev.relay_to, C), to the peer the sender's last
+        one-step relay went to, while the same conditions hold (peer still there, in the
+        group, nothing queued for it, no capture, no fault rules). Counted as _relay_stream
+        counts. Returns (chains, payload bytes, whether that was all the ring had) taken;
+        (0, 0, False): the drain pops as usual."""
+        st = self.devs.get(dev.name)
+        peer = st.relay_peer if st is not None else None
+        if peer is None:
+            return _NONE_TAKEN
+        if peer.queue or peer.pumping or self.capture is not None or self.faults.rules \
+                or self.by_cid.get(peer.cid) is not peer or peer.group != st.group:
+            st.relay_peer = None
+            return _NONE_TAKEN
+        relay_to = getattr(dev, "relay_to", None)
+        res = relay_to(peer.dev, budget) if relay_to is not None else None
+        if res is None or not res[0]:
+            return _NONE_TAKEN
+        chains, plen, data_pkts, data_bytes, rx_data, control, flows = res[:7]
+        stats = self.stats
+        stats["tx_packets"] += chains
+        stats["relayed"] += chains
+        stats["relayed_fast"] += chains
+        stats["relayed_batch"] += chains
+        stats["tx_bytes"] += data_bytes
+        stats["split"] += rx_data - data_pkts
+        stats["rx_packets"] += rx_data + control
+        stats["rx_bytes"] += data_bytes
+        table = self.flows
+        for sport, dport in flows:
+            a = (st.cid, sport)
+            b = (peer.cid, dport)
+            table[(*a, *b) if a <= b else (*b, *a)] = _STREAM
+        return chains, plen, res[7]
 
     def _relay(self, src: DevState, dst: DevState, hdr: Header,
                payload: list[memoryview]) -> None:

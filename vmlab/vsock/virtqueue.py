@@ -39,6 +39,7 @@ _RX_HDR_FLAGS = VRING_DESC_F_WRITE | VRING_DESC_F_NEXT
 _ONE = (1).to_bytes(8, "little")
 VSOCK_HDR_LEN = 44                        # fill_rx(): virtio_vsock_hdr, le32 len at offset 24
 _VSOCK_LEN_OFF = 24
+_NOTHING_RELAYED: tuple = (0, 0, 0, 0, 0, 0, ())   # relay_stream() that took no chain
 
 _fence_lock = threading.Lock()
 # Ring fields the driver may read at any moment (used idx, avail_event, used flags) are stored
@@ -418,6 +419,37 @@ class Virtqueue:
             view.release()
             pview.release()
         return k, got, err, asked
+
+    def relay_stream(self, have: int, rx: "Virtqueue", rx_have: int, src_cid: int,
+                     dst_cid: int, accel: ModuleType,
+                     ) -> tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...]]:
+        """VM->VM STREAM in one C call (accel.relay_stream, its contract in _accel.c): up to
+        `have` of this tx queue's leading Linux-shaped chains (the caller got `have` from
+        _available()) from src_cid to dst_cid, RW taken only whole, credit updates/requests
+        into one buffer each, go straight into `rx` (another guest's rx queue, `rx_have` of
+        its chains seen available). Both queues' used elements are staged for their flush().
+        Returns (chains, tx payload bytes, data packets, data bytes, rx data buffers, control
+        packets, (src_port, dst_port) flows); chains 0: the next chain is not one of those,
+        nothing was done."""
+        if have <= 0 or rx_have <= 0 or rx.size < 2:
+            return _NOTHING_RELAYED
+        self._stage()
+        rx._stage()
+        res = accel.relay_stream(
+            self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
+            int(self.indirect and self.size >= 2), self.last_avail, have,
+            (self.used_idx + self._staged) & 0xFFFF, self.max_chain_bytes - VSOCK_HDR_LEN,
+            rx.desc, rx.avail, rx.used, rx.mem.accel_regions, rx.size, int(rx.indirect),
+            rx.last_avail, rx_have, (rx.used_idx + rx._staged) & 0xFFFF,
+            rx.max_chain_bytes - VSOCK_HDR_LEN, src_cid, dst_cid)
+        chains = res[0]
+        if chains:
+            self.last_avail = (self.last_avail + chains) & 0xFFFF
+            self._staged += chains
+            taken = res[4] + res[5]
+            rx.last_avail = (rx.last_avail + taken) & 0xFFFF
+            rx._staged += taken
+        return res
 
     def _walk(self, head: int) -> DescChain:
         size = self.size
