@@ -877,6 +877,23 @@ def test_fill_rx_copies_writes_headers_and_keeps_unfilled_chains(rx_accel):
         g.close()
 
 
+def test_fill_rx_sees_buffers_posted_since_the_last_look(rx_accel):
+    """A guest refills its rx ring while the backend fills it: buffers made available after
+    the avail idx was last read are taken by the next fill, not left for a later one (a
+    stale count used to end fills early and split relayed packets)."""
+    g = make(indirect=True)
+    try:
+        _linux_rx(g, range(2))
+        data = bytes(range(256)) * 64                 # 16 KiB: four 4 KiB buffers
+        assert g.vq.fill_rx(8, 4096, HDR_LAST, HDR_MID, -1, [memoryview(data)],
+                            rx_accel)[:2] == (1, 4096)
+        _linux_rx(g, range(2, 5))                     # posted after that look
+        res = g.vq.fill_rx(8, 4 * 4096, HDR_LAST, HDR_MID, -1, [memoryview(data)], rx_accel)
+        assert res == (4, 4 * 4096, 0, 4 * 4096) and g.vq.last_avail == 5
+    finally:
+        g.close()
+
+
 def test_fill_rx_from_a_socket_eagain_and_eof(rx_accel):
     import socket
     g = make(indirect=True)

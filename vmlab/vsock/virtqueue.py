@@ -189,11 +189,13 @@ class Virtqueue:
         return idx
 
     def _available(self, max_n: int) -> int:
-        """Chains the driver has made available (avail idx re-read once all seen were
-        taken), at most max_n."""
-        if self._avail_seen == self.last_avail:
-            self._avail_seen = self._read_avail_idx()
+        """Chains the driver has made available, at most max_n. The avail idx is re-read
+        whenever fewer than max_n were seen: a guest refills its rx ring while the backend
+        fills it, and a stale count would end a fill (or split a relayed packet) early."""
         have = (self._avail_seen - self.last_avail) & 0xFFFF
+        if have < max_n:
+            self._avail_seen = self._read_avail_idx()
+            have = (self._avail_seen - self.last_avail) & 0xFFFF
         return have if have < max_n else max_n
 
     def pop(self) -> DescChain | None:
