@@ -6,7 +6,8 @@ unexpected exception) when a property breaks:
 
 * virtqueue: a chain is popped exactly when a reference walker of the virtio rules accepts it,
   and then its views hold exactly the bytes at the guest-physical ranges the descriptors name
-  (so nothing outside the mapped regions is ever reached); everything else is VirtqueueError.
+  (so nothing outside the mapped regions is ever reached); everything else is VirtqueueError;
+  flush/re-arm (in Python or, in half the cases, the C accelerator) write only the used area.
 * vhost_user: no exception but ProtocolError handling escapes the session, whatever the
   frontend sends (any request, flags, size, fd count, memory table); no fd is leaked.
 * device: a real VsockDevice with a correct setup gets garbage rings and kicks; nothing escapes,
@@ -242,6 +243,7 @@ def virtqueue_case(p: P) -> dict:
                 notify_on_empty=p.bool(), used_event=p.int(0, 0xFFFF),
                 avail_flags=p.int(0, 0xFFFF), used_idx=p.mix([0], 0, 0xFFFF),
                 written=p.list(4, lambda: p.int(0, U32_MAX)), tx_fast=p.bool(),
+                accel=p.bool(),
                 ind_at=p.pick([GPA0 + DATA + 0x800, GPA0 + RAM - 64, GPA0 + RAM - 8]))
 
 
@@ -355,6 +357,8 @@ def fuzz_virtqueue(case: dict) -> None:
         vq = Virtqueue(g.mem, size, UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
                        event_idx=case["event_idx"], indirect=case["indirect"],
                        notify_on_empty=case["notify_on_empty"], next_avail=start, call_fd=call)
+        if case["accel"]:                       # flush/re-arm by the C accelerator (EVENT_IDX)
+            vq.accel = vsock_accel.load()
         snapshot = bytes(raw)
         jump = ((case["avail_idx"] - start) & 0xFFFF) > size
         popped = 0

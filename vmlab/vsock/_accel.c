@@ -15,6 +15,9 @@
  * relay_stream(): the router's one-step VM->VM STREAM relay for a whole run of the sender's tx
  * chains (their shapes as Virtqueue.pop_tx_linux takes them) into the receiver's rx buffers,
  * with the checks Router._relay_stream makes; it stops at the first packet it does not take.
+ *
+ * publish() and arm(): Virtqueue.flush()'s and enable_notification()'s EVENT_IDX steps (store,
+ * full barrier, read the other side's index, the eventfd write), one call each.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -22,6 +25,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <unistd.h>
 
 #if __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "virtio rings are little-endian; this accelerator assumes a little-endian host"
@@ -498,10 +502,95 @@ static PyObject *relay_stream(PyObject *self, PyObject *args)
                          (unsigned long long)data_bytes, rx_data, control, fl);
 }
 
+/* need_event(): did [old, new) cross the index the other side asked about? (vring_need_event) */
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* publish(used, avail, size, old_idx, n, avail_event, signalled_valid, call_fd)
+ *   -> (new_idx, signalled, errno)
+ *
+ * Virtqueue.flush() for EVENT_IDX rings, once the used elements are in the ring (staged):
+ * store used idx = old_idx + n (one 16-bit store), then avail_event, a full barrier, read the
+ * driver's used_event and decide, as vring_need_event, whether the driver wants an interrupt
+ * (always the first time: signalled_valid false); if so write 1 to call_fd (>= 0; EAGAIN: a
+ * signal is pending anyway). errno: of a failed eventfd write, else 0.
+ */
+static PyObject *publish(PyObject *self, PyObject *args)
+{
+    Py_buffer used, avail;
+    unsigned int size, old_idx, n, avail_event;
+    int signalled_valid, call_fd;
+    if (!PyArg_ParseTuple(args, "w*y*IIIIpi", &used, &avail, &size, &old_idx, &n,
+                          &avail_event, &signalled_valid, &call_fd))
+        return NULL;
+    PyObject *res = NULL;
+    if (size == 0 || size > 32768 || (size & (size - 1))
+        || (size_t)used.len < 6 + 8 * (size_t)size || (size_t)avail.len < 6 + 2 * (size_t)size
+        || ((uintptr_t)used.buf & 3) || ((uintptr_t)avail.buf & 1)) {
+        PyErr_SetString(PyExc_ValueError, "ring view too short or misaligned");
+        goto out;
+    }
+    unsigned char *u = used.buf;
+    const unsigned char *a = avail.buf;
+    uint16_t old = (uint16_t)old_idx, idx = (uint16_t)(old_idx + n);
+    __atomic_store_n((uint16_t *)(u + 2), idx, __ATOMIC_RELEASE);
+    __atomic_store_n((uint16_t *)(u + 4 + 8 * (size_t)size), (uint16_t)avail_event,
+                     __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t used_event = __atomic_load_n((const uint16_t *)(a + 4 + 2 * (size_t)size),
+                                          __ATOMIC_RELAXED);
+    int signal = !signalled_valid || need_event(used_event, idx, old);
+    int err = 0;
+    if (signal && call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(call_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            err = errno;
+    }
+    res = Py_BuildValue("Iii", (unsigned int)idx, signal, err);
+out:
+    PyBuffer_Release(&used);
+    PyBuffer_Release(&avail);
+    return res;
+}
+
+/* arm(used, avail, size, avail_event, last_avail) -> avail idx
+ *
+ * Virtqueue.enable_notification() for EVENT_IDX rings: store avail_event (one 16-bit store),
+ * a full barrier, then read the driver's avail idx (the caller checks it: chains that arrived
+ * meanwhile are processed without a kick).
+ */
+static PyObject *arm(PyObject *self, PyObject *args)
+{
+    Py_buffer used, avail;
+    unsigned int size, avail_event;
+    if (!PyArg_ParseTuple(args, "w*y*II", &used, &avail, &size, &avail_event))
+        return NULL;
+    PyObject *res = NULL;
+    if (size == 0 || size > 32768 || (size & (size - 1))
+        || (size_t)used.len < 6 + 8 * (size_t)size || (size_t)avail.len < 4
+        || ((uintptr_t)used.buf & 3) || ((uintptr_t)avail.buf & 1)) {
+        PyErr_SetString(PyExc_ValueError, "ring view too short or misaligned");
+        goto out;
+    }
+    __atomic_store_n((uint16_t *)((unsigned char *)used.buf + 4 + 8 * (size_t)size),
+                     (uint16_t)avail_event, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    res = PyLong_FromLong(__atomic_load_n((const uint16_t *)((const unsigned char *)avail.buf + 2),
+                                          __ATOMIC_RELAXED));
+out:
+    PyBuffer_Release(&used);
+    PyBuffer_Release(&avail);
+    return res;
+}
+
 static PyMethodDef methods[] = {
     {"fill_rx", fill_rx, METH_VARARGS, "Fill Linux-shaped rx chains from a socket or buffers."},
     {"relay_stream", relay_stream, METH_VARARGS,
      "Relay a run of VM->VM STREAM tx chains into a peer's rx buffers."},
+    {"publish", publish, METH_VARARGS, "Publish staged used elements (EVENT_IDX), maybe signal."},
+    {"arm", arm, METH_VARARGS, "Re-arm kicks (EVENT_IDX avail_event) and read avail idx."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -680,6 +680,7 @@ class VsockDevice:
                           event_idx=sig[4], indirect=sig[5], notify_on_empty=sig[6],
                           next_avail=self._base_for(index),
                           name=f"{self.name}.{'rx' if index == RX else 'tx'}")
+            q.accel = self.accel
             self._queues[index] = q
             self._sigs[index] = sig
             self._saved_base[index] = None

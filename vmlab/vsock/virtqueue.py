@@ -135,6 +135,8 @@ class Virtqueue:
         self.kick_ahead = 0
         self.interrupts = 0
         self.on_interrupt: Callable[[], None] | None = None
+        # the C accelerator (vsock/accel.py): EVENT_IDX flush/re-arm in one call each
+        self.accel: ModuleType | None = None
         self.desc = self.avail = self.used = memoryview(b"")
         self._used16: memoryview | None = None
         self.remap(mem)
@@ -588,6 +590,16 @@ class Virtqueue:
 
     def enable_notification(self) -> bool:
         """Re-arm kicks; returns True if chains arrived meanwhile (process them, no kick comes)."""
+        accel = self.accel
+        if accel is not None and self.event_idx:
+            idx = accel.arm(self.used, self.avail, self.size,
+                            (self.last_avail + self.kick_ahead) & 0xFFFF)
+            if self._avail_seen != self.last_avail:
+                return True                     # seen before, not taken yet
+            if ((idx - self.last_avail) & 0xFFFF) > self.size:
+                idx = self._read_avail_idx()    # raises, naming the jump
+            self._avail_seen = idx
+            return idx != self.last_avail
         if self.event_idx:
             self._store16(4 + 8 * self.size, (self.last_avail + self.kick_ahead) & 0xFFFF)
         else:
@@ -625,6 +637,9 @@ class Virtqueue:
         """Publish queued used elements, then interrupt at most once. Returns True if signalled."""
         if not self._pending and not self._staged:
             return False
+        accel = self.accel
+        if accel is not None and self.event_idx:
+            return self._flush_accel(accel)
         used = self.used
         mask = self.size - 1
         old = self.used_idx
@@ -645,6 +660,28 @@ class Virtqueue:
             self.interrupt()
             return True
         return False
+
+    def _flush_accel(self, accel: ModuleType) -> bool:
+        """flush() with EVENT_IDX in one C call (accel.publish: the same stores, barrier,
+        vring_need_event decision and eventfd write)."""
+        if self._pending:
+            self._stage()
+        call_fd = self.call_fd
+        idx, signal, err = accel.publish(
+            self.used, self.avail, self.size, self.used_idx, self._staged,
+            (self.last_avail + self.kick_ahead) & 0xFFFF, self._signalled_valid,
+            -1 if call_fd is None else call_fd)
+        self._staged = 0
+        self.used_idx = idx
+        if not signal:
+            return False
+        self._signalled_valid = True
+        self.interrupts += 1
+        if err:
+            log.warning("%s: call eventfd write failed: %s", self.name, os.strerror(err))
+        if self.on_interrupt is not None:
+            self.on_interrupt()
+        return True
 
     def _should_interrupt(self, old: int, new: int) -> bool:
         if self.event_idx:
