@@ -122,7 +122,9 @@ def print_table(rows: list[dict], res: dict) -> None:
         met = {True: "yes", False: "NO", None: ""}[r["met"]]
         line = f"{r['what']:<42}{r['value']:>10.4g} {r['unit']:<6}{tgt:>10}{met:>6}"
         if has_old:
-            line += f"{r.get('old', ''):>10}" + (f"{r['change']:>9}" if r.get("change") else f"{'':>9}")
+            prev = r.get("old")
+            line += (f"{prev:>10.4g}" if isinstance(prev, (int, float)) else f"{'':>10}") + (
+                f"{r['change']:>9}" if r.get("change") else f"{'':>9}")
         print(line)
     m = res["machine"]
     print(f"{m['date']}, {m['cpus']} cpus, load average before/after "
