@@ -253,3 +253,60 @@ def test_seqpacket_keeps_boundaries_both_ways(loop) -> None:
     assert (h1.len, h1.flags, h2.len, h2.flags) == (4096, 0, 904, SEQ_EOM)
     c.reset("test")
     host.close()
+
+
+def test_a_batch_is_booked_as_its_packets_would_be(loop) -> None:
+    """took_batch() after one sendmsg of several packets' data books them as on_packet() per
+    packet does: the guest's credit fields, received = forwarded + waiting for the host, the
+    host gets every byte in order, and a credit update tells the guest the latest fwd_cnt
+    once it needs one."""
+    one, env1, host1 = _conn(loop)
+    many, env2, host2 = _conn(loop)
+    for c in (one, many):
+        c.credit.buf_alloc = 64 * 1024
+        c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)   # partial writes
+    packets = [bytes([i]) * 7000 for i in range(8)]           # 56000 of 65536: nearly full
+    for i, data in enumerate(packets):
+        one.on_packet(_rw(len(data), fwd=i), [memoryview(data)])
+    assert many.batch_room() == 64 * 1024
+    total = sum(map(len, packets))
+    try:
+        sent = many.sock.sendmsg(packets)
+    except BlockingIOError:
+        sent = 0
+    rest = b"".join(packets)[sent:]
+    many.took_batch(total, sent, rest or None, 8192, len(packets) - 1)
+    for field_ in ("rx_cnt", "peer_buf_alloc", "peer_fwd_cnt"):
+        assert getattr(many.credit, field_) == getattr(one.credit, field_), field_
+    for c in (one, many):      # what went out + what waits = what came (one send took more)
+        assert c.credit.fwd_cnt + c.out_bytes == c.credit.rx_cnt == total and c.out_bytes > 0
+    assert many.credit.fwd_cnt == sent and many.batch_room() == 0            # data waits
+    for c, env in ((one, env1), (many, env2)):
+        updates = [h for h in env.sent if h.op == Op.CREDIT_UPDATE]
+        assert not c.credit.update_needed()
+        if updates:
+            assert updates[-1].fwd_cnt == c.credit.last_fwd_cnt
+    for c, host in ((one, host1), (many, host2)):
+        host.setblocking(False)
+        got = bytearray()
+        for _ in range(2000):
+            try:
+                got += host.recv(65536)
+            except BlockingIOError:
+                if not c.out:
+                    break
+                loop.run_until_complete(asyncio.sleep(0.001))
+        assert bytes(got) == b"".join(packets)
+        host.close()
+
+
+def test_no_batch_room_unless_established_stream_with_nothing_waiting(loop) -> None:
+    c, _env, host = _conn(loop)
+    assert c.batch_room() == c.credit.buf_alloc
+    c.on_packet(Header(3, 2, 1025, 9999, 0, Type.STREAM, Op.SHUTDOWN, SHUTDOWN_SEND, 8192, 0),
+                [])
+    assert c.batch_room() == 0                  # the guest shut its sending side
+    s, _env2, host2 = _conn(loop, Type.SEQPACKET)
+    assert s.batch_room() == 0                  # message boundaries: packet by packet
+    host.close()
+    host2.close()

@@ -1,10 +1,13 @@
-"""The C accelerator's batched VM->VM relay (Virtqueue.relay_stream, accel.relay_stream) against
-a Python model of its contract built from the pure-Python fast paths (pop_tx_linux,
+"""The C accelerator's batched paths. VM->VM (Virtqueue.relay_stream, accel.relay_stream)
+against a Python model of its contract built from the pure-Python fast paths (pop_tx_linux,
 pop_rx_linux): same chains taken, same counts, same bytes in both guests' memory, on hand-made
-and on random (partly broken) rings."""
+and on random (partly broken) rings. Guest->host (Virtqueue.send_stream) against a real
+socket: what it takes, where it stops, what the socket did not take, a failed send."""
 from __future__ import annotations
 
+import errno
 import random
+import socket
 import struct
 
 import pytest
@@ -271,3 +274,104 @@ def test_relay_matches_the_python_model_on_random_rings(pair, relay_accel, max_n
         assert got == want
         tx.write(USED, used_tx)
         rx.write(USED, used_rx)
+
+
+# -- guest -> host: send_stream ---------------------------------------------------------------
+def host_hdr(length: int, sport: int = 1000, dport: int = 2000, op: int = RW,
+             src: int = SRC, fwd: int = 77) -> bytes:
+    return HEADER.pack(src, 2, sport, dport, length, STREAM, op, 0, 262144, fwd)
+
+
+def send(tx: Guest, mod, fd: int, max_bytes: int = 1 << 20, start: int = 0):
+    txq = Virtqueue(tx.mem, tx.size, UVA + DESC, UVA + AVAIL, UVA + USED, indirect=True,
+                    next_avail=start)
+    try:
+        res = txq.send_stream(txq._available(256), fd, SRC, 1000, 2000, max_bytes, mod)
+        txq.flush()
+        return res, txq.last_avail, used(tx)
+    finally:
+        txq.release()
+
+
+@pytest.fixture
+def host_pair():
+    a, b = socket.socketpair()
+    a.setblocking(False)
+    b.setblocking(False)
+    yield a, b
+    a.close()
+    b.close()
+
+
+def test_send_stream_takes_one_connections_data_and_stops_at_anything_else(
+        relay_accel, host_pair):
+    a, b = host_pair
+    tx = Guest(indirect=True)
+    try:
+        data = bytes(rng_byte & 0xFF for rng_byte in range(7 * 256))
+        tx.write(TX_PAY, data)
+        tx_indirect(tx, 0, host_hdr(300), 300)
+        tx_indirect(tx, 1, host_hdr(200, fwd=99), 250)    # payload longer than len: len counts
+        tx_indirect(tx, 2, host_hdr(100, sport=1001), 100)   # another connection: stop
+        tx_indirect(tx, 3, host_hdr(100), 100)
+        tx.publish(0, 1, 2, 3)
+        res, last, (idx, elems) = send(tx, relay_accel, a.fileno())
+        assert res == (2, 550, 500, 500, None, 262144, 99, 0)
+        assert last == 2 and idx == 2 and elems[:2] == [(0, 0), (1, 0)]
+        assert b.recv(4096) == data[:300] + data[0x100:0x100 + 200]
+        # credit: a packet that would pass max_bytes is not taken
+        res, last, _ = send(tx, relay_accel, a.fileno(), max_bytes=99, start=3)
+        assert res[0] == 0 and last == 3
+        for op, hdr in ((UPDATE, host_hdr(0, op=UPDATE)), (RW, host_hdr(100, src=9)),
+                        (RW, host_hdr(0))):
+            tx_indirect(tx, 3, hdr, 100)             # not data of this guest's flow: stop
+            assert send(tx, relay_accel, a.fileno(), start=3)[0][0] == 0
+    finally:
+        tx.close()
+
+
+def test_send_stream_gives_back_what_the_socket_did_not_take(relay_accel, host_pair):
+    a, b = host_pair
+    a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    tx = Guest(indirect=True)
+    try:
+        data = bytes(range(256)) * 40
+        tx.write(TX_PAY, data)
+        for i in range(8):
+            tx_indirect(tx, i, host_hdr(3000), 3000)
+        tx.publish(*range(8))
+        res, last, _ = send(tx, relay_accel, a.fileno())
+        chains, _, total, sent, rest = res[:5]
+        assert chains == 8 and total == 24000 and 0 < sent < total and last == 8
+        want = b"".join(data[0x100 * i:0x100 * i + 3000] for i in range(8))
+        got = bytearray()
+        while True:
+            try:
+                got += b.recv(65536)
+            except BlockingIOError:
+                break
+        assert bytes(got) == want[:sent] and rest == want[sent:]
+        # nothing read yet: a full socket takes nothing and everything comes back
+        tx.publish(*range(8))
+        while True:
+            try:
+                a.send(b"x" * 65536)
+            except BlockingIOError:
+                break
+        res = send(tx, relay_accel, a.fileno(), start=8)[0]
+        assert res[:4] == (8, 8 * 3000, 24000, 0) and res[4] == want
+    finally:
+        tx.close()
+
+
+def test_send_stream_takes_nothing_when_the_send_fails(relay_accel, host_pair):
+    a, b = host_pair
+    b.close()
+    tx = Guest(indirect=True)
+    try:
+        tx_indirect(tx, 0, host_hdr(10), 10)
+        tx.publish(0)
+        res, last, (idx, _) = send(tx, relay_accel, a.fileno())
+        assert res[0] == 0 and res[7] == errno.EPIPE and last == 0 and idx == 0
+    finally:
+        tx.close()

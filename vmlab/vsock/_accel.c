@@ -16,6 +16,8 @@
  * chains (their shapes as Virtqueue.pop_tx_linux takes them) into the receiver's rx buffers,
  * with the checks Router._relay_stream makes; it stops at the first packet it does not take.
  *
+ * send_stream(): guest->host STREAM data of one connection, a run of tx chains in one sendmsg.
+ *
  * publish() and arm(): Virtqueue.flush()'s and enable_notification()'s EVENT_IDX steps (store,
  * full barrier, read the other side's index, the eventfd write), one call each.
  */
@@ -24,6 +26,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
+#include <sys/socket.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -502,6 +505,108 @@ static PyObject *relay_stream(PyObject *self, PyObject *args)
                          (unsigned long long)data_bytes, rx_data, control, fl);
 }
 
+#define CID_HOST 2
+
+/* send_stream(tx_desc, tx_avail, tx_used, tx_regions, tx_size, tx_indirect, tx_last_avail,
+ *             tx_have, tx_used_pos, tx_max_payload, src_cid, src_port, dst_port, max_bytes, fd)
+ *   -> (chains, tx_bytes, data_bytes, sent, rest, buf_alloc, fwd_cnt, errno)
+ *
+ * Guest -> host STREAM data of one connection in one call: the guest's leading Linux-shaped
+ * tx chains whose header (copied out of guest memory, then checked) says src_cid:src_port ->
+ * 2:dst_port, STREAM, RW, 0 < len <= min(payload, 64 KiB), while their data fits max_bytes
+ * (the credit the connection gave), go to the host socket `fd` in one sendmsg(MSG_DONTWAIT).
+ * What the socket did not take comes back as `rest` (bytes, copied), else None. Each taken
+ * chain gets a used element (len 0). buf_alloc/fwd_cnt: the last taken header's. A send
+ * error other than EAGAIN takes nothing (errno set): the caller's general path meets it.
+ */
+static PyObject *send_stream(PyObject *self, PyObject *args)
+{
+    PyObject *t_desc, *t_avail, *t_used, *t_regions;
+    unsigned int t_size, t_indirect, t_last, t_have, t_pos, sport_want, dport_want;
+    unsigned long long t_maxp, src_cid, max_bytes;
+    int fd;
+    if (!PyArg_ParseTuple(args, "OOOOIIIIIKKIIKi", &t_desc, &t_avail, &t_used, &t_regions,
+                          &t_size, &t_indirect, &t_last, &t_have, &t_pos, &t_maxp, &src_cid,
+                          &sport_want, &dport_want, &max_bytes, &fd))
+        return NULL;
+    buffers_t b = {.n = 0};
+    ring_t tx;
+    static struct iovec iov[MAX_BUFS];
+    static uint16_t heads[MAX_BUFS];
+    if (grab_ring(&b, &tx, t_desc, t_avail, t_used, t_regions, t_size) < 0) {
+        drop_all(&b);
+        return NULL;
+    }
+    if (t_have > t_size)
+        t_have = t_size;
+    if (t_have > MAX_BUFS)
+        t_have = MAX_BUFS;
+    unsigned int chains = 0;
+    uint64_t total = 0, tx_bytes = 0;
+    uint32_t buf_alloc = 0, fwd_cnt = 0;
+    unsigned char hdr[HDR_LEN];
+    for (; chains < t_have; chains++) {
+        uint16_t head = avail_head(&tx, t_last + chains);
+        const unsigned char *h, *p;
+        uint32_t plen;
+        if (head >= t_size || !tx_chain(&tx, head, t_indirect, t_maxp, &h, &p, &plen))
+            break;
+        memcpy(hdr, h, HDR_LEN);
+        uint32_t len = rd32(hdr + 24);
+        if (rd64(hdr) != src_cid || rd64(hdr + 8) != CID_HOST || rd32(hdr + 16) != sport_want
+            || rd32(hdr + 20) != dport_want || rd16(hdr + 28) != TYPE_STREAM
+            || rd16(hdr + 30) != OP_RW || len == 0 || len > MAX_PKT_PAYLOAD || len > plen
+            || total + len > max_bytes)
+            break;
+        iov[chains].iov_base = (void *)p;
+        iov[chains].iov_len = len;
+        heads[chains] = head;
+        total += len;
+        tx_bytes += plen;
+        buf_alloc = rd32(hdr + 36);
+        fwd_cnt = rd32(hdr + 40);
+    }
+    uint64_t sent = 0;
+    PyObject *rest = NULL;
+    if (chains) {
+        struct msghdr msg = {.msg_iov = iov, .msg_iovlen = chains};
+        ssize_t r = sendmsg(fd, &msg, MSG_DONTWAIT | MSG_NOSIGNAL);
+        if (r < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+            int err = errno;
+            drop_all(&b);
+            return Py_BuildValue("IKKKOIIi", 0u, 0ull, 0ull, 0ull, Py_None, 0u, 0u, err);
+        }
+        sent = r < 0 ? 0 : (uint64_t)r;
+        if (sent < total) {
+            rest = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(total - sent));
+            if (rest == NULL) {
+                drop_all(&b);
+                return NULL;                /* nothing consumed: used elements not written */
+            }
+            unsigned char *out = (unsigned char *)PyBytes_AS_STRING(rest);
+            uint64_t skip = sent;
+            for (unsigned int i = 0; i < chains; i++) {
+                size_t n = iov[i].iov_len;
+                if (skip >= n) {
+                    skip -= n;
+                    continue;
+                }
+                memcpy(out, (unsigned char *)iov[i].iov_base + skip, n - skip);
+                out += n - skip;
+                skip = 0;
+            }
+        }
+        for (unsigned int i = 0; i < chains; i++)
+            put_used(&tx, t_pos + i, heads[i], 0);
+    }
+    drop_all(&b);
+    PyObject *res = Py_BuildValue("IKKKOIIi", chains, (unsigned long long)tx_bytes,
+                                  (unsigned long long)total, (unsigned long long)sent,
+                                  rest ? rest : Py_None, buf_alloc, fwd_cnt, 0);
+    Py_XDECREF(rest);
+    return res;
+}
+
 /* need_event(): did [old, new) cross the index the other side asked about? (vring_need_event) */
 static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
 {
@@ -589,6 +694,8 @@ static PyMethodDef methods[] = {
     {"fill_rx", fill_rx, METH_VARARGS, "Fill Linux-shaped rx chains from a socket or buffers."},
     {"relay_stream", relay_stream, METH_VARARGS,
      "Relay a run of VM->VM STREAM tx chains into a peer's rx buffers."},
+    {"send_stream", send_stream, METH_VARARGS,
+     "Send a run of one connection's guest->host STREAM tx chains to a host socket."},
     {"publish", publish, METH_VARARGS, "Publish staged used elements (EVENT_IDX), maybe signal."},
     {"arm", arm, METH_VARARGS, "Re-arm kicks (EVENT_IDX avail_event) and read avail idx."},
     {NULL, NULL, 0, NULL},

@@ -423,6 +423,35 @@ class Connection:
             self.out_bytes += len(data)
         self._after_forward()
 
+    # --- guest data in batches (Router.relay_tx, VsockDevice.send_stream, C) ----------------
+    def batch_room(self) -> int:
+        """Guest data bytes a batch may send straight to the host socket now: the credit left
+        when this is an established STREAM connection with nothing buffered for the host and
+        nothing shut; 0 otherwise (then every packet takes on_packet)."""
+        if self.state is not State.ESTABLISHED or self.type != Type.STREAM or self.out \
+                or self.peer_shut & SHUTDOWN_SEND or self.host_wr_closed or self.host_rd_closed:
+            return 0
+        credit = self.credit
+        return max(credit.buf_alloc, credit.rx_limit) - credit.buffered()
+
+    def took_batch(self, data_bytes: int, sent: int, rest: bytes | None, buf_alloc: int,
+                   fwd_cnt: int) -> None:
+        """Book a batch of RW packets (data_bytes, within batch_room()) of which the host
+        socket took `sent` and `rest` is the copied remainder: what on_packet does for each
+        of them, once (the last header's credit fields, forwarded bytes, what waits for the
+        host, a credit update if the guest needs one)."""
+        before = self.credit.peer_credit()
+        self.credit.update_peer(buf_alloc, fwd_cnt)
+        self.credit.receive(data_bytes)
+        self.credit.forwarded(sent)
+        if rest:
+            self.out.append((memoryview(rest), 0))
+            self.out_bytes += len(rest)
+            self._start_writing()
+        self._after_forward()
+        if self.state is not State.CLOSED and self.credit.peer_credit() > before:
+            self._credit_grew()
+
     def _send_msg(self, msg: memoryview, flags: int) -> None:
         """One guest message to the host socket; framed: the flags byte first."""
         if self.framed:

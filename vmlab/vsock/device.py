@@ -500,6 +500,28 @@ class VsockDevice:
                 peer._schedule_flush()
         return (*res, chains == have)
 
+    def send_stream(self, fd: int, src_port: int, dst_port: int, max_bytes: int, max_n: int,
+                    ) -> tuple[int, int, int, int, bytes | None, int, int, int, bool] | None:
+        """Up to max_n of this guest's leading tx chains that are STREAM data of the flow
+        src_port -> host:dst_port, within max_bytes, to the host socket `fd` in one C call
+        (Virtqueue.send_stream). Counts them; the used elements go out with the drain's
+        flush. Returns send_stream's result and whether it took every chain the ring had, or
+        None (no accelerator or tx queue, or no chain)."""
+        accel = self.accel
+        q = self._queues[TX]
+        if accel is None or q is None:
+            return None
+        have = q._available(max_n)
+        if not have:
+            return None
+        res = q.send_stream(have, fd, self.cid, src_port, dst_port, max_bytes, accel)
+        chains = res[0]
+        if chains:
+            stats = self.stats
+            stats["tx_packets"] += chains
+            stats["tx_bytes"] += res[1]
+        return (*res, chains == have)
+
     def rx_cancel(self, buf: RxBuffer) -> None:
         """Give an unused buffer back; it is handed out again by the next rx_pop."""
         if buf.epoch != self._epoch or self._rx_out.pop(buf.seq, None) is None:

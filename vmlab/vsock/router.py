@@ -118,6 +118,7 @@ class DevState:
     fill: Any = None                                # dev.rx_fill, where the device has it
     control: Any = None                             # dev.rx_control, where it has it
     relay_peer: "DevState | None" = None            # where its last one-step relay went
+    host_flow: tuple[int, int] | None = None        # (src, dst port) of its last host data
 
 
 _OPS = frozenset(int(o) for o in Op if o != Op.INVALID)
@@ -307,6 +308,8 @@ class Router:
             self.capture(hdr, payload)
         if dst == VMADDR_CID_HOST and self.hybrid is not None:
             self.hybrid.on_guest_packet(st.name, hdr, payload)
+            if hdr.op == Op.RW and hdr.type == Type.STREAM:
+                st.host_flow = (hdr.src_port, hdr.dst_port)    # relay_tx batches the next
             return
         self.stats["unroutable"] += 1
         if hdr.op != Op.RST:
@@ -367,16 +370,29 @@ class Router:
         return True
 
     def relay_tx(self, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
-        """DeviceHandler hook, before any packet of a tx drain is popped: _relay_stream for
-        a whole run of chains, in one call (dev.relay_to, C), to the peer the sender's last
-        one-step relay went to, while the same conditions hold (peer still there, in the
-        group, nothing queued for it, no capture, no fault rules). Counted as _relay_stream
-        counts. Returns (chains, payload bytes, whether that was all the ring had) taken;
-        (0, 0, False): the drain pops as usual."""
+        """DeviceHandler hook, before any packet of a tx drain is popped: a whole run of the
+        guest's chains in one C call, where the last packets of the same kind took the fast
+        way: to the peer guest of its last one-step relay (_relay_batch), or to the host
+        connection its last stream data went to (_host_batch). Returns (chains, payload
+        bytes, whether that was all the ring had) taken; (0, 0, False): the drain pops as
+        usual."""
         st = self.devs.get(dev.name)
-        peer = st.relay_peer if st is not None else None
-        if peer is None:
+        if st is None:
             return _NONE_TAKEN
+        if st.relay_peer is not None:
+            res = self._relay_batch(st, dev, budget)
+            if res[0]:
+                return res
+        if st.host_flow is not None:
+            return self._host_batch(st, dev, budget)
+        return _NONE_TAKEN
+
+    def _relay_batch(self, st: DevState, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
+        """_relay_stream for a run of chains (dev.relay_to), while its conditions hold (peer
+        still there, in the group, nothing queued for it, no capture, no fault rules);
+        counted as _relay_stream counts, plus relayed_batch."""
+        peer = st.relay_peer
+        assert peer is not None
         if peer.queue or peer.pumping or self.capture is not None or self.faults.rules \
                 or self.by_cid.get(peer.cid) is not peer or peer.group != st.group:
             st.relay_peer = None
@@ -401,6 +417,41 @@ class Router:
             b = (peer.cid, dport)
             table[(*a, *b) if a <= b else (*b, *a)] = _STREAM
         return chains, plen, res[7]
+
+    def _host_batch(self, st: DevState, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
+        """Guest->host stream data of the connection the guest's last RW packet went to, a
+        run of chains in one sendmsg (dev.send_stream, C), within the credit the connection
+        has left (Connection.batch_room), no capture, no fault rules; booked on the
+        connection as on_packet would (Connection.took_batch). stats.host_batch counts the
+        packets (also in tx_packets)."""
+        hybrid = self.hybrid
+        sport, dport = st.host_flow  # type: ignore[misc]
+        if hybrid is None or self.capture is not None or self.faults.rules:
+            st.host_flow = None
+            return _NONE_TAKEN
+        conn = hybrid.conns.get((VMADDR_CID_HOST, dport, st.cid, sport))
+        if conn is None:
+            st.host_flow = None
+            return _NONE_TAKEN
+        room = conn.batch_room()
+        send = getattr(dev, "send_stream", None)
+        if room <= 0 or send is None:
+            return _NONE_TAKEN
+        res = send(conn.sock.fileno(), sport, dport, room, budget)
+        if res is None or not res[0]:
+            return _NONE_TAKEN                   # a send error: on_packet meets it
+        chains, plen, data_bytes, sent, rest, buf_alloc, fwd_cnt = res[:7]
+        stats = self.stats
+        stats["tx_packets"] += chains
+        stats["tx_bytes"] += data_bytes
+        stats["host_batch"] += chains
+        try:
+            conn.took_batch(data_bytes, sent, rest, buf_alloc, fwd_cnt)
+        except Exception:                        # one connection's bug costs that connection
+            log.exception("%r: booking a batch failed", conn)
+            stats["errors"] += 1
+            conn.reset("internal error")
+        return chains, plen, res[8]
 
     def _relay(self, src: DevState, dst: DevState, hdr: Header,
                payload: list[memoryview]) -> None:

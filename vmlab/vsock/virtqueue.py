@@ -40,6 +40,7 @@ _ONE = (1).to_bytes(8, "little")
 VSOCK_HDR_LEN = 44                        # fill_rx(): virtio_vsock_hdr, le32 len at offset 24
 _VSOCK_LEN_OFF = 24
 _NOTHING_RELAYED: tuple = (0, 0, 0, 0, 0, 0, ())   # relay_stream() that took no chain
+_NOTHING_SENT: tuple = (0, 0, 0, 0, None, 0, 0, 0)  # send_stream() that took no chain
 
 _fence_lock = threading.Lock()
 # Ring fields the driver may read at any moment (used idx, avail_event, used flags) are stored
@@ -453,6 +454,29 @@ class Virtqueue:
             taken = res[4] + res[5]
             rx.last_avail = (rx.last_avail + taken) & 0xFFFF
             rx._staged += taken
+        return res
+
+    def send_stream(self, have: int, fd: int, src_cid: int, src_port: int, dst_port: int,
+                    max_bytes: int, accel: ModuleType,
+                    ) -> tuple[int, int, int, int, bytes | None, int, int, int]:
+        """Guest->host STREAM data of one connection in one C call (accel.send_stream, its
+        contract in _accel.c): up to `have` leading Linux-shaped tx chains of the flow
+        src_cid:src_port -> 2:dst_port, RW, within max_bytes, in one sendmsg to `fd`; their
+        used elements are staged for flush(). Returns (chains, tx payload bytes, data bytes,
+        sent, the unsent rest copied or None, the last header's buf_alloc and fwd_cnt, errno
+        of a failed send, which takes nothing); chains 0: nothing was done."""
+        if have <= 0 or max_bytes <= 0:
+            return _NOTHING_SENT
+        self._stage()
+        res = accel.send_stream(
+            self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
+            int(self.indirect and self.size >= 2), self.last_avail, have,
+            (self.used_idx + self._staged) & 0xFFFF, self.max_chain_bytes - VSOCK_HDR_LEN,
+            src_cid, src_port, dst_port, max_bytes, fd)
+        chains = res[0]
+        if chains:
+            self.last_avail = (self.last_avail + chains) & 0xFFFF
+            self._staged += chains
         return res
 
     def _walk(self, head: int) -> DescChain:
