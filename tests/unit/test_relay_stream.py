@@ -14,7 +14,6 @@ import pytest
 
 from tests.unit.test_virtqueue import (DATA, GPA, INDIRECT, UVA, AVAIL, DESC, USED, Guest, I,
                                        N, R, W)
-from vmlab.vsock import accel
 from vmlab.vsock.packet import HEADER, MAX_PKT_PAYLOAD, Op, Type
 from vmlab.vsock.virtqueue import Virtqueue
 
@@ -22,16 +21,6 @@ SRC, DST = 3, 4
 RW, UPDATE, REQUEST = int(Op.RW), int(Op.CREDIT_UPDATE), int(Op.CREDIT_REQUEST)
 STREAM = int(Type.STREAM)
 TX_PAY = DATA + 0x1000                  # tx payloads: slot i at TX_PAY + 0x100 * i (overlapping)
-
-
-@pytest.fixture
-def relay_accel():
-    mod = accel.load()
-    if mod is None:
-        if accel.buildable():
-            pytest.fail("gcc and Python.h are here but the accelerator did not build")
-        pytest.skip("no C compiler or Python headers: accelerator unavailable")
-    return mod
 
 
 def hdr(op: int = RW, length: int = 0, src: int = SRC, dst: int = DST, sport: int = 1000,

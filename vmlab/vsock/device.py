@@ -74,8 +74,9 @@ class DeviceHandler(Protocol):
     def on_rx_ready(self, dev: "VsockDevice") -> None: ...
     def on_device_reset(self, dev: "VsockDevice", reason: str) -> None: ...
     # Optional: relay_tx(dev, budget) -> (chains, payload bytes, ring drained) it took from
-    # dev's tx ring itself, before any on_tx_packet (the router's batched VM->VM relay, with
-    # relay_to() below); drained: it took every chain the ring had.
+    # dev's tx ring itself, before any on_tx_packet (the router's batched VM->VM relay and
+    # guest->host sends, with relay_to() and send_stream() below); drained: it took every
+    # chain the ring had.
 
 
 @dataclass(eq=False, slots=True)
