@@ -14,9 +14,10 @@ Rows: guest->host (g2h), host->guest (h2g), VM->VM (v2v, two fake guests on one 
 `memcpy` is a plain copy of the same bytes in 64 KiB pieces in this process: the physical
 limit of any path that has to move them at least once.
 
-Paths: `accel` is the backend as shipped (the C rx accelerator, vsock/_accel.c, when it
-builds), `python` the same backend with VMLAB_NO_ACCEL=1. With both, one backend runs per
-path and the runs alternate between them, so load changes hit both alike.
+Paths: `accel` is the backend as shipped (the C accelerator, vsock/_accel.c, when it builds,
+and uvloop's event loop), `python` the same backend in pure Python (VMLAB_NO_ACCEL=1,
+VMLAB_NO_UVLOOP=1: asyncio's own loop). With both, one backend runs per path and the runs
+alternate between them, so load changes hit both alike.
 """
 from __future__ import annotations
 
@@ -82,7 +83,8 @@ class RawLab:
         self.vms = vms
         self.backend = BackendProcess(cfg, tmp)
         if path == "python":
-            self.backend.env_overrides["VMLAB_NO_ACCEL"] = "1"
+            self.backend.env_overrides["VMLAB_NO_ACCEL"] = "1"      # the pure-Python backend:
+            self.backend.env_overrides["VMLAB_NO_UVLOOP"] = "1"     # no C of vmlab's, asyncio's loop
         if callgrind:   # instruction counts: repeatable where CPU seconds are not
             self.backend.command_prefix = [
                 "valgrind", "--tool=callgrind", f"--callgrind-out-file={tmp}/callgrind.%p",
@@ -115,6 +117,10 @@ class RawLab:
         """Whether the backend's devices really run the C accelerator."""
         vms = self.backend.control({"cmd": "stats"}).get("vms", {})
         return all(vm.get("rx_accel") for vm in vms.values())
+
+    def loop_kind(self) -> str:
+        """The backend's event loop: "uvloop" or "asyncio"."""
+        return self.backend.control({"cmd": "stats"}).get("loop", "")
 
     def port(self) -> int:
         self.next_port += 1
@@ -399,7 +405,8 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3, help="runs per row (median; default 3)")
     parser.add_argument("--rows", default=",".join(ROWS), help="g2h,h2g,v2v (default all)")
     parser.add_argument("--paths", default="accel,python",
-                        help="accel (C rx accelerator), python (VMLAB_NO_ACCEL=1) or both, "
+                        help="accel (the backend as shipped: C accelerator, uvloop), python "
+                             "(VMLAB_NO_ACCEL=1 VMLAB_NO_UVLOOP=1) or both, "
                              "runs alternating (default accel,python)")
     parser.add_argument("--verify", action="store_true", help="sha256 every byte (costs the driver)")
     parser.add_argument("--callgrind", action="store_true",

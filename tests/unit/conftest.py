@@ -27,5 +27,6 @@ def rx_accel(request):
 
 @pytest.fixture
 def relay_accel():
-    """The C accelerator alone (its batched paths have no pure-Python twin to run)."""
+    """The C accelerator alone (its batched paths have no pure-Python twin to run; tests
+    that compare it with the Python path run both themselves)."""
     return _accel_or_skip()

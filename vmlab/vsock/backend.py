@@ -258,6 +258,7 @@ class Backend:
                 snap["vms"][name]["device"] = dict(getattr(dev, "stats", {}))
                 snap["vms"][name]["connected"] = bool(getattr(dev, "connected", False))
                 snap["vms"][name]["rx_accel"] = getattr(dev, "accel", None) is not None
+            snap["loop"] = type(self.loop).__module__.split(".")[0]   # uvloop or asyncio
             return {"ok": True, **snap}
         if cmd == "reset":
             vm = req.get("vm")
@@ -312,6 +313,24 @@ def _setup_logging(cfg: BackendConfig) -> None:
     root.setLevel(getattr(logging, cfg.log_level, logging.INFO))
 
 
+ENV_NO_UVLOOP = "VMLAB_NO_UVLOOP"
+
+
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop's event loop (libuv, in C: a backend wakeup runs no Python of the loop's own)
+    where it is installed, as it is with vmlab; the standard library's selector loop with
+    VMLAB_NO_UVLOOP=1 or without uvloop. The backend uses only what both provide: readers,
+    writers, call_soon/call_later, signal handlers."""
+    if os.environ.get(ENV_NO_UVLOOP, "") in ("", "0"):
+        try:
+            import uvloop
+        except ImportError:
+            log.info("uvloop not installed: standard asyncio event loop")
+        else:
+            return uvloop.new_event_loop()
+    return asyncio.SelectorEventLoop()
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m vmlab.vsock.backend",
                                  description="vhost-user-vsock backend for a vmlab lab")
@@ -323,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"vmlab vsock backend: bad config: {e}", file=sys.stderr, flush=True)
         return 2
     _setup_logging(cfg)
-    loop = asyncio.SelectorEventLoop()
+    loop = new_event_loop()
     asyncio.set_event_loop(loop)
 
     def on_loop_error(lp: asyncio.AbstractEventLoop, ctx: dict) -> None:

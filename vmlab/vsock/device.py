@@ -46,7 +46,7 @@ RELAY_RX_MAX = 1024                     # rx buffers one relay_to() looks at (th
 # traffic (single packets, control) keeps a kick per chain.
 TX_BULK_BYTES = 64 * 1024
 TX_KICK_AHEAD = 3
-TX_POLL_DELAY = 0.0005
+TX_POLL_DELAY = 0.001                   # libuv timers have 1 ms resolution: 0.5 ms ran at once
 # A look that finds nothing doubles the next delay, up to TX_POLL_MAX; one that finds chains
 # goes back to TX_POLL_DELAY. A sender limited by its peer's credit posts exactly the chains a
 # window allows, so its kick comes with the last one and the look after it is a wakeup for
