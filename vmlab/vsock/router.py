@@ -117,6 +117,8 @@ class DevState:
     pumping: bool = False
     fill: Any = None                                # dev.rx_fill, where the device has it
     control: Any = None                             # dev.rx_control, where it has it
+    relay_to: Any = None                            # dev.relay_to, where it has it
+    send_stream: Any = None                         # dev.send_stream, where it has it
     relay_peer: "DevState | None" = None            # where its last one-step relay went
     host_flow: tuple[int, int] | None = None        # (src, dst port) of its last host data
 
@@ -172,7 +174,9 @@ class Router:
 
     def add_device(self, dev: DeviceLike, group: str = "default") -> None:
         st = DevState(dev, dev.name, dev.cid, group, fill=getattr(dev, "rx_fill", None),
-                      control=getattr(dev, "rx_control", None))
+                      control=getattr(dev, "rx_control", None),
+                      relay_to=getattr(dev, "relay_to", None),
+                      send_stream=getattr(dev, "send_stream", None))
         if dev.cid in self.by_cid:
             raise ValueError(f"CID {dev.cid} used twice ({self.by_cid[dev.cid].name}, {dev.name})")
         self.devs[dev.name] = st
@@ -380,14 +384,14 @@ class Router:
         if st is None:
             return _NONE_TAKEN
         if st.relay_peer is not None:
-            res = self._relay_batch(st, dev, budget)
+            res = self._relay_batch(st, budget)
             if res[0]:
                 return res
         if st.host_flow is not None:
-            return self._host_batch(st, dev, budget)
+            return self._host_batch(st, budget)
         return _NONE_TAKEN
 
-    def _relay_batch(self, st: DevState, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
+    def _relay_batch(self, st: DevState, budget: int) -> tuple[int, int, bool]:
         """_relay_stream for a run of chains (dev.relay_to), while its conditions hold (peer
         still there, in the group, nothing queued for it, no capture, no fault rules);
         counted as _relay_stream counts, plus relayed_batch."""
@@ -397,8 +401,7 @@ class Router:
                 or self.by_cid.get(peer.cid) is not peer or peer.group != st.group:
             st.relay_peer = None
             return _NONE_TAKEN
-        relay_to = getattr(dev, "relay_to", None)
-        res = relay_to(peer.dev, budget) if relay_to is not None else None
+        res = st.relay_to(peer.dev, budget) if st.relay_to is not None else None
         if res is None or not res[0]:
             return _NONE_TAKEN
         chains, plen, data_pkts, data_bytes, rx_data, control, flows = res[:7]
@@ -418,7 +421,7 @@ class Router:
             table[(*a, *b) if a <= b else (*b, *a)] = _STREAM
         return chains, plen, res[7]
 
-    def _host_batch(self, st: DevState, dev: DeviceLike, budget: int) -> tuple[int, int, bool]:
+    def _host_batch(self, st: DevState, budget: int) -> tuple[int, int, bool]:
         """Guest->host stream data of the connection the guest's last RW packet went to, a
         run of chains in one sendmsg (dev.send_stream, C), within the credit the connection
         has left (Connection.batch_room), no capture, no fault rules; booked on the
@@ -434,10 +437,9 @@ class Router:
             st.host_flow = None
             return _NONE_TAKEN
         room = conn.batch_room()
-        send = getattr(dev, "send_stream", None)
-        if room <= 0 or send is None:
+        if room <= 0 or st.send_stream is None:
             return _NONE_TAKEN
-        res = send(conn.sock.fileno(), sport, dport, room, budget)
+        res = st.send_stream(conn.sock.fileno(), sport, dport, room, budget)
         if res is None or not res[0]:
             return _NONE_TAKEN                   # a send error: on_packet meets it
         chains, plen, data_bytes, sent, rest, buf_alloc, fwd_cnt = res[:7]

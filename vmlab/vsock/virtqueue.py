@@ -379,12 +379,9 @@ class Virtqueue:
             self._stage()
             if n <= 0:
                 return 0, 0, 0, 0
-            k, got, err, asked = accel.fill_rx(
-                self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
-                int(self.indirect), self.last_avail, n, (self.used_idx + self._staged) & 0xFFFF,
-                self.max_chain_bytes - VSOCK_HDR_LEN, want, hdr_last, hdr_mid, fd, src)
-            self.last_avail = (self.last_avail + k) & 0xFFFF
-            self._staged += k
+            k, got, err, asked = accel.fill_rx(*self._c_ring(n, self.indirect), want, hdr_last,
+                                               hdr_mid, fd, src)
+            self._taken(k)
             return k, got, err, asked
         bufs = self.pop_rx_linux(max_n, want, VSOCK_HDR_LEN, direct=True)
         if not bufs:
@@ -425,6 +422,20 @@ class Virtqueue:
             pview.release()
         return k, got, err, asked
 
+    def _c_ring(self, have: int, indirect: bool) -> tuple:
+        """The ring as _accel.c's functions take it (grab_ring and the fields after it): the
+        three areas, the memory regions, size, whether the indirect shape may be taken, next
+        avail, chains available, where the next used element goes, the payload cap. Call
+        _stage() first: the C code writes used elements after the staged ones."""
+        return (self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
+                int(indirect), self.last_avail, have, (self.used_idx + self._staged) & 0xFFFF,
+                self.max_chain_bytes - VSOCK_HDR_LEN)
+
+    def _taken(self, n: int) -> None:
+        """The C code took the next n chains and wrote their used elements (staged)."""
+        self.last_avail = (self.last_avail + n) & 0xFFFF
+        self._staged += n
+
     def relay_stream(self, have: int, rx: "Virtqueue", rx_have: int, src_cid: int,
                      dst_cid: int, accel: ModuleType,
                      ) -> tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...]]:
@@ -440,20 +451,11 @@ class Virtqueue:
             return _NOTHING_RELAYED
         self._stage()
         rx._stage()
-        res = accel.relay_stream(
-            self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
-            int(self.indirect and self.size >= 2), self.last_avail, have,
-            (self.used_idx + self._staged) & 0xFFFF, self.max_chain_bytes - VSOCK_HDR_LEN,
-            rx.desc, rx.avail, rx.used, rx.mem.accel_regions, rx.size, int(rx.indirect),
-            rx.last_avail, rx_have, (rx.used_idx + rx._staged) & 0xFFFF,
-            rx.max_chain_bytes - VSOCK_HDR_LEN, src_cid, dst_cid)
-        chains = res[0]
-        if chains:
-            self.last_avail = (self.last_avail + chains) & 0xFFFF
-            self._staged += chains
-            taken = res[4] + res[5]
-            rx.last_avail = (rx.last_avail + taken) & 0xFFFF
-            rx._staged += taken
+        res = accel.relay_stream(*self._c_ring(have, self.indirect and self.size >= 2),
+                                 *rx._c_ring(rx_have, rx.indirect), src_cid, dst_cid)
+        if res[0]:
+            self._taken(res[0])
+            rx._taken(res[4] + res[5])
         return res
 
     def send_stream(self, have: int, fd: int, src_cid: int, src_port: int, dst_port: int,
@@ -468,15 +470,9 @@ class Virtqueue:
         if have <= 0 or max_bytes <= 0:
             return _NOTHING_SENT
         self._stage()
-        res = accel.send_stream(
-            self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
-            int(self.indirect and self.size >= 2), self.last_avail, have,
-            (self.used_idx + self._staged) & 0xFFFF, self.max_chain_bytes - VSOCK_HDR_LEN,
-            src_cid, src_port, dst_port, max_bytes, fd)
-        chains = res[0]
-        if chains:
-            self.last_avail = (self.last_avail + chains) & 0xFFFF
-            self._staged += chains
+        res = accel.send_stream(*self._c_ring(have, self.indirect and self.size >= 2),
+                                src_cid, src_port, dst_port, max_bytes, fd)
+        self._taken(res[0])
         return res
 
     def _walk(self, head: int) -> DescChain:
