@@ -162,7 +162,10 @@ def test_flooding_and_stalled_guest_is_bounded_and_the_other_guest_transfers(
     # connect past the cap was reset, and the guest saw exactly those resets
     assert bad_vm["connections"] == max_conns, bad_vm
     assert ev["connected"] == max_conns - 1 and ev["reset"] == 301, ev
-    assert stats["stats"]["conn_limit"] >= 301, stats["stats"]
+    # (a slow acceptor, under load, may park some of them on the full listen backlog first: a
+    # connect past the parking cap is reset as well, counted as pending_limit)
+    assert stats["stats"]["conn_limit"] + stats["stats"].get("pending_limit", 0) >= 301, \
+        stats["stats"]
     # parked connects on the listener nobody accepts reached their cap and never passed it; the
     # rest were reset at once, and after the 10 s backlog wait the parked ones too
     assert sampler.peak["pending_connects"] == max_pending, sampler.peak
