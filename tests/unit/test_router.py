@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import socket
+import threading
 import time
 from collections import deque
 from pathlib import Path
 
 import pytest
 
+from vmlab.vsock.host import HostEndpoint, host_connect, host_listen
 from vmlab.vsock.hybrid import Hybrid
 from vmlab.vsock.packet import (
     SEQ_EOM, SEQ_EOR, SHUTDOWN_BOTH, SHUTDOWN_RCV, Header, Op, Type,
@@ -384,6 +386,47 @@ def test_host_connect_handshake_and_refusal(lab) -> None:
             pass
         s.close()
     assert router.stats["handshake_rejected"] == 3
+
+
+def _fill_until_full(sock: socket.socket) -> int:
+    """Bytes a host stream socket takes before it would block (the backend reads none)."""
+    sock.setblocking(False)
+    pushed, block = 0, b"x" * 65536
+    try:
+        while True:
+            pushed += sock.send(block)
+    except BlockingIOError:
+        return pushed
+
+
+def test_host_stream_sockets_hold_a_whole_credit_window(lab) -> None:
+    """The backend reads a host socket only into guest rx buffers, as far as the guest's credit
+    goes. A whole window (256 KiB, Linux's default) must be waiting in the host's socket: with
+    the default 208 KiB each credit update cost the backend two reads and two wakeups."""
+    loop, router, a, b, c, tmp = lab
+    ep = HostEndpoint("vhost-user", "a", a.cid, str(tmp / "a.vsock"))
+    window = 256 * 1024
+    got: dict = {}
+    t = threading.Thread(target=lambda: got.update(conn=host_connect(3, 5000, endpoint=ep)))
+    t.start()
+    spin(loop, lambda: bool(a.got))
+    (req, _), = a.take()
+    tx(router, a, Op.RESPONSE, 5000, 2, req.src_port, buf_alloc=window)
+    spin(loop, lambda: not t.is_alive())
+    t.join()
+    with got["conn"] as conn:
+        a.free.clear()                          # and the loop does not run: nothing is read
+        assert _fill_until_full(conn.sock) >= window
+    a.give(8, router)
+
+    with host_listen(6000, vms=[ep]) as listener:    # a guest's connect, accepted by the host
+        tx(router, a, Op.REQUEST, 1030, 2, 6000, buf_alloc=window)
+        spin(loop, lambda: any(h.op == Op.RESPONSE for h, _ in a.got))
+        with listener.accept(timeout=3) as conn:
+            assert _fill_until_full(conn.sock) >= window
+    plain, peer = socket.socketpair()           # what the default holds: less than a window
+    with plain, peer:
+        assert _fill_until_full(plain) < window
 
 
 def test_fault_drop_and_transport_reset(lab) -> None:

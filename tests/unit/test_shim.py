@@ -122,6 +122,8 @@ out["min_clamp"] = s.getsockopt(socket.AF_VSOCK, socket.SO_VM_SOCKETS_BUFFER_SIZ
 out["bad_opt"] = err(lambda: s.getsockopt(socket.AF_VSOCK, 99))
 out["type"] = s.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
 out["seq_type"] = S(socket.SOCK_SEQPACKET).getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
+out["sndbuf"] = S().getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+out["seq_sndbuf"] = S(socket.SOCK_SEQPACKET).getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 print(json.dumps(out))
 '''
 
@@ -136,6 +138,16 @@ def test_socket_calls_without_a_backend(target: LabTarget, shim: Path) -> None:
     assert got["no_cid"] == "ENODEV" and got["host_cid"] == "ENODEV"
     assert got["min_clamp"] == 4096 and got["bad_opt"] == "ENOPROTOOPT"
     assert got["type"] == socket.SOCK_STREAM and got["seq_type"] == socket.SOCK_SEQPACKET
+    # a stream socket holds a guest's whole credit window; SEQPACKET keeps its message size cap
+    assert got["sndbuf"] == window_sndbuf()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as plain:
+        assert got["seq_sndbuf"] == plain.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
+
+def window_sndbuf() -> int:
+    """What Linux makes of the shim's SO_SNDBUF request (HOST_SNDBUF): doubled, capped first."""
+    from vmlab.vsock.host import HOST_SNDBUF
+    return 2 * min(HOST_SNDBUF, int(Path("/proc/sys/net/core/wmem_max").read_text()))
 
 
 def test_dgram_error_is_clear_on_stderr(target: LabTarget, shim: Path) -> None:
@@ -153,6 +165,7 @@ s.bind((socket.VMADDR_CID_ANY, 6000)); s.listen(0)
 c, peer = s.accept()
 print(peer, c.getpeername(), c.getsockname(), flush=True)
 print(c.recv(100), c.recv(100), flush=True)
+print(c.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF), flush=True)
 '''
 
 
@@ -179,6 +192,7 @@ def test_accept_takes_the_peer_from_the_preamble(target: LabTarget, shim: Path, 
         assert lines[1] == "b'one' b'two'"                   # one message per recv
     else:
         assert lines[1].replace("' b'", "") == "b'onetwo'"   # the preamble is not data
+        assert int(lines[2]) == window_sndbuf()              # accepted: a window's room too
 
 
 class FakeHybrid:
@@ -233,6 +247,12 @@ def attempt(port, timeout):
 print(attempt(80, None)); print(attempt(81, None)); print(attempt(82, 5)); print(attempt(83, 5))
 b = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM); b.bind((2, 7001))
 b.connect((3, 84)); print("bound", b.getsockname())
+r = socket.socket(socket.AF_VSOCK, socket.SOCK_STREAM)
+try:
+    r.connect((3, 83))
+except OSError:
+    pass
+print("renewed", r.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF))
 '''
 
 
@@ -245,7 +265,7 @@ def test_connect_blocking_and_with_a_timeout(target: LabTarget, shim: Path) -> N
     assert r.returncode == 0, r.stderr
     ok = "(2, 4242) (3, {}) b'data from the guest'"
     assert r.stdout.splitlines() == [ok.format(80), "ECONNRESET", ok.format(82), "ECONNRESET",
-                                     "bound (2, 4242)"]
+                                     "bound (2, 4242)", f"renewed {window_sndbuf()}"]
     assert srv.lines[:4] == ["CONNECT 80\n", "CONNECT 81\n", "CONNECT 82\n", "CONNECT 83\n"]
     assert srv.lines[4] == "CONNECT 84 7001\n"                 # a bound client asks for its port
 

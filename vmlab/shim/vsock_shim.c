@@ -72,6 +72,7 @@
 #define MIN_BUF_DEFAULT 128ULL
 #define MAX_BUF_ALLOC 0xFFFFFFFFULL   /* VIRTIO_VSOCK_MAX_BUF_SIZE: the transport's clamp */
 #define FRAME_EOR 0x01                /* framed SEQPACKET: this message ends a record */
+#define HOST_SNDBUF 262144            /* stream SO_SNDBUF asked for: see hold_a_window() */
 
 /* ---- real functions ------------------------------------------------------------------ */
 static int (*r_socket)(int, int, int);
@@ -413,6 +414,18 @@ static int finish_connect(int fd, struct vs *v, int wait)
     }
 }
 
+/* Room in a stream socket for a guest's whole credit window (256 KiB by default; Linux doubles
+ * what is asked): the backend reads it only into guest rx buffers, as far as the guest's credit
+ * goes, so with the default 208 KiB each credit update cost it two reads and two wakeups.
+ * SEQPACKET keeps its default: there SO_SNDBUF also caps the message size (EMSGSIZE). A
+ * program's own SO_SNDBUF, set later, wins. */
+static void hold_a_window(int fd, int type)
+{
+    int n = HOST_SNDBUF;
+    if (type == SOCK_STREAM)
+        r_setsockopt(fd, SOL_SOCKET, SO_SNDBUF, &n, sizeof n);
+}
+
 /* A failed connect leaves a fresh, unconnected socket behind (vsock allows a new connect). */
 static void renew(int fd, struct vs *v)
 {
@@ -422,6 +435,7 @@ static void renew(int fd, struct vs *v)
     v->lowat = 1;
     if (s < 0)
         return;
+    hold_a_window(s, v->type);
     r_dup3(s, fd, (fdfl >= 0 && (fdfl & FD_CLOEXEC)) ? O_CLOEXEC : 0);
     r_close(s);
     if (fl >= 0)
@@ -481,6 +495,7 @@ EXPORT int socket(int domain, int type, int protocol)
         free(v);
         return -1;
     }
+    hold_a_window(fd, base);
     pthread_mutex_lock(&lock);
     put(fd, v);
     pthread_mutex_unlock(&lock);
@@ -623,6 +638,7 @@ EXPORT int accept4(int fd, struct sockaddr *addr, socklen_t *len, int flags)
             r_close(nfd);
             return fail(ENOMEM);
         }
+        hold_a_window(nfd, v->type);
         c->connected = 1;
         c->lcid = VMADDR_CID_HOST;
         c->lport = v->lport;

@@ -27,6 +27,12 @@ VMADDR_CID_ANY = 0xFFFFFFFF
 VMADDR_CID_HOST = 2
 VMADDR_PORT_ANY = 0xFFFFFFFF
 MAX_LINE = 64
+# What a host stream socket of the hybrid transport asks for as SO_SNDBUF (Linux doubles it to
+# 512 KiB, or twice net.core.wmem_max if that is lower). The backend reads it only into guest
+# rx buffers, as far as the guest's credit goes: a guest's whole window (256 KiB by default)
+# must be waiting there, or every credit update costs the backend two reads and two wakeups
+# (the default 208 KiB held less than a window). vmlab's shim asks the same for AF_VSOCK.
+HOST_SNDBUF = 256 * 1024
 
 
 @dataclass(frozen=True)
@@ -168,6 +174,8 @@ class HostListener:
                         conn.close()
                         continue
                     return HostConn(conn, addr[0], addr[1], self.port, "vhost")
+                if self.type == "stream":
+                    _hold_a_window(conn)
                 return HostConn(conn, ep.cid, None, self.port, "vhost-user")
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no vsock connection on port {self.port} within {timeout}s")
@@ -286,6 +294,8 @@ def host_connect(cid: int, port: int, *, endpoint: HostEndpoint, type: str = "st
     path = endpoint.uds_path if type == "stream" else _seqpacket_path(endpoint.uds_path)
     s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
+    if type == "stream":
+        _hold_a_window(s)
     try:
         try:
             s.connect(path)
@@ -305,6 +315,15 @@ def host_connect(cid: int, port: int, *, endpoint: HostEndpoint, type: str = "st
     except BaseException:
         s.close()
         raise
+
+
+def _hold_a_window(s: socket.socket) -> None:
+    """Room in a host stream socket for a whole credit window of guest-bound data (HOST_SNDBUF).
+    Stream only: a SEQPACKET socket's SO_SNDBUF also caps its message size (EMSGSIZE)."""
+    try:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SNDBUF)
+    except OSError:
+        pass                # the default still works, at two reads per window
 
 
 def _read_line(s: socket.socket, type: str) -> bytes:
