@@ -174,8 +174,7 @@ class HostListener:
                         conn.close()
                         continue
                     return HostConn(conn, addr[0], addr[1], self.port, "vhost")
-                if self.type == "stream":
-                    _hold_a_window(conn)
+                _hold_a_window(conn, self.type)
                 return HostConn(conn, ep.cid, None, self.port, "vhost-user")
             if deadline is not None and time.monotonic() >= deadline:
                 raise TimeoutError(f"no vsock connection on port {self.port} within {timeout}s")
@@ -294,8 +293,7 @@ def host_connect(cid: int, port: int, *, endpoint: HostEndpoint, type: str = "st
     path = endpoint.uds_path if type == "stream" else _seqpacket_path(endpoint.uds_path)
     s = socket.socket(socket.AF_UNIX, kind | socket.SOCK_CLOEXEC)
     s.settimeout(timeout)
-    if type == "stream":
-        _hold_a_window(s)
+    _hold_a_window(s, type)
     try:
         try:
             s.connect(path)
@@ -317,9 +315,11 @@ def host_connect(cid: int, port: int, *, endpoint: HostEndpoint, type: str = "st
         raise
 
 
-def _hold_a_window(s: socket.socket) -> None:
+def _hold_a_window(s: socket.socket, type: str) -> None:
     """Room in a host stream socket for a whole credit window of guest-bound data (HOST_SNDBUF).
     Stream only: a SEQPACKET socket's SO_SNDBUF also caps its message size (EMSGSIZE)."""
+    if type != "stream":
+        return
     try:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, HOST_SNDBUF)
     except OSError:
