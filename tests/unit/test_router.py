@@ -407,10 +407,22 @@ def test_host_stream_sockets_hold_a_whole_credit_window(lab) -> None:
     ep = HostEndpoint("vhost-user", "a", a.cid, str(tmp / "a.vsock"))
     window = 256 * 1024
     got: dict = {}
+    t = threading.Thread(target=lambda: got.update(
+        seq=host_connect(3, 5001, endpoint=ep, type="seqpacket")))
+    t.start()                                   # SEQPACKET keeps the default: it caps messages
+    spin(loop, lambda: any(h.op == Op.REQUEST for h, _ in a.got))
+    req = next(h for h, _ in a.take() if h.op == Op.REQUEST)
+    tx(router, a, Op.RESPONSE, 5001, 2, req.src_port, typ=Type.SEQPACKET, buf_alloc=window)
+    spin(loop, lambda: not t.is_alive())
+    t.join()
+    with got["seq"] as conn, socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as fresh:
+        assert conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) == \
+            fresh.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+
     t = threading.Thread(target=lambda: got.update(conn=host_connect(3, 5000, endpoint=ep)))
     t.start()
-    spin(loop, lambda: bool(a.got))
-    (req, _), = a.take()
+    spin(loop, lambda: any(h.op == Op.REQUEST for h, _ in a.got))
+    req = next(h for h, _ in a.take() if h.op == Op.REQUEST)
     tx(router, a, Op.RESPONSE, 5000, 2, req.src_port, buf_alloc=window)
     spin(loop, lambda: not t.is_alive())
     t.join()
