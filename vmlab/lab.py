@@ -208,7 +208,7 @@ class Lab:
             machine = Machine(cfg, self.run_dir, qemu=opts.qemu)
             uds = self.run_dir / f"{spec.name}.vsock" if transports[spec.name] == "vhost-user" else None
             self._vms[spec.name] = VmHandle(spec, cids.get(spec.name), transports[spec.name], machine, uds)
-            machine.launch()  # forks here, on this thread
+            machine.spawn()  # forks here, on this thread; all start loading at once
             machines.append(machine)
         self._write_state()
         self._boot_all(machines)
@@ -369,14 +369,16 @@ class Lab:
         self.backend.spawn()
 
     def _boot_all(self, machines: list[Machine]) -> None:
-        """Wait for every guest in parallel; the first failure is raised after all have settled.
+        """Connect to every guest and wait for it, in parallel; the first failure is raised after
+        all have settled. Each QEMU waits for its console before it boots, so connecting one
+        after another would start the last guest a QEMU start-up per guest late.
 
         On Ctrl-C/SIGTERM the machines are shut down first, which ends the waiting threads (their
         consoles see EOF) instead of letting them sit out the boot timeout.
         """
         timeout = self.options.boot_timeout
         pool = ThreadPoolExecutor(max_workers=max(1, len(machines)), thread_name_prefix="boot")
-        futures = [pool.submit(m.wait_ready, timeout) for m in machines]
+        futures = [pool.submit(self._connect_and_wait, m, timeout) for m in machines]
         try:
             wait(futures)
         except BaseException:
@@ -388,6 +390,11 @@ class Lab:
         failures = [f.exception() for f in futures if f.exception() is not None]
         if failures:
             raise LabError(f"{len(failures)} of {len(machines)} VM(s) failed to boot:\n" + "\n\n".join(map(str, failures)))
+
+    @staticmethod
+    def _connect_and_wait(machine: Machine, timeout: float) -> None:
+        machine.connect()
+        machine.wait_ready(timeout)
 
     def _write_state(self) -> None:
         assert self.runtime is not None

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab.lab import Lab
+from vmlab.lab import Lab, LabOptions
 from vmlab.qemu.console import ConsoleError, KernelError
 from vmlab.scenario import VmSpec, inline_scenario
 
@@ -81,6 +81,34 @@ def test_qmp_system_reset_reboots_the_guest(plain_lab):
 def test_qmp_events_are_logged(plain_lab):
     log = plain_lab.vm("plain").machine.qmp_log.read_text()
     assert '"event": "STOP"' in log and '"execute": "cont"' in log
+
+
+BARRIER_QEMU = """#!/bin/sh
+# Go on only once all {n} QEMUs of the lab have been forked: a lab that waited for one guest's
+# console before forking the next would never let the first one get past this.
+touch "{dir}/$$"
+tries=0
+while [ "$(ls "{dir}" | wc -l)" -lt {n} ]; do
+    tries=$((tries + 1))
+    if [ $tries -gt 300 ]; then echo "only $(ls "{dir}" | wc -l) of {n} QEMUs were started" >&2; exit 1; fi
+    sleep 0.1
+done
+exec qemu-system-x86_64 "$@"
+"""
+
+
+def test_every_qemu_is_forked_before_the_lab_waits_for_any_console(tmp_path):
+    barrier = tmp_path / "started"
+    barrier.mkdir()
+    wrapper = tmp_path / "barrier-qemu"
+    wrapper.write_text(BARRIER_QEMU.format(n=3, dir=barrier))
+    wrapper.chmod(0o755)
+    vms = [VmSpec(name=f"b{i}", vsock=False) for i in range(3)]
+    with Lab(inline_scenario(vms=vms), LabOptions(qemu=str(wrapper))) as lab:
+        lab_id = lab.lab_id
+        assert [vm.run(f"echo {vm.name}") for vm in lab.vms] == [(0, f"b{i}\n") for i in range(3)]
+    assert len(list(barrier.iterdir())) == 3
+    assert not qemu_pids_with(lab_id)
 
 
 def test_kernel_panic_is_detected_and_teardown_is_clean():

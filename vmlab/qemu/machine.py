@@ -52,17 +52,22 @@ class Machine:
     def exit_code(self) -> int | None:
         return None if self._proc is None else self._proc.poll()
 
-    def launch(self) -> None:
-        """Fork QEMU and connect console and QMP (QEMU waits for the console before booting)."""
+    def spawn(self) -> None:
+        """Fork QEMU (on the caller's thread: the child's death signal follows that thread)."""
         with open_private(self.qemu_log, "a") as f:
             f.write(f"# {format_argv(self.argv)}\n")
         try:
             self._proc = proc.spawn(self.argv, self.qemu_log)
         except OSError as exc:
             raise MachineError(f"{self.name}: cannot start {self.qemu}: {exc}") from None
+
+    def connect(self) -> None:
+        """Connect console and QMP (QEMU waits for the console before booting).
+
+        QEMU creates its sockets after loading its libraries: 0.1 s on a host, but a minute inside
+        a busy TCG guest (the nested lab). A QEMU that dies ends the wait at once.
+        """
         try:
-            # QEMU creates its sockets after loading its libraries: 0.1 s on a host, but a minute
-            # inside a busy TCG guest (the nested lab). A QEMU that dies ends the wait at once.
             self.console.connect(timeout=CONNECT_TIMEOUT, alive=self.alive)
             self.qmp.connect(timeout=CONNECT_TIMEOUT, alive=self.alive)
         except Exception as exc:
