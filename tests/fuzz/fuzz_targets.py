@@ -20,7 +20,9 @@ unexpected exception) when a property breaks:
 * relay: Virtqueue.relay_stream (the C accelerator's batched VM->VM STREAM relay) on two
   guests' mutated rings and headers takes the same chains, gives the same counts and leaves
   both guests' memory byte for byte as the Python model of its contract does
-  (tests/unit/test_relay_stream.py), within the rings' bounds.
+  (tests/unit/test_relay_stream.py), within the rings' bounds; and on EVENT_IDX rings
+  relay_publish leaves what relay_stream and both queues' flush() leave (rings, memory,
+  used idx, interrupts, eventfd signals).
 * router: arbitrary packets (every op/type/flag, spoofed CIDs, len vs buffer, unknown ports)
   leave the router without errors, and its accounting (queued bytes, control queue, credit)
   never goes negative or past its limits.
@@ -1270,15 +1272,22 @@ def relay_case(p: P) -> dict:
                 rx_start=p.mix([0, 0xFFFF, 0x8000], 0, 0xFFFF),
                 tx_indirect=p.raw(1)[0] < 230, rx_indirect=p.raw(1)[0] < 230,
                 max_chain=p.pick([DEFAULT_MAX_CHAIN_BYTES] * 4 + [44 + 0x400, 44 + 100]),
-                max_n=p.pick([256, 256, 1, 2]))
+                max_n=p.pick([256, 256, 1, 2]),
+                # EVENT_IDX state for relay_publish: used_event, signalled before, kick_ahead
+                events=(p.int(0, 0xFFFF), p.int(0, 0xFFFF)), valid=(p.bool(), p.bool()),
+                ahead=(p.pick([0, 0, 3]), p.pick([0, 0, 5])))
 
 
-def _relay_once(case: dict, mod) -> tuple:
+def _relay_once(case: dict, mod, published: bool | None = None) -> tuple:
     """Both guests built fresh from the case, one relay (mod None: the Python model), both
-    queues flushed: (result, tx last_avail, rx last_avail, tx memory, rx memory)."""
+    queues flushed: (result, tx last_avail, rx last_avail, tx memory, rx memory). published
+    not None: EVENT_IDX rings with the case's state flushed by mod's publish, relay_stream
+    (False) or relay_publish (True); the result then also holds used idx, interrupts and the
+    call fds' counts."""
     from tests.unit.test_relay_stream import model
     tx, rx = VqGuest(case["tx_gap"]), VqGuest(case["rx_gap"])
     txq = rxq = None
+    fds: list[int] = []
     try:
         for i, (shape, ring, hdr, pay, header) in enumerate(case["tx_slots"]):
             raw = tx.raw
@@ -1300,26 +1309,49 @@ def _relay_once(case: dict, mod) -> tuple:
             for k, head in enumerate(heads):
                 struct.pack_into("<H", g.raw, AVAIL + 4 + 2 * ((start + k) % size), head)
             struct.pack_into("<HH", g.raw, AVAIL, 0, (start + len(heads)) & 0xFFFF)
+        event_idx = published is not None
         txq = Virtqueue(tx.mem, case["tx_size"], UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
                         indirect=case["tx_indirect"], next_avail=case["tx_start"],
-                        max_chain_bytes=case["max_chain"])
+                        max_chain_bytes=case["max_chain"], event_idx=event_idx)
         rxq = Virtqueue(rx.mem, case["rx_size"], UVA0 + DESC, UVA0 + AVAIL, UVA0 + USED,
                         indirect=case["rx_indirect"], next_avail=case["rx_start"],
-                        max_chain_bytes=case["max_chain"])
+                        max_chain_bytes=case["max_chain"], event_idx=event_idx)
+        if event_idx:
+            for k, (g, q) in enumerate(((tx, txq), (rx, rxq))):
+                struct.pack_into("<H", g.raw, AVAIL + 4 + 2 * q.size, case["events"][k])
+                fds.append(os.eventfd(0, os.EFD_NONBLOCK))
+                q.accel, q.call_fd = mod, fds[-1]
+                q._signalled_valid, q.kick_ahead = case["valid"][k], case["ahead"][k]
         have, rx_have = txq._available(case["max_n"]), rxq._available(1024)
         if mod is None:
             res = model(txq, rxq, have, rx_have)
+        elif published:
+            res = txq.relay_publish(have, rxq, rx_have, 3, 4, mod)[0]
+            assert rxq.pending == 0 and txq.pending == (0 if res[0] == have else res[0])
         else:
             res = txq.relay_stream(have, rxq, rx_have, 3, 4, mod)
         txq.flush()
         rxq.flush()
-        return res, txq.last_avail, rxq.last_avail, bytes(tx.raw), bytes(rx.raw), have, rx_have
+        out = (res, txq.last_avail, rxq.last_avail, bytes(tx.raw), bytes(rx.raw), have, rx_have)
+        if event_idx:
+            out += (txq.used_idx, rxq.used_idx, txq.interrupts, rxq.interrupts,
+                    *(_eventfd_count(fd) for fd in fds))
+        return out
     finally:
         for q in (txq, rxq):
             if q is not None:
                 q.release()
+        for fd in fds:
+            os.close(fd)
         tx.close()
         rx.close()
+
+
+def _eventfd_count(fd: int) -> int:
+    try:
+        return os.eventfd_read(fd)
+    except BlockingIOError:
+        return 0
 
 
 def fuzz_relay(case: dict) -> None:
@@ -1338,6 +1370,10 @@ def fuzz_relay(case: dict) -> None:
     OUTCOMES["relay: chains taken" if chains else "relay: nothing taken"] += 1
     if data_pkts:
         OUTCOMES["relay: data relayed"] += 1
+    fused, plain = _relay_once(case, mod, True), _relay_once(case, mod, False)
+    assert fused == plain, "relay_publish differs from relay_stream and both flushes"
+    if chains and fused[-1]:
+        OUTCOMES["relay: published, receiver signalled"] += 1
 
 
 TARGETS = {

@@ -6,6 +6,7 @@ socket: what it takes, where it stops, what the socket did not take, a failed se
 from __future__ import annotations
 
 import errno
+import os
 import random
 import socket
 import struct
@@ -51,12 +52,13 @@ def rx_buffer(g: Guest, i: int, payload: int = 4096) -> None:
     g.desc(i, GPA + table, 32, I)
 
 
-def queues(tx: Guest, rx: Guest, tx_start: int, rx_start: int, max_chain: int):
+def queues(tx: Guest, rx: Guest, tx_start: int, rx_start: int, max_chain: int,
+           event_idx: bool = False):
     """Fresh Virtqueues on both guests' rings (so a run can be repeated from the same state)."""
     return (Virtqueue(tx.mem, tx.size, UVA + DESC, UVA + AVAIL, UVA + USED, indirect=True,
-                      next_avail=tx_start, max_chain_bytes=max_chain),
+                      next_avail=tx_start, max_chain_bytes=max_chain, event_idx=event_idx),
             Virtqueue(rx.mem, rx.size, UVA + DESC, UVA + AVAIL, UVA + USED, indirect=True,
-                      next_avail=rx_start, max_chain_bytes=max_chain))
+                      next_avail=rx_start, max_chain_bytes=max_chain, event_idx=event_idx))
 
 
 def model(txq: Virtqueue, rxq: Virtqueue, have: int, rx_have: int):
@@ -126,20 +128,54 @@ def used(g: Guest) -> tuple[int, list[tuple[int, int]]]:
     return idx, [struct.unpack_from("<II", g.raw, USED + 4 + 8 * i) for i in range(g.size)]
 
 
-def run(tx: Guest, rx: Guest, mod, tx_start: int, rx_start: int, max_chain: int = 64 << 20,
-        max_n: int = 256):
-    """One relay from the rings' current state: (result, tx last_avail, rx last_avail, tx used
-    ring, rx used ring, rx memory) after flushing both queues."""
-    txq, rxq = queues(tx, rx, tx_start, rx_start, max_chain)
+def signals(g: Guest) -> int:
+    """What the guest's call eventfd counted since the last look."""
     try:
+        return os.eventfd_read(g.call)
+    except BlockingIOError:
+        return 0
+
+
+def run(tx: Guest, rx: Guest, mod, tx_start: int, rx_start: int, max_chain: int = 64 << 20,
+        max_n: int = 256, published: bool | None = None, valid: tuple[bool, bool] = (True, True),
+        kick_ahead: tuple[int, int] = (0, 0)):
+    """One relay from the rings' current state: (result, tx last_avail, rx last_avail, tx used
+    ring, rx used ring, rx memory) after flushing both queues. published None: plain rings,
+    relay_stream (or, mod None, the model); False: EVENT_IDX rings flushed by the accelerator
+    (`valid`: whether each has signalled before, `kick_ahead`: each queue's), relay_stream;
+    True: the same rings, relay_publish. With EVENT_IDX the result also has each ring's used
+    idx, avail_event, interrupts and the signals its call fd got."""
+    txq, rxq = queues(tx, rx, tx_start, rx_start, max_chain, event_idx=published is not None)
+    try:
+        if published is not None:
+            for q, g, ok, ahead in ((txq, tx, valid[0], kick_ahead[0]),
+                                    (rxq, rx, valid[1], kick_ahead[1])):
+                q.accel, q.call_fd, q._signalled_valid, q.kick_ahead = mod, g.call, ok, ahead
+                signals(g)
         have, rx_have = txq._available(max_n), rxq._available(1024)
         if mod is None:
             res = model(txq, rxq, have, rx_have)
+        elif published:
+            res, tx_signalled, rx_signalled = txq.relay_publish(have, rxq, rx_have, SRC, DST,
+                                                                 mod)
+            chains, taken = res[0], res[4] + res[5]
+            # published in the same call: rx whenever a chain went across, tx when it took
+            # every chain it had (else staged for the drain's own flush)
+            assert rxq.pending == 0 and rxq.used_idx == taken
+            assert txq.pending == (0 if chains == have else chains)
+            if chains:
+                assert struct.unpack_from("<H", rx.raw, USED + 2)[0] == taken
+            assert (tx_signalled, rx_signalled) == (txq.interrupts == 1, rxq.interrupts == 1)
         else:
             res = txq.relay_stream(have, rxq, rx_have, SRC, DST, mod)
         txq.flush()
         rxq.flush()
-        return (res, txq.last_avail, rxq.last_avail, used(tx), used(rx), bytes(rx.raw[:0x20000]))
+        out = (res, txq.last_avail, rxq.last_avail, used(tx), used(rx), bytes(rx.raw[:0x20000]))
+        if published is None:
+            return out
+        event = [bytes(g.raw[USED + 4 + 8 * g.size:USED + 6 + 8 * g.size]) for g in (tx, rx)]
+        return out + (txq.used_idx, rxq.used_idx, event, txq.interrupts, rxq.interrupts,
+                      signals(tx), signals(rx))
     finally:
         txq.release()
         rxq.release()
@@ -218,8 +254,24 @@ def test_relay_matches_the_python_model_on_random_rings(pair, relay_accel, max_n
     flows from a pool of 12) in mostly Linux-shaped chains (a descriptor field mutated now
     and then), into rx buffers of random sizes (some mutated): the C relay and the model take
     the same chains and leave both guests' rings and the receiver's memory byte-identical."""
+    for got, want in random_relays(pair, relay_accel, max_n, 2024, None):
+        assert got == want
+
+
+@pytest.mark.parametrize("max_n", [256, 2])
+def test_relay_publish_is_relay_stream_then_both_flushes(pair, relay_accel, max_n):
+    """The same random rings with EVENT_IDX (random used_event, first signal or not):
+    relay_publish leaves the rings, the receiver's memory, used idx, avail_event, interrupt
+    counts and call-fd signals as relay_stream followed by both queues' flush() does."""
+    for got, want in random_relays(pair, relay_accel, max_n, 2025, True):
+        assert got == want
+
+
+def random_relays(pair, mod, max_n: int, seed: int, published: bool | None):
+    """Yield (got, want) for 600 random ring states: published None, mod's relay_stream
+    against the model; True, relay_publish against relay_stream, both on EVENT_IDX rings."""
     tx, rx = pair
-    rng = random.Random(2024)
+    rng = random.Random(seed)
     max_chain = 44 + 3000
     tx.write(TX_PAY, bytes(rng.getrandbits(8) for _ in range(0x1800)))
     for _ in range(600):
@@ -253,14 +305,21 @@ def test_relay_matches_the_python_model_on_random_rings(pair, relay_accel, max_n
         tx.publish(*(rng.randrange(tx.size) for _ in range(rng.randrange(tx.size + 1))))
         rx.publish(*(rng.randrange(rx.size) if rng.random() > 0.02 else 0x1234
                      for _ in range(rng.randrange(rx.size + 1))))
+        for g in (tx, rx):                          # used_event: where each wants a signal
+            g.write(AVAIL + 4 + 2 * g.size, struct.pack("<H", rng.getrandbits(16)))
+        valid = (rng.random() < 0.8, rng.random() < 0.8)
+        ahead = (rng.choice([0, 0, 3, 15]), rng.choice([0, 0, 5]))
         used_tx, used_rx = bytes(tx.raw[USED:USED + 0x100]), bytes(rx.raw[USED:USED + 0x100])
         rx_mem = bytes(rx.raw[:0x20000])
-        got = run(tx, rx, relay_accel, tx_start, rx_start, max_chain, max_n)
+        got = run(tx, rx, mod, tx_start, rx_start, max_chain, max_n, published, valid, ahead)
         tx.write(USED, used_tx)
         rx.write(USED, used_rx)
         rx.write(0, rx_mem)
-        want = run(tx, rx, None, tx_start, rx_start, max_chain, max_n)
-        assert got == want
+        if published is None:
+            want = run(tx, rx, None, tx_start, rx_start, max_chain, max_n)
+        else:
+            want = run(tx, rx, mod, tx_start, rx_start, max_chain, max_n, False, valid, ahead)
+        yield got, want
         tx.write(USED, used_tx)
         rx.write(USED, used_rx)
 

@@ -108,6 +108,7 @@ typedef struct {
     const unsigned char *desc, *avail;
     unsigned char *used;
     unsigned int size, mask;
+    size_t avail_len, used_len;
     region_t regions[MAX_REGIONS];
     int nreg, last;                     /* last: the region locate() found last */
 } ring_t;
@@ -136,6 +137,8 @@ static int grab_ring(buffers_t *b, ring_t *r, PyObject *o_desc, PyObject *o_avai
     r->desc = desc->buf;
     r->avail = avail->buf;
     r->used = used->buf;
+    r->avail_len = (size_t)avail->len;
+    r->used_len = (size_t)used->len;
     r->size = size;
     r->mask = size - 1;
     r->last = 0;
@@ -367,6 +370,46 @@ static int tx_chain(ring_t *r, uint16_t head, unsigned int indirect, uint64_t ma
 #define MAX_PKT_PAYLOAD (64 * 1024)
 #define MAX_FLOWS 8
 
+static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
+{
+    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
+}
+
+/* EVENT_IDX publish of one ring whose used elements are written: used idx = old + n (one
+ * 16-bit store), avail_event, a full barrier, then the driver's used_event decides (always
+ * the first time: signalled_valid 0) whether to write 1 to call_fd (>= 0; EAGAIN: a signal is
+ * pending anyway). The caller checked the lengths (used 6 + 8 * size, avail 6 + 2 * size) and
+ * the alignment (ring_publishable). Returns the new idx; *signal, *err (errno or 0) set. */
+static uint16_t publish_ring(unsigned char *u, const unsigned char *a, unsigned int size,
+                             unsigned int old_idx, unsigned int n, unsigned int avail_event,
+                             int signalled_valid, int call_fd, int *signal, int *err)
+{
+    uint16_t old = (uint16_t)old_idx, idx = (uint16_t)(old_idx + n);
+    __atomic_store_n((uint16_t *)(u + 2), idx, __ATOMIC_RELEASE);
+    __atomic_store_n((uint16_t *)(u + 4 + 8 * (size_t)size), (uint16_t)avail_event,
+                     __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    uint16_t used_event = __atomic_load_n((const uint16_t *)(a + 4 + 2 * (size_t)size),
+                                          __ATOMIC_RELAXED);
+    *signal = !signalled_valid || need_event(used_event, idx, old);
+    *err = 0;
+    if (*signal && call_fd >= 0) {
+        uint64_t one = 1;
+        if (write(call_fd, &one, sizeof one) < 0 && errno != EAGAIN)
+            *err = errno;
+    }
+    return idx;
+}
+
+/* The EVENT_IDX fields fit (used_event after the avail ring, avail_event after the used ring)
+ * and the 16-bit stores are aligned. */
+static int ring_publishable(const unsigned char *used, size_t used_len, const unsigned char *avail,
+                            size_t avail_len, unsigned int size)
+{
+    return used_len >= 6 + 8 * (size_t)size && avail_len >= 6 + 2 * (size_t)size
+           && !((uintptr_t)used & 3) && !((uintptr_t)avail & 1);
+}
+
 /* relay_stream(tx_desc, tx_avail, tx_used, tx_regions, tx_size, tx_indirect, tx_last_avail,
  *              tx_have, tx_used_pos, tx_max_payload,
  *              rx_desc, rx_avail, rx_used, rx_regions, rx_size, rx_indirect, rx_last_avail,
@@ -386,13 +429,22 @@ static int tx_chain(ring_t *r, uint16_t head, unsigned int indirect, uint64_t ma
  * the receiver gets. flows: the (src_port, dst_port) pairs seen, in order of first appearance.
  * tx_bytes: the taken chains' payload descriptor bytes (the device's tx_bytes counts those).
  */
-static PyObject *relay_stream(PyObject *self, PyObject *args)
+static PyObject *relay_core(PyObject *args, int with_publish)
 {
     PyObject *t_desc, *t_avail, *t_used, *t_regions, *r_desc, *r_avail, *r_used, *r_regions;
     unsigned int t_size, t_indirect, t_last, t_have, t_pos;
     unsigned int r_size, r_indirect, r_last, r_have, r_pos;
     unsigned long long t_maxp, r_maxp, src_cid, dst_cid;
-    if (!PyArg_ParseTuple(args, "OOOOIIIIIKOOOOIIIIIKKK",
+    unsigned int t_idx = 0, t_event_ahead = 0, r_idx = 0, r_event_ahead = 0;
+    int t_valid = 0, t_fd = -1, r_valid = 0, r_fd = -1;
+    if (with_publish ? !PyArg_ParseTuple(args, "OOOOIIIIIKOOOOIIIIIKKKIIpiIIpi",
+                          &t_desc, &t_avail, &t_used, &t_regions, &t_size, &t_indirect, &t_last,
+                          &t_have, &t_pos, &t_maxp,
+                          &r_desc, &r_avail, &r_used, &r_regions, &r_size, &r_indirect, &r_last,
+                          &r_have, &r_pos, &r_maxp, &src_cid, &dst_cid,
+                          &t_idx, &t_event_ahead, &t_valid, &t_fd,
+                          &r_idx, &r_event_ahead, &r_valid, &r_fd)
+                     : !PyArg_ParseTuple(args, "OOOOIIIIIKOOOOIIIIIKKK",
                           &t_desc, &t_avail, &t_used, &t_regions, &t_size, &t_indirect, &t_last,
                           &t_have, &t_pos, &t_maxp,
                           &r_desc, &r_avail, &r_used, &r_regions, &r_size, &r_indirect, &r_last,
@@ -408,6 +460,13 @@ static PyObject *relay_stream(PyObject *self, PyObject *args)
     if (grab_ring(&b, &tx, t_desc, t_avail, t_used, t_regions, t_size) < 0
         || grab_ring(&b, &rx, r_desc, r_avail, r_used, r_regions, r_size) < 0) {
         drop_all(&b);
+        return NULL;
+    }
+    if (with_publish
+        && (!ring_publishable(tx.used, tx.used_len, tx.avail, tx.avail_len, t_size)
+            || !ring_publishable(rx.used, rx.used_len, rx.avail, rx.avail_len, r_size))) {
+        drop_all(&b);
+        PyErr_SetString(PyExc_ValueError, "ring view too short or misaligned");
         return NULL;
     }
     if (t_have > t_size)
@@ -489,6 +548,20 @@ static PyObject *relay_stream(PyObject *self, PyObject *args)
         put_used(&tx, t_pos + chains, head, 0);
         tx_bytes += plen;
     }
+    /* with_publish: the receiver's ring at once (t_idx etc. as publish() takes them; n: what
+     * the caller staged before plus what was taken here), the sender's only when every chain
+     * it had was taken (else its drain goes on and publishes at its end) */
+    int r_sig = 0, r_err = 0, t_sig = 0, t_err = 0;
+    uint16_t r_new = (uint16_t)r_idx, t_new = (uint16_t)t_idx;
+    if (with_publish && chains) {
+        r_new = publish_ring(rx.used, rx.avail, r_size, r_idx,
+                             (uint16_t)(r_pos + taken - r_idx), r_last + taken + r_event_ahead,
+                             r_valid, r_fd, &r_sig, &r_err);
+        if (chains == t_have)
+            t_new = publish_ring(tx.used, tx.avail, t_size, t_idx,
+                                 (uint16_t)(t_pos + chains - t_idx),
+                                 t_last + chains + t_event_ahead, t_valid, t_fd, &t_sig, &t_err);
+    }
     drop_all(&b);
     PyObject *fl = PyTuple_New(nflows);
     if (fl == NULL)
@@ -501,9 +574,30 @@ static PyObject *relay_stream(PyObject *self, PyObject *args)
         }
         PyTuple_SET_ITEM(fl, i, pair);
     }
+    if (with_publish)
+        return Py_BuildValue("IKIKIINIiiIii", chains, (unsigned long long)tx_bytes, data_pkts,
+                             (unsigned long long)data_bytes, rx_data, control, fl,
+                             (unsigned int)t_new, t_sig, t_err, (unsigned int)r_new, r_sig, r_err);
     return Py_BuildValue("IKIKIIN", chains, (unsigned long long)tx_bytes, data_pkts,
                          (unsigned long long)data_bytes, rx_data, control, fl);
 }
+
+static PyObject *relay_stream(PyObject *self, PyObject *args) { return relay_core(args, 0); }
+
+/* relay_publish(relay_stream's arguments...,
+ *               tx_used_idx, tx_kick_ahead, tx_signalled_valid, tx_call_fd,
+ *               rx_used_idx, rx_kick_ahead, rx_signalled_valid, rx_call_fd)
+ *   -> relay_stream's result + (tx_new_idx, tx_signalled, tx_errno, rx_new_idx, rx_signalled,
+ *                               rx_errno)
+ *
+ * relay_stream, then, if it took a chain, Virtqueue.flush()'s EVENT_IDX step (publish()) for
+ * the receiver's rx ring, and for the sender's tx ring when it took every chain the sender
+ * had (tx_have): one call per relayed run instead of three. *_used_idx: the ring's published
+ * used idx (the used positions given count the elements staged after it); the avail_event
+ * stored is the ring's next avail + kick_ahead. A ring not published keeps its idx (signalled
+ * 0). Both rings need the EVENT_IDX fields and alignment (ValueError before anything is done).
+ */
+static PyObject *relay_publish(PyObject *self, PyObject *args) { return relay_core(args, 1); }
 
 #define CID_HOST 2
 
@@ -608,11 +702,6 @@ static PyObject *send_stream(PyObject *self, PyObject *args)
 }
 
 /* need_event(): did [old, new) cross the index the other side asked about? (vring_need_event) */
-static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
-{
-    return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
-}
-
 /* publish(used, avail, size, old_idx, n, avail_event, signalled_valid, call_fd)
  *   -> (new_idx, signalled, errno)
  *
@@ -632,27 +721,13 @@ static PyObject *publish(PyObject *self, PyObject *args)
         return NULL;
     PyObject *res = NULL;
     if (size == 0 || size > 32768 || (size & (size - 1))
-        || (size_t)used.len < 6 + 8 * (size_t)size || (size_t)avail.len < 6 + 2 * (size_t)size
-        || ((uintptr_t)used.buf & 3) || ((uintptr_t)avail.buf & 1)) {
+        || !ring_publishable(used.buf, (size_t)used.len, avail.buf, (size_t)avail.len, size)) {
         PyErr_SetString(PyExc_ValueError, "ring view too short or misaligned");
         goto out;
     }
-    unsigned char *u = used.buf;
-    const unsigned char *a = avail.buf;
-    uint16_t old = (uint16_t)old_idx, idx = (uint16_t)(old_idx + n);
-    __atomic_store_n((uint16_t *)(u + 2), idx, __ATOMIC_RELEASE);
-    __atomic_store_n((uint16_t *)(u + 4 + 8 * (size_t)size), (uint16_t)avail_event,
-                     __ATOMIC_RELAXED);
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    uint16_t used_event = __atomic_load_n((const uint16_t *)(a + 4 + 2 * (size_t)size),
-                                          __ATOMIC_RELAXED);
-    int signal = !signalled_valid || need_event(used_event, idx, old);
-    int err = 0;
-    if (signal && call_fd >= 0) {
-        uint64_t one = 1;
-        if (write(call_fd, &one, sizeof one) < 0 && errno != EAGAIN)
-            err = errno;
-    }
+    int signal, err;
+    uint16_t idx = publish_ring(used.buf, avail.buf, size, old_idx, n, avail_event,
+                                signalled_valid, call_fd, &signal, &err);
     res = Py_BuildValue("Iii", (unsigned int)idx, signal, err);
 out:
     PyBuffer_Release(&used);
@@ -694,6 +769,8 @@ static PyMethodDef methods[] = {
     {"fill_rx", fill_rx, METH_VARARGS, "Fill Linux-shaped rx chains from a socket or buffers."},
     {"relay_stream", relay_stream, METH_VARARGS,
      "Relay a run of VM->VM STREAM tx chains into a peer's rx buffers."},
+    {"relay_publish", relay_publish, METH_VARARGS,
+     "relay_stream, then publish the peer's rx ring (and the sender's tx ring if drained)."},
     {"send_stream", send_stream, METH_VARARGS,
      "Send a run of one connection's guest->host STREAM tx chains to a host socket."},
     {"publish", publish, METH_VARARGS, "Publish staged used elements (EVENT_IDX), maybe signal."},

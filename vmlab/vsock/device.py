@@ -464,8 +464,11 @@ class VsockDevice:
         """Up to max_n of this guest's leading tx chains that are STREAM data or credit
         packets for `peer`, straight into peer's rx buffers in one C call
         (Virtqueue.relay_stream; the checks Router._relay_stream makes). Counts them on both
-        devices and schedules peer's flush; this device's used elements go out with its tx
-        drain's flush. Returns relay_stream's counts and whether they were all the chains the
+        devices. With EVENT_IDX on both rings the same C call publishes peer's rx ring, and
+        this device's tx ring when the run took every chain it had (Virtqueue.relay_publish:
+        the drain's flush then finds nothing); else peer's flush is scheduled and this
+        device's used elements go out with its drain's flush. Returns relay_stream's counts
+        and whether they were all the chains the
         ring had, or None when it cannot run here (no accelerator, a queue missing, stopped
         or broken, rx buffers handed out earlier waiting) or there is no chain to relay. A
         fault in peer's ring breaks peer, not this device; one in this device's tx ring
@@ -485,7 +488,13 @@ class VsockDevice:
         except VirtqueueError as exc:
             peer._fault(str(exc))
             return None
-        res = q.relay_stream(have, pq, rx_have, self.cid, peer.cid, accel)
+        published = q.event_idx and pq.event_idx and q.accel is not None \
+            and pq.accel is not None
+        if published:                         # both rings' flush in the same C call
+            res, signalled, rx_signalled = q.relay_publish(have, pq, rx_have, self.cid,
+                                                           peer.cid, accel)
+        else:
+            res = q.relay_stream(have, pq, rx_have, self.cid, peer.cid, accel)
         chains = res[0]
         if chains:
             stats = self.stats
@@ -498,7 +507,11 @@ class VsockDevice:
                 pstats["rx_packets"] += taken
                 pstats["rx_filled"] += res[4]
                 pstats["rx_bytes"] += res[3]
-                peer._schedule_flush()
+                if not published:
+                    peer._schedule_flush()
+            if published:
+                peer.stats["interrupts"] += rx_signalled
+                stats["interrupts"] += signalled
         return (*res, chains == have)
 
     def send_stream(self, fd: int, src_port: int, dst_port: int, max_bytes: int, max_n: int,

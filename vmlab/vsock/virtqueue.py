@@ -458,6 +458,34 @@ class Virtqueue:
             rx._taken(res[4] + res[5])
         return res
 
+    def relay_publish(self, have: int, rx: "Virtqueue", rx_have: int, src_cid: int,
+                      dst_cid: int, accel: ModuleType,
+                      ) -> tuple[tuple[int, int, int, int, int, int, tuple[tuple[int, int], ...]],
+                                 bool, bool]:
+        """relay_stream(), then flush() of `rx` and, when it took all `have` chains, of this
+        queue, in the same C call (accel.relay_publish): one call per relayed run where there
+        were three. Both queues EVENT_IDX with the accelerator (their flush() would call
+        accel.publish). Returns relay_stream's result and whether this queue and rx were
+        signalled; a queue not published keeps its elements staged for its flush()."""
+        if have <= 0 or rx_have <= 0 or rx.size < 2:
+            return _NOTHING_RELAYED, False, False
+        self._stage()
+        rx._stage()
+        t_fd, r_fd = self.call_fd, rx.call_fd
+        res = accel.relay_publish(
+            *self._c_ring(have, self.indirect and self.size >= 2),
+            *rx._c_ring(rx_have, rx.indirect), src_cid, dst_cid,
+            self.used_idx, self.kick_ahead, self._signalled_valid, -1 if t_fd is None else t_fd,
+            rx.used_idx, rx.kick_ahead, rx._signalled_valid, -1 if r_fd is None else r_fd)
+        chains = res[0]
+        if not chains:
+            return _NOTHING_RELAYED, False, False
+        self._taken(chains)
+        rx._taken(res[4] + res[5])
+        rx_signalled = rx._published(res[10], res[11], res[12])
+        signalled = self._published(res[7], res[8], res[9]) if chains == have else False
+        return res[:7], signalled, rx_signalled
+
     def send_stream(self, have: int, fd: int, src_cid: int, src_port: int, dst_port: int,
                     max_bytes: int, accel: ModuleType,
                     ) -> tuple[int, int, int, int, bytes | None, int, int, int]:
@@ -687,10 +715,14 @@ class Virtqueue:
         if self._pending:
             self._stage()
         call_fd = self.call_fd
-        idx, signal, err = accel.publish(
+        return self._published(*accel.publish(
             self.used, self.avail, self.size, self.used_idx, self._staged,
             (self.last_avail + self.kick_ahead) & 0xFFFF, self._signalled_valid,
-            -1 if call_fd is None else call_fd)
+            -1 if call_fd is None else call_fd))
+
+    def _published(self, idx: int, signal: int, err: int) -> bool:
+        """The C code published every staged element (used idx now idx) and maybe signalled
+        (err: errno of a failed eventfd write). Returns whether it signalled."""
         self._staged = 0
         self.used_idx = idx
         if not signal:
