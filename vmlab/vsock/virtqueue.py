@@ -376,7 +376,6 @@ class Virtqueue:
             return 0, 0, 0, 0
         if accel is not None:
             n = self._available(max_n)
-            self._stage()
             if n <= 0:
                 return 0, 0, 0, 0
             k, got, err, asked = accel.fill_rx(*self._c_ring(n, self.indirect), want, hdr_last,
@@ -425,8 +424,10 @@ class Virtqueue:
     def _c_ring(self, have: int, indirect: bool) -> tuple:
         """The ring as _accel.c's functions take it (grab_ring and the fields after it): the
         three areas, the memory regions, size, whether the indirect shape may be taken, next
-        avail, chains available, where the next used element goes, the payload cap. Call
-        _stage() first: the C code writes used elements after the staged ones."""
+        avail, chains available, where the next used element goes, the payload cap. The
+        queued used elements are staged first: the C code writes its own after them."""
+        if self._pending:
+            self._stage()
         return (self.desc, self.avail, self.used, self.mem.accel_regions, self.size,
                 int(indirect), self.last_avail, have, (self.used_idx + self._staged) & 0xFFFF,
                 self.max_chain_bytes - VSOCK_HDR_LEN)
@@ -449,8 +450,6 @@ class Virtqueue:
         nothing was done."""
         if have <= 0 or rx_have <= 0 or rx.size < 2:
             return _NOTHING_RELAYED
-        self._stage()
-        rx._stage()
         res = accel.relay_stream(*self._c_ring(have, self.indirect and self.size >= 2),
                                  *rx._c_ring(rx_have, rx.indirect), src_cid, dst_cid)
         if res[0]:
@@ -469,8 +468,6 @@ class Virtqueue:
         signalled; a queue not published keeps its elements staged for its flush()."""
         if have <= 0 or rx_have <= 0 or rx.size < 2:
             return _NOTHING_RELAYED, False, False
-        self._stage()
-        rx._stage()
         t_fd, r_fd = self.call_fd, rx.call_fd
         res = accel.relay_publish(
             *self._c_ring(have, self.indirect and self.size >= 2),
@@ -497,7 +494,6 @@ class Virtqueue:
         of a failed send, which takes nothing); chains 0: nothing was done."""
         if have <= 0 or max_bytes <= 0:
             return _NOTHING_SENT
-        self._stage()
         res = accel.send_stream(*self._c_ring(have, self.indirect and self.size >= 2),
                                 src_cid, src_port, dst_port, max_bytes, fd)
         self._taken(res[0])
