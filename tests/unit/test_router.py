@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from vmlab.vsock.connection import State
 from vmlab.vsock.host import HostEndpoint, host_connect, host_listen
 from vmlab.vsock.hybrid import Hybrid
 from vmlab.vsock.packet import (
@@ -617,6 +618,50 @@ def test_host_stream_data_fills_several_rx_buffers_with_one_read(lab) -> None:
     rest = b"".join(d for h, d in a.take() if h.op == Op.RW)
     assert data[:20000 + 3 * 4096] + rest == data
     host.close(); srv.close()
+
+
+@pytest.mark.parametrize("path", ["fast", "general"])
+def test_guest_credit_update_to_a_host_connection_either_path(lab, path) -> None:
+    """Router._host_credit (no capture, no faults) and the general path (a capture hook on)
+    give the connection the same credit and the host's data the same way; a spoofed update
+    changes nothing, one of the wrong type resets the connection, on either path."""
+    loop, router, a, b, c, tmp = lab
+    seen: list = []
+    router.capture = (lambda hdr, payload: seen.append(hdr)) if path == "general" else None
+    data = bytes(range(256)) * 80                         # 20480 bytes, guest credit 8192
+    conns = {}
+    for port in (7002, 7003):
+        srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        srv.bind(str(tmp / f"a.vsock_{port}"))
+        srv.listen()
+        srv.settimeout(3)
+        tx(router, a, Op.REQUEST, port - 6000, 2, port, buf_alloc=8192)
+        host, _ = srv.accept()
+        srv.close()
+        conns[port] = (host, router.hybrid.conns[(2, port, 3, port - 6000)])
+        host.sendall(data)
+    spin(loop, lambda: sum(h.len for h, _ in a.got if h.op == Op.RW) >= 2 * 8192)
+    got = a.take()
+    before = dict(router.stats)
+    _, odd = conns[7002]
+    tx(router, a, Op.CREDIT_UPDATE, 1002, 2, 7002, buf_alloc=1 << 20, fwd_cnt=4096, src_cid=9)
+    assert (odd.credit.peer_buf_alloc, odd.credit.peer_fwd_cnt) == (8192, 0)
+    assert router.stats["spoofed"] == before.get("spoofed", 0) + 1
+    tx(router, a, Op.CREDIT_UPDATE, 1002, 2, 7002, buf_alloc=1 << 20, fwd_cnt=4096,
+       typ=Type.SEQPACKET)
+    assert odd.state is State.CLOSED
+    host, conn = conns[7003]
+    before = dict(router.stats)
+    tx(router, a, Op.CREDIT_UPDATE, 1003, 2, 7003, buf_alloc=1 << 20, fwd_cnt=8192)
+    assert (conn.credit.peer_buf_alloc, conn.credit.peer_fwd_cnt) == (1 << 20, 8192)
+    mine = lambda pkts: [(h, d) for h, d in pkts if h.op == Op.RW and h.src_port == 7003]  # noqa: E731
+    spin(loop, lambda: sum(h.len for h, _ in mine(got + a.got)) >= len(data))
+    assert b"".join(d for _, d in mine(got + a.take())) == data
+    assert router.stats["tx_packets"] == before["tx_packets"] + 1
+    assert router.stats["host_credit"] - before.get("host_credit", 0) == (path == "fast")
+    assert bool(seen) == (path == "general")
+    for host, _ in conns.values():
+        host.close()
 
 
 def test_host_seqpacket_messages_are_never_merged_into_one_packet(lab) -> None:

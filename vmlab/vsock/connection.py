@@ -332,9 +332,24 @@ class Connection:
         log.debug("%r: destroyed (%s)", self, reason)
 
     # --- packets from the guest -----------------------------------------------------------
+    def on_credit_update(self, buf_alloc: int, fwd_cnt: int) -> bool:
+        """The guest's credit update on an established connection (on_packet's CREDIT_UPDATE
+        case, without a Header: Router._host_credit). False, having done nothing, in any
+        other state: on_packet decides there."""
+        if self.state is not State.ESTABLISHED:
+            return False
+        credit = self.credit
+        before = credit.peer_credit()
+        credit.update_peer(buf_alloc, fwd_cnt)
+        if credit.peer_credit() > before:
+            self._credit_grew()
+        return True
+
     def on_packet(self, hdr: Header, payload: list[memoryview]) -> None:
         """Every packet the guest sends on this connection (already routed here)."""
         if self.state is State.CLOSED:
+            return
+        if hdr.op == Op.CREDIT_UPDATE and self.on_credit_update(hdr.buf_alloc, hdr.fwd_cnt):
             return
         before = self.credit.peer_credit()
         self.credit.update_peer(hdr.buf_alloc, hdr.fwd_cnt)
@@ -354,7 +369,7 @@ class Connection:
         elif op == Op.CREDIT_REQUEST:
             self.send(Op.CREDIT_UPDATE)
         elif op == Op.CREDIT_UPDATE:
-            pass
+            pass                                # in a state on_credit_update leaves here
         elif op == Op.SHUTDOWN:
             self._guest_shutdown(hdr.flags & SHUTDOWN_BOTH)
         else:

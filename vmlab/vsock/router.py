@@ -127,6 +127,7 @@ _OPS = frozenset(int(o) for o in Op if o != Op.INVALID)
 _STREAM, _RW = int(Type.STREAM), int(Op.RW)
 _NONE_TAKEN = (0, 0, False)
 _CREDIT_OPS = frozenset((int(Op.CREDIT_UPDATE), int(Op.CREDIT_REQUEST)))
+_CREDIT_UPDATE = int(Op.CREDIT_UPDATE)
 
 
 def _copy(payload: list[memoryview]) -> list[memoryview]:
@@ -199,10 +200,13 @@ class Router:
             self.stats["malformed"] += 1
             return
         f = HEADER.unpack_from(header)
-        if f[5] == _STREAM and f[0] == st.cid and (f[6] == _RW or f[6] in _CREDIT_OPS) \
-                and self.capture is None and not self.faults.rules \
-                and self._relay_stream(st, f, header, payload):
-            return
+        if f[0] == st.cid and self.capture is None and not self.faults.rules:
+            if f[5] == _STREAM and (f[6] == _RW or f[6] in _CREDIT_OPS) \
+                    and self._relay_stream(st, f, header, payload):
+                return
+            if f[6] == _CREDIT_UPDATE and f[1] == VMADDR_CID_HOST and not f[4] \
+                    and self._host_credit(st, f):
+                return
         hdr = Header(*f)
         if hdr.src_cid != st.cid:
             self.stats["spoofed"] += 1
@@ -318,6 +322,23 @@ class Router:
         self.stats["unroutable"] += 1
         if hdr.op != Op.RST:
             self.send_to_vm(st.name, rst_for(hdr))
+
+    def _host_credit(self, st: DevState, f: tuple) -> bool:
+        """A guest's credit update for one of its established host connections, before any
+        Header object (the host->guest hot path: one per window of data the guest read).
+        The caller checked src_cid, dst_cid 2, len 0, no capture or faults; the connection's
+        type must match. Returns False, having done nothing, for anything else: then the
+        general path runs, with every check and counter. stats.host_credit counts these."""
+        hybrid = self.hybrid
+        if hybrid is None:
+            return False
+        conn = hybrid.conns.get((VMADDR_CID_HOST, f[3], st.cid, f[2]))
+        if conn is None or conn.type != f[5] or not conn.on_credit_update(f[8], f[9]):
+            return False
+        stats = self.stats
+        stats["tx_packets"] += 1
+        stats["host_credit"] += 1
+        return True
 
     def _relay_stream(self, st: DevState, f: tuple, header: bytes,
                       payload: list[memoryview]) -> bool:
