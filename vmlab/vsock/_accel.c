@@ -370,6 +370,7 @@ static int tx_chain(ring_t *r, uint16_t head, unsigned int indirect, uint64_t ma
 #define MAX_PKT_PAYLOAD (64 * 1024)
 #define MAX_FLOWS 8
 
+/* need_event(): did [old, new) cross the index the other side asked about? (vring_need_event) */
 static inline int need_event(uint16_t event, uint16_t new_idx, uint16_t old)
 {
     return (uint16_t)(new_idx - event - 1) < (uint16_t)(new_idx - old);
@@ -701,7 +702,6 @@ static PyObject *send_stream(PyObject *self, PyObject *args)
     return res;
 }
 
-/* need_event(): did [old, new) cross the index the other side asked about? (vring_need_event) */
 /* publish(used, avail, size, old_idx, n, avail_event, signalled_valid, call_fd)
  *   -> (new_idx, signalled, errno)
  *

@@ -468,11 +468,10 @@ class VsockDevice:
         this device's tx ring when the run took every chain it had (Virtqueue.relay_publish:
         the drain's flush then finds nothing); else peer's flush is scheduled and this
         device's used elements go out with its drain's flush. Returns relay_stream's counts
-        and whether they were all the chains the
-        ring had, or None when it cannot run here (no accelerator, a queue missing, stopped
-        or broken, rx buffers handed out earlier waiting) or there is no chain to relay. A
-        fault in peer's ring breaks peer, not this device; one in this device's tx ring
-        raises VirtqueueError (the drain's)."""
+        and whether they were all the chains the ring had, or None when it cannot run here
+        (no accelerator, a queue missing, stopped or broken, rx buffers handed out earlier
+        waiting) or there is no chain to relay. A fault in peer's ring breaks peer, not this
+        device; one in this device's tx ring raises VirtqueueError (the drain's)."""
         accel = self.accel
         q = self._queues[TX]
         pq = peer._queues[RX]
