@@ -48,6 +48,8 @@ def test_every_byte_arrives(tmp_path, row, path):
                 assert batched == 0, stats
         if row == "h2g":        # the guest's credit updates take Router._host_credit
             assert stats["stats"]["host_credit"] > 0, stats
+        if row == "g2h":        # the backend's credit updates go straight into rx buffers
+            assert stats["stats"].get("control_fast", 0) > 0, stats
         if row != "g2h":        # stream data and the VM->VM relay go through rx_fill
             filled = sum(vm["device"]["rx_filled"] for vm in stats["vms"].values())
             assert filled * 4096 >= 3 * MiB, filled

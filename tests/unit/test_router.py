@@ -266,13 +266,40 @@ def test_vm_to_vm_stream_fast_path_writes_what_the_general_path_writes(lab) -> N
                                            "rx_bytes", "split", "spoofed", "malformed")}
         results.append((got, stats, dict(r.flows)))
         fast = (a.controls + d.controls, a.fills + d.fills)
-        assert fast == ((0, 2) if capture else (2, 2))   # queued data goes by rx_fill too
+        # credit update/request by the one-step relay, REQUEST/RESPONSE by _enqueue (nothing
+        # queued before them); queued data goes by rx_fill too
+        assert fast == ((0, 2) if capture else (4, 2))
+        assert r.stats["control_fast"] == (0 if capture else 2)
     assert results[0] == results[1]
     got, stats, flows = results[0]
     assert stats["spoofed"] == 1 and stats["malformed"] == 1 and stats["relayed"] == 6
     assert flows == {(3, 1000, 6, 80): Type.STREAM}
     assert [h[6] for h, _ in got] == [Op.RESPONSE, Op.CREDIT_UPDATE, Op.RW, Op.REQUEST] + \
         [Op.RW] * 10 + [Op.CREDIT_REQUEST]
+
+
+def test_a_control_packet_goes_straight_in_only_when_nothing_waits_before_it(lab) -> None:
+    """Router._enqueue puts a control packet into the next rx buffer at once (rx_control)
+    when the guest has nothing queued and no capture is on; behind queued packets it waits
+    its turn, and with capture on it goes the queued way (captured once)."""
+    loop, router, a, _, _, tmp = lab
+    d = ControlDevice("d", 6)
+    router.add_device(d, "g")
+    st = router.devs["d"]
+    ctl = Header(3, 6, 1000, 80, 0, Type.STREAM, Op.CREDIT_REQUEST)
+    router.send_to_vm("d", ctl)
+    assert d.controls == 1 and router.stats["control_fast"] == 1 and not st.queue
+    st.queue.append((Header(3, 6, 1000, 80, 4, Type.STREAM, Op.RW), b"data"))
+    st.queued_bytes += 4                                  # as if no buffer had been free
+    router.send_to_vm("d", ctl.copy(op=Op.SHUTDOWN))    # queued behind it, then pumped
+    assert d.controls == 1 and not st.queue and st.queued_ctrl == 0
+    assert [(h.op, x) for h, x in d.take()] == [
+        (Op.CREDIT_REQUEST, b""), (Op.RW, b"data"), (Op.SHUTDOWN, b"")]
+    seen: list = []
+    router.capture = lambda hdr, payload: seen.append(hdr.op)
+    router.send_to_vm("d", ctl)
+    assert d.controls == 1 and seen == [Op.CREDIT_REQUEST] and d.take()[0][0].op == ctl.op
+    assert router.stats["control_fast"] == 1 and st.queued_ctrl == 0 and not st.queue
 
 
 def test_relay_waits_for_rx_buffers_then_delivers_in_order(lab) -> None:

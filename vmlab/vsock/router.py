@@ -586,6 +586,12 @@ class Router:
 
     def _enqueue(self, st: DevState, hdr: Header, data: bytes | None) -> None:
         if data is None:
+            if not st.queue and not st.pumping and self.capture is None \
+                    and st.control is not None and st.control(hdr.pack()):
+                stats = self.stats              # nothing waits before it: straight into the
+                stats["rx_packets"] += 1        # next rx buffer (a credit update, mostly),
+                stats["control_fast"] += 1      # as _deliver would put it there
+                return
             if st.queued_ctrl >= MAX_CONTROL_QUEUE:
                 self.stats["control_dropped"] += 1
                 return
