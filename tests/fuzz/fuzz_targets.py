@@ -1171,7 +1171,7 @@ def fuzz_router(case: dict) -> None:
         _spin(loop, 2)
         _check_router(router, hybrid)
         for k in ("spoofed", "malformed", "bad_type", "unroutable", "relayed", "relayed_fast",
-                  "guest_connects", "refused", "rx_packets"):
+                  "guest_connects", "refused", "rx_packets", "host_credit", "control_fast"):
             OUTCOMES[f"router: {k}"] += router.stats[k]
         assert router.stats["errors"] == 0
         assert not seen, f"exception in the event loop: {seen[0]}"
