@@ -1092,7 +1092,10 @@ class FillFakeDevice(FakeDevice):
 
 
 def _router_step(p: P) -> tuple:
-    k = p.int(0, 4)
+    k = p.int(0, 5)
+    if k == 5:          # a's credit update on each of its host connections (Router._host_credit)
+        return ("credit", p.mix([0, 4096, 8192, 262144, U32_MAX], 0, U32_MAX),
+                p.mix([0, 100, 8192, U32_MAX], 0, U32_MAX), p.pick([1, 1, 1, 2]))
     if k == 0:
         return ("tx", p.pick(["a", "b"]), packet_header(p, 3))
     if k == 1:
@@ -1167,6 +1170,12 @@ def fuzz_router(case: dict) -> None:
                 _spin(loop, step[1])
             elif what == "reset":
                 router.reset_vm(step[1], step[2])
+            elif what == "credit":
+                for (_, host_port, cid, guest_port) in list(hybrid.conns):
+                    if cid == a.cid:
+                        router.on_tx_packet(a, HEADER.pack(
+                            a.cid, 2, guest_port, host_port, 0, step[3], Op.CREDIT_UPDATE, 0,
+                            step[1], step[2]), [])
             _check_router(router, hybrid)
         _spin(loop, 2)
         _check_router(router, hybrid)
