@@ -1293,7 +1293,7 @@ def _relay_once(case: dict, mod, published: bool | None = None) -> tuple:
     not None: EVENT_IDX rings with the case's state flushed by mod's publish, relay_stream
     (False) or relay_publish (True); the result then also holds used idx, interrupts and the
     call fds' counts."""
-    from tests.unit.test_relay_stream import model
+    from tests.unit.test_relay_stream import eventfd_count, model
     tx, rx = VqGuest(case["tx_gap"]), VqGuest(case["rx_gap"])
     txq = rxq = None
     fds: list[int] = []
@@ -1344,7 +1344,7 @@ def _relay_once(case: dict, mod, published: bool | None = None) -> tuple:
         out = (res, txq.last_avail, rxq.last_avail, bytes(tx.raw), bytes(rx.raw), have, rx_have)
         if event_idx:
             out += (txq.used_idx, rxq.used_idx, txq.interrupts, rxq.interrupts,
-                    *(_eventfd_count(fd) for fd in fds))
+                    *(eventfd_count(fd) for fd in fds))
         return out
     finally:
         for q in (txq, rxq):
@@ -1355,12 +1355,6 @@ def _relay_once(case: dict, mod, published: bool | None = None) -> tuple:
         tx.close()
         rx.close()
 
-
-def _eventfd_count(fd: int) -> int:
-    try:
-        return os.eventfd_read(fd)
-    except BlockingIOError:
-        return 0
 
 
 def fuzz_relay(case: dict) -> None:

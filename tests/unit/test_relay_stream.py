@@ -128,12 +128,16 @@ def used(g: Guest) -> tuple[int, list[tuple[int, int]]]:
     return idx, [struct.unpack_from("<II", g.raw, USED + 4 + 8 * i) for i in range(g.size)]
 
 
-def signals(g: Guest) -> int:
-    """What the guest's call eventfd counted since the last look."""
+def eventfd_count(fd: int) -> int:
+    """What a (non-blocking) call eventfd counted since the last look."""
     try:
-        return os.eventfd_read(g.call)
+        return os.eventfd_read(fd)
     except BlockingIOError:
         return 0
+
+
+def signals(g: Guest) -> int:
+    return eventfd_count(g.call)
 
 
 def run(tx: Guest, rx: Guest, mod, tx_start: int, rx_start: int, max_chain: int = 64 << 20,
